@@ -1,0 +1,1 @@
+"""Triton kernels and their PyTorch references (import path: rlipv2_scale.kernels)."""

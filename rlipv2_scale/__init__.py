@@ -1,0 +1,1 @@
+"""RLIPv2 at scale."""

@@ -1,0 +1,74 @@
+"""The `rlipv2` command: a thin layer over the library.
+
+Each module in `COMMANDS` owns one command or one member of a command group (`rlipv2 data convert`,
+`rlipv2 data synth`, ...) and exposes `register(tree: CommandTree)`. Handlers receive the parsed
+`argparse.Namespace` and return an exit code. User errors raise `UserError`; they are printed as
+one clear line (no traceback) and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Callable
+
+from rlipv2_scale.errors import UserError
+
+COMMANDS = [
+    "data_convert",
+    "data_inspect",
+    "data_synth",
+    "data_subset",
+    "model",
+    "eval",
+    "train",
+    "bench",
+    "demo",
+]
+
+
+class CommandTree:
+    """Top-level sub-commands plus named groups (`data`, `cluster`, ...) shared by modules."""
+
+    def __init__(self, parser: argparse.ArgumentParser):
+        self._root = parser.add_subparsers(dest="command", metavar="COMMAND")
+        self._groups: dict[str, argparse._SubParsersAction] = {}
+
+    def command(self, name: str, help: str, handler: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
+        p = self._root.add_parser(name, help=help, description=help)
+        p.set_defaults(handler=handler)
+        return p
+
+    def group_command(self, group: str, name: str, help: str,
+                      handler: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
+        if group not in self._groups:
+            gp = self._root.add_parser(group, help=f"{group} commands")
+            self._groups[group] = gp.add_subparsers(dest=f"{group}_command", metavar="COMMAND", required=True)
+        p = self._groups[group].add_parser(name, help=help, description=help)
+        p.set_defaults(handler=handler)
+        return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlipv2", description="RLIPv2 at scale: data, training, evaluation.")
+    tree = CommandTree(parser)
+    for name in COMMANDS:
+        importlib.import_module(f"rlipv2_scale.cli.{name}").register(tree)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "handler", None) is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args.handler(args) or 0)
+    except UserError as exc:
+        print(f"rlipv2: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

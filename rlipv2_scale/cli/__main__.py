@@ -1,0 +1,5 @@
+import sys
+
+from rlipv2_scale.cli import main
+
+sys.exit(main())
