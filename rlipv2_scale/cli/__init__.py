@@ -24,6 +24,7 @@ COMMANDS = [
     "train",
     "bench",
     "demo",
+    "cluster",
 ]
 
 

@@ -1,0 +1,169 @@
+"""SLURM jobs rendered from recipes: sbatch script + per-node launcher, submit, status, cancel, sweeps.
+
+`render_job` validates the recipe (a bad key fails here, at submit time, not in the queue), writes
+the resolved recipe, the sbatch script and the node launcher into the run directory, and returns
+the sbatch text. `submit` hands it to `sbatch`. Sweeps over recipe keys become one job array whose
+index selects a line of overrides.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jinja2
+
+from rlipv2_scale.config import save_config
+from rlipv2_scale.errors import UserError
+
+TEMPLATES = Path(__file__).parent / "templates"
+
+# Exported to every job: NCCL reports errors instead of hanging, and fails fast on a dead peer.
+DEFAULT_ENV = {
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
+    "NCCL_DEBUG": "${NCCL_DEBUG:-WARN}",
+    "OMP_NUM_THREADS": "${OMP_NUM_THREADS:-$SLURM_CPUS_PER_TASK}",
+    "WANDB_MODE": "${WANDB_MODE:-offline}",
+    "PYTHONUNBUFFERED": "1",
+}
+
+
+@dataclass
+class SlurmOptions:
+    nodes: int = 1
+    gpus_per_node: int = 8
+    procs_per_node: int | None = None      # default: one rank per GPU, or 1 on CPU nodes
+    cpus_per_task: int | None = None       # default: 8 per GPU, or every core on CPU nodes
+    partition: str | None = None
+    account: str | None = None
+    time: str | None = None                # SLURM time limit, e.g. "2-00:00:00"
+    mem: str | None = None
+    signal: str = "USR1@120"               # signal and lead time before the limit
+    job_name: str = "rlipv2"
+    max_requeues: int = 50
+    scratch: str = "${SLURM_TMPDIR:-${TMPDIR:-/tmp}}"   # node-local scratch, resolved on the node
+    setup: list[str] = field(default_factory=list)      # site lines: module load, conda activate, ...
+    extra_sbatch: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    python: str = sys.executable
+
+    def __post_init__(self) -> None:
+        if self.nodes < 1:
+            raise ValueError(f"--nodes must be ≥ 1, got {self.nodes}")
+        if self.gpus_per_node < 0:
+            raise ValueError(f"--gpus-per-node must be ≥ 0, got {self.gpus_per_node}")
+        if not re.fullmatch(r"(?:[BR]:)?(?:SIG)?[A-Z0-9]+(?:@\d+)?", self.signal):
+            raise ValueError(f"--signal '{self.signal}' is not of the form USR1@120")
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.procs_per_node or max(self.gpus_per_node, 1)
+
+    @property
+    def signal_name(self) -> str:
+        name = self.signal.split(":")[-1].split("@")[0]
+        return name if name.startswith("SIG") or name.isdigit() else name
+
+    @property
+    def cpus(self) -> int:
+        if self.cpus_per_task:
+            return self.cpus_per_task
+        return 8 * self.gpus_per_node if self.gpus_per_node else (os.cpu_count() or 1)
+
+
+def expand_sweep(sweep: list[str]) -> list[list[str]]:
+    """`["model.name=tiny,r50", "train.lr=1e-4,2e-4"]` → the cross product as override lists."""
+    axes = []
+    for item in sweep:
+        if "=" not in item:
+            raise UserError(f"sweep '{item}' is not of the form key=v1,v2,...")
+        key, values = item.split("=", 1)
+        axes.append([f"{key}={v}" for v in values.split(",") if v != ""])
+    return [list(combo) for combo in itertools.product(*axes)] if axes else []
+
+
+def _load_recipe(recipe: Path, overrides: list[str]):
+    from rlipv2_scale.train.config import load_run_config   # the trainer's schema is the one truth
+
+    return load_run_config(recipe, overrides)
+
+
+def render_job(recipe: str | Path, opts: SlurmOptions, overrides: list[str] | None = None,
+               sweep: list[str] | None = None, run_dir: str | Path | None = None) -> tuple[str, Path]:
+    """Validate the recipe, write the job files into the run directory; returns (sbatch text, path)."""
+    recipe = Path(recipe)
+    overrides = list(overrides or [])
+    cfg = _load_recipe(recipe, overrides)
+    combos = expand_sweep(sweep or [])
+    for combo in combos:                       # every array member must validate too
+        _load_recipe(recipe, overrides + combo)
+    run_dir = Path(run_dir or cfg.run.dir).resolve()
+    job_dir = run_dir / "slurm"
+    job_dir.mkdir(parents=True, exist_ok=True)
+    resolved = job_dir / "recipe.yaml"
+    save_config(cfg, resolved)
+
+    sweep_file = None
+    if combos:
+        sweep_file = job_dir / "sweep.txt"
+        sweep_file.write_text("".join(" ".join(shlex.quote(o) for o in c) + "\n" for c in combos))
+
+    env = dict(DEFAULT_ENV)
+    if opts.gpus_per_node == 0:
+        env["DS_ACCELERATOR"] = "cpu"       # DeepSpeed on CPU nodes; the trainer uses gloo there
+    env.update(opts.env)
+    jenv = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), undefined=jinja2.StrictUndefined,
+                              keep_trailing_newline=True)
+    values = dict(
+        recipe_name=recipe.name, job_name=opts.job_name, nodes=opts.nodes, cpus_per_task=opts.cpus,
+        gpus_per_node=opts.gpus_per_node, partition=opts.partition, account=opts.account, time=opts.time,
+        mem=opts.mem, array=f"0-{len(combos) - 1}" if combos else None, signal=opts.signal,
+        signal_name=opts.signal_name, log_dir=str(run_dir / "logs"), extra_sbatch=opts.extra_sbatch,
+        setup=opts.setup, run_dir=shlex.quote(str(run_dir)), sweep_file=shlex.quote(str(sweep_file or "")),
+        resolved_recipe=shlex.quote(str(resolved)), port_base=20000, port_range=20000, env=env,
+        node_script=shlex.quote(str(job_dir / "node.sh")), max_requeues=opts.max_requeues,
+        scratch=opts.scratch, python=shlex.quote(opts.python), procs_per_node=opts.ranks_per_node,
+    )
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    (job_dir / "node.sh").write_text(jenv.get_template("node.sh.j2").render(values))
+    script = jenv.get_template("train.sbatch.j2").render(values)
+    path = job_dir / "job.sbatch"
+    path.write_text(script)
+    return script, path
+
+
+def _slurm_bin(name: str) -> str:
+    found = shutil.which(name)
+    if not found:
+        raise UserError(f"'{name}' not found: run on a SLURM login node, or start the local test cluster "
+                        f"with cluster/local/up.sh and export SLURM_CONF")
+    return found
+
+
+def submit(script_path: Path) -> str:
+    """sbatch the rendered script; returns the job id."""
+    proc = subprocess.run([_slurm_bin("sbatch"), "--parsable", str(script_path)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise UserError(f"sbatch rejected {script_path}: {proc.stderr.strip()}")
+    return proc.stdout.strip().split(";")[0]
+
+
+def status(job_id: str | None = None) -> str:
+    args = [_slurm_bin("squeue"), "-o", "%.18i %.9P %.30j %.8T %.10M %.6D %R"]
+    args += ["-j", job_id] if job_id else ["-u", os.environ.get("USER", "root")]
+    proc = subprocess.run(args, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise UserError(f"squeue failed: {proc.stderr.strip()}")
+    return proc.stdout
+
+
+def cancel(job_id: str) -> None:
+    proc = subprocess.run([_slurm_bin("scancel"), job_id], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise UserError(f"scancel {job_id} failed: {proc.stderr.strip()}")

@@ -1,0 +1,1 @@
+"""Relational pseudo-labelling: captions → triplets → candidate pairs → Relation Tagger → scene graphs."""

@@ -1,0 +1,81 @@
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pytest
+
+from rlipv2_scale.config import (deep_merge, from_dict, load_config, parse_overrides, read_yaml, save_config,
+                                 to_dict)
+from rlipv2_scale.errors import ConfigError
+
+
+@dataclass
+class Inner:
+    lr: float = 1e-4
+    layers: list[int] = field(default_factory=lambda: [1, 2])
+    kind: Literal["a", "b"] = "a"
+
+
+@dataclass
+class Outer:
+    name: str
+    inner: Inner = field(default_factory=Inner)
+    steps: int = 10
+    note: str | None = None
+
+
+def test_from_dict_builds_nested_and_converts_numbers():
+    cfg = from_dict(Outer, {"name": "x", "inner": {"lr": "1e-3", "layers": [3]}, "steps": 5})
+    assert cfg.inner.lr == pytest.approx(1e-3) and cfg.inner.layers == [3] and cfg.steps == 5
+
+
+def test_unknown_key_is_named_with_a_suggestion():
+    with pytest.raises(ConfigError, match=r"unknown config key 'inner.lrr'.*did you mean 'lr'"):
+        from_dict(Outer, {"name": "x", "inner": {"lrr": 1.0}})
+
+
+@pytest.mark.parametrize("data, key", [
+    ({"name": "x", "steps": "ten"}, "steps"),
+    ({"name": "x", "steps": True}, "steps"),
+    ({"name": 3}, "name"),
+    ({"name": "x", "inner": {"kind": "c"}}, "inner.kind"),
+    ({"name": "x", "inner": {"layers": "1,2"}}, "inner.layers"),
+])
+def test_bad_types_are_named(data, key):
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        from_dict(Outer, data)
+
+
+def test_missing_required_key():
+    with pytest.raises(ConfigError, match="missing required key.*name"):
+        from_dict(Outer, {})
+
+
+def test_overrides_parse_yaml_scalars_and_nest():
+    assert parse_overrides(["inner.lr=0.5", "steps=3", "note=null", "name=abc"]) == {
+        "inner": {"lr": 0.5}, "steps": 3, "note": None, "name": "abc"}
+    # YAML 1.1 reads "2e-4" as a string; float fields still accept it.
+    assert from_dict(Outer, {"name": "x", **parse_overrides(["inner.lr=2e-4"])}).inner.lr == 2e-4
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["steps"])
+
+
+def test_load_config_extends_overrides_and_round_trips(tmp_path):
+    (tmp_path / "base.yaml").write_text("name: base\ninner:\n  lr: 0.5\n  layers: [4, 5]\n")
+    (tmp_path / "child.yaml").write_text("extends: base.yaml\nsteps: 7\ninner:\n  kind: b\n")
+    cfg = load_config(Outer, tmp_path / "child.yaml", ["inner.lr=0.25"])
+    assert cfg == Outer(name="base", inner=Inner(lr=0.25, layers=[4, 5], kind="b"), steps=7)
+    save_config(cfg, tmp_path / "run" / "config.yaml")
+    again = from_dict(Outer, read_yaml(tmp_path / "run" / "config.yaml"))
+    assert again == cfg and to_dict(again) == to_dict(cfg)
+
+
+def test_missing_and_invalid_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        read_yaml(tmp_path / "nope.yaml")
+    (tmp_path / "bad.yaml").write_text("a: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        read_yaml(tmp_path / "bad.yaml")
+
+
+def test_deep_merge_keeps_siblings():
+    assert deep_merge({"a": {"b": 1, "c": 2}}, {"a": {"b": 3}}) == {"a": {"b": 3, "c": 2}}
