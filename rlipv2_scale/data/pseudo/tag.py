@@ -1,0 +1,190 @@
+"""Tagging relation candidates and writing pseudo-labelled scene graphs.
+
+A `PairScorer` (the Relation Tagger, or any model with the same contract) gives a confidence for
+every (candidate pair, relation text) of a chunk. `run_tagging` walks images with their candidate
+chunks, takes this rank's share, keeps every confidence ≥ `keep_threshold` (0.05: the training-time
+threshold, 0.20 by default, is applied when the file is read), optionally the top-k texts per pair,
+and appends one JSON line per image to a per-rank file — resumable like captioning. `to_scene_graph`
+builds the original's pseudo-label JSON entry (§3.6 of the reference) and `to_record` the project's
+`RelationalRecord`, so the output goes straight into MDS shards.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Protocol
+
+import numpy as np
+
+from rlipv2_scale.data.pseudo.candidates import CandidateChunk
+from rlipv2_scale.data.schema import ImageInfo, Object, RelationalRecord, Relation
+
+OBJECT_ID_BASE = 10_000_000      # the original numbers objects and relationships from here
+
+
+class PairScorer(Protocol):
+    def score(self, record: RelationalRecord, chunk: CandidateChunk) -> np.ndarray:
+        """Confidences in [0, 1], shape [len(chunk.pairs), len(chunk.texts)]."""
+        ...
+
+
+@dataclass
+class TaggedRelation:
+    subject: int
+    object: int
+    predicate: str
+    confidence: float
+
+
+@dataclass
+class TagConfig:
+    keep_threshold: float = 0.05
+    top_k_per_pair: int | None = None        # the original's "Top2" files use 2
+    only_candidate_texts: bool = False       # the original scores every text of the forward
+    deduplicate: bool = True                 # keep the max confidence per (subject, object, predicate)
+
+
+def tag_image(record: RelationalRecord, chunks: list[CandidateChunk], scorer: PairScorer,
+              cfg: TagConfig) -> list[TaggedRelation]:
+    found: dict[tuple[int, int, str], float] = {}      # insertion order = first time seen
+    duplicates: list[TaggedRelation] = []
+    for chunk in chunks:
+        scores = np.asarray(scorer.score(record, chunk), dtype=np.float64)
+        if scores.shape != (len(chunk.pairs), len(chunk.texts)):
+            raise ValueError(f"scorer returned shape {scores.shape} for {len(chunk.pairs)} pairs × "
+                             f"{len(chunk.texts)} texts")
+        for p, (s, o) in enumerate(chunk.pairs):
+            allowed = set(chunk.pair_texts[p]) if cfg.only_candidate_texts else set(chunk.texts)
+            ranked = [t for t in np.argsort(-scores[p], kind="stable")
+                      if scores[p, t] >= cfg.keep_threshold and chunk.texts[t] in allowed]
+            for t in ranked[:cfg.top_k_per_pair] if cfg.top_k_per_pair else ranked:
+                key, conf = (s, o, chunk.texts[t]), float(scores[p, t])
+                if key in found and not cfg.deduplicate:
+                    duplicates.append(TaggedRelation(*key, conf))
+                else:
+                    found[key] = max(conf, found.get(key, conf))
+    return [TaggedRelation(*key, conf) for key, conf in found.items()] + duplicates
+
+
+def output_path(out_dir: Path, rank: int) -> Path:
+    return Path(out_dir) / f"tags.rank{rank:05d}.jsonl"
+
+
+def _done_ids(path: Path) -> set[str]:
+    if not path.exists():
+        return set()
+    raw = path.read_bytes()
+    keep = raw[: raw.rfind(b"\n") + 1]
+    if len(keep) != len(raw):
+        path.write_bytes(keep)
+    return {str(json.loads(line)["image_id"]) for line in keep.splitlines() if line.strip()}
+
+
+@dataclass
+class TagRunSummary:
+    tagged: int = 0
+    already_done: int = 0
+    without_candidates: int = 0
+    relations: int = 0
+
+
+def run_tagging(items: Iterable[tuple[RelationalRecord, list[CandidateChunk]]], scorer: PairScorer,
+                out_dir: str | Path, cfg: TagConfig | None = None, rank: int = 0,
+                world_size: int = 1) -> TagRunSummary:
+    """Tag this rank's share (item k → rank k mod world_size); one JSON line per image."""
+    cfg = cfg or TagConfig()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = output_path(out_dir, rank)
+    done = _done_ids(path)
+    summary = TagRunSummary()
+    with path.open("a") as f:
+        for k, (record, chunks) in enumerate(items):
+            if k % world_size != rank:
+                continue
+            if str(record.image.id) in done:
+                summary.already_done += 1
+                continue
+            rels = tag_image(record, chunks, scorer, cfg) if chunks else []
+            summary.without_candidates += not chunks
+            row = {"image_id": record.image.id, "record": record.annotation(),
+                   "relations": [r.__dict__ for r in rels]}
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            summary.tagged += 1
+            summary.relations += len(rels)
+    return summary
+
+
+def read_tags(out_dir: str | Path) -> Iterator[tuple[dict, list[TaggedRelation]]]:
+    for path in sorted(Path(out_dir).glob("tags.rank*.jsonl")):
+        for line in path.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                yield row["record"], [TaggedRelation(**r) for r in row["relations"]]
+
+
+def to_scene_graph(ann: dict, relations: list[TaggedRelation], dataset: str, next_id: list[int]) -> dict:
+    """The original's pseudo-label entry; `next_id` is a one-element global counter."""
+    img = ann["image"]
+    object_ids = []
+    objects = []
+    for o in ann["objects"]:
+        x1, y1, x2, y2 = o["box"]
+        object_ids.append(next_id[0])
+        objects.append({"object_id": next_id[0], "x": x1, "y": y1, "w": x2 - x1, "h": y2 - y1, "names": o["name"]})
+        next_id[0] += 1
+    rels = []
+    for r in relations:
+        rels.append({"relationship_id": next_id[0], "predicate": r.predicate, "subject_id": object_ids[r.subject],
+                     "object_id": object_ids[r.object], "confidence": round(r.confidence, 6)})
+        next_id[0] += 1
+    return {"image_id": img["id"], "dataset": dataset, "data_split": img["split"], "objects": objects,
+            "relationships": rels}
+
+
+def to_record(ann: dict, relations: list[TaggedRelation], threshold: float, image_bytes: bytes | None = None,
+              source: str | None = None) -> RelationalRecord | None:
+    """A training record keeping relations ≥ threshold; None when none is left (as the original)."""
+    kept = [r for r in relations if r.confidence >= threshold]
+    if not kept:
+        return None
+    img = dict(ann["image"])
+    if source:
+        img["source"] = source
+    return RelationalRecord(
+        image=ImageInfo(**img),
+        objects=[Object(tuple(o["box"]), o["name"], o.get("category_id")) for o in ann["objects"]],
+        relations=[Relation(r.subject, r.object, r.predicate, r.confidence) for r in kept],
+        provenance={**ann.get("provenance", {}), "pseudo_label_threshold": threshold},
+        image_bytes=image_bytes,
+    )
+
+
+@dataclass
+class PseudoLabelReport:
+    images: int = 0
+    relations_per_threshold: dict[float, int] = field(default_factory=dict)
+    images_per_threshold: dict[float, int] = field(default_factory=dict)
+    predicates: Counter = field(default_factory=Counter)
+
+    def as_dict(self, top: int = 25) -> dict:
+        return {"images": self.images,
+                "relations_per_threshold": {str(k): v for k, v in sorted(self.relations_per_threshold.items())},
+                "images_per_threshold": {str(k): v for k, v in sorted(self.images_per_threshold.items())},
+                "predicate_kinds": len(self.predicates), "top_predicates": self.predicates.most_common(top)}
+
+
+def report(tags: Iterable[tuple[dict, list[TaggedRelation]]],
+           thresholds: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5), count_at: float = 0.2) -> PseudoLabelReport:
+    rep = PseudoLabelReport()
+    for _, rels in tags:
+        rep.images += 1
+        for t in thresholds:
+            n = sum(r.confidence >= t for r in rels)
+            rep.relations_per_threshold[t] = rep.relations_per_threshold.get(t, 0) + n
+            rep.images_per_threshold[t] = rep.images_per_threshold.get(t, 0) + (n > 0)
+        rep.predicates.update(r.predicate for r in rels if r.confidence >= count_at)
+    return rep

@@ -1,0 +1,80 @@
+import json
+
+import numpy as np
+import pytest
+
+from rlipv2_scale.data.pseudo.candidates import CandidateChunk
+from rlipv2_scale.data.pseudo.tag import (TagConfig, TaggedRelation, read_tags, report, run_tagging, tag_image,
+                                          to_record, to_scene_graph)
+from rlipv2_scale.data.schema import ImageInfo, Object, RelationalRecord
+
+
+def _record(i=1):
+    return RelationalRecord(ImageInfo(i, "coco2017", "train2017", 100, 80),
+                            [Object((0, 0, 10, 10), "person"), Object((20, 20, 50, 60), "horse"),
+                             Object((5, 5, 30, 30), "person")])
+
+
+class TableScorer:
+    """Scores from a fixed table keyed by (subject, object, text)."""
+
+    def __init__(self, table):
+        self.table = table
+        self.calls = 0
+
+    def score(self, record, chunk):
+        self.calls += 1
+        return np.array([[self.table.get((s, o, t), 0.0) for t in chunk.texts] for s, o in chunk.pairs])
+
+
+def test_threshold_topk_dedup_and_candidate_texts():
+    chunks = [CandidateChunk([(0, 1), (2, 1)], ["riding", "feeding"], [["riding"], ["riding", "feeding"]]),
+              CandidateChunk([(0, 1)], ["riding"], [["riding"]])]
+    scorer = TableScorer({(0, 1, "riding"): 0.9, (0, 1, "feeding"): 0.3, (2, 1, "riding"): 0.04,
+                          (2, 1, "feeding"): 0.5})
+    got = tag_image(_record(), chunks, scorer, TagConfig())
+    # 0.04 < keep threshold; (0,1,riding) appears in two chunks → kept once with its max
+    assert [(r.subject, r.object, r.predicate, r.confidence) for r in got] == [
+        (0, 1, "riding", 0.9), (0, 1, "feeding", 0.3), (2, 1, "feeding", 0.5)]
+    top1 = tag_image(_record(), chunks, scorer, TagConfig(top_k_per_pair=1))
+    assert [(r.subject, r.predicate) for r in top1] == [(0, "riding"), (2, "feeding")]
+    own = tag_image(_record(), chunks, scorer, TagConfig(only_candidate_texts=True))
+    assert (0, 1, "feeding") not in {(r.subject, r.object, r.predicate) for r in own}
+    nodedup = tag_image(_record(), chunks, scorer, TagConfig(deduplicate=False))
+    assert sum(r.predicate == "riding" and r.subject == 0 for r in nodedup) == 2
+
+
+def test_bad_scorer_shape_is_reported():
+    class Bad:
+        def score(self, record, chunk):
+            return np.zeros((1, 1))
+
+    with pytest.raises(ValueError, match="shape"):
+        tag_image(_record(), [CandidateChunk([(0, 1), (2, 1)], ["a"], [["a"], ["a"]])], Bad(), TagConfig())
+
+
+def test_resumable_run_outputs_and_report(tmp_path):
+    chunk = CandidateChunk([(0, 1)], ["riding"], [["riding"]])
+    items = [(_record(i), [chunk] if i != 3 else []) for i in range(5)]
+    scorer = TableScorer({(0, 1, "riding"): 0.25})
+    s = run_tagging(items[:2], scorer, tmp_path)
+    assert s.tagged == 2
+    s = run_tagging(items, scorer, tmp_path)
+    assert s.already_done == 2 and s.tagged == 3 and s.without_candidates == 1 and scorer.calls == 4
+    rows = list(read_tags(tmp_path))
+    assert [ann["image"]["id"] for ann, _ in rows] == [0, 1, 2, 3, 4]
+    rep = report(rows).as_dict()
+    assert rep["relations_per_threshold"]["0.2"] == 4 and rep["relations_per_threshold"]["0.3"] == 0
+    assert rep["top_predicates"] == [("riding", 4)]
+
+    ann, rels = rows[0]
+    counter = [10_000_000]
+    sg = to_scene_graph(ann, rels, "coco2017", counter)
+    assert sg["objects"][1] == {"object_id": 10_000_001, "x": 20, "y": 20, "w": 30, "h": 40, "names": "horse"}
+    assert sg["relationships"] == [{"relationship_id": 10_000_003, "predicate": "riding", "subject_id": 10_000_000,
+                                    "object_id": 10_000_001, "confidence": 0.25}]
+    json.dumps(sg)
+    rec = to_record(ann, rels, threshold=0.2)
+    rec.validate()
+    assert [(r.subject, r.object, r.predicate, r.confidence) for r in rec.relations] == [(0, 1, "riding", 0.25)]
+    assert to_record(ann, rels, threshold=0.3) is None
