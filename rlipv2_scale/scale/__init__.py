@@ -1,0 +1,1 @@
+"""Scaling studies: a measured cost model, planning, sweeps and reports."""
