@@ -103,7 +103,7 @@ def render_job(recipe: str | Path, opts: SlurmOptions, overrides: list[str] | No
     combos = expand_sweep(sweep or [])
     for combo in combos:                       # every array member must validate too
         _load_recipe(recipe, overrides + combo)
-    run_dir = Path(run_dir or cfg.run.dir).resolve()
+    run_dir = Path(run_dir or cfg.run.path).resolve()
     job_dir = run_dir / "slurm"
     job_dir.mkdir(parents=True, exist_ok=True)
     resolved = job_dir / "recipe.yaml"

@@ -21,7 +21,9 @@ from rlipv2_scale.errors import UserError
 
 
 class Captioner(Protocol):
-    def caption(self, images: list[Image.Image]) -> list[list[str]]: ...
+    def caption(self, images: list[Image.Image], image_ids: list) -> list[list[str]]:
+        """Several captions per image; `image_ids` lets a stand-in captioner look up its source."""
+        ...
 
 
 @dataclass
@@ -60,7 +62,7 @@ class BlipCaptioner:
         return cls(model, processor, sampling, device)
 
     @torch.no_grad()
-    def caption(self, images: list[Image.Image]) -> list[list[str]]:
+    def caption(self, images: list[Image.Image], image_ids: list | None = None) -> list[list[str]]:
         s = self.sampling
         prompt = s.prompt or None
         inputs = self.processor(images=images, text=[prompt] * len(images) if prompt else None, return_tensors="pt")
@@ -140,7 +142,7 @@ def run_captioning(items: Iterable[ImageItem], captioner: Captioner, out_dir: st
         def flush() -> None:
             if not batch:
                 return
-            captions = captioner.caption([im for _, im in batch])
+            captions = captioner.caption([im for _, im in batch], [item.image_id for item, _ in batch])
             for (item, _), caps in zip(batch, captions):
                 f.write(json.dumps({"image_id": item.image_id, "captions": caps}) + "\n")
             f.flush()

@@ -7,6 +7,7 @@ pipeline never sees the true graph; pseudo-label precision and recall are measur
 """
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,8 +59,8 @@ class SyntheticCaptioner:
     p_extra: float = 0.3          # a clause that relates nothing
     seed: int = 0
 
-    def captions_for(self, image_id: int, names: list[str], relations: list[tuple[int, int, str]]) -> list[str]:
-        rng = np.random.default_rng([self.seed, int(image_id) & 0x7FFFFFFF])
+    def captions_for(self, image_id: int | str, names: list[str], relations: list[tuple[int, int, str]]) -> list[str]:
+        rng = np.random.default_rng([self.seed, zlib.crc32(str(image_id).encode())])
         out = []
         for _ in range(self.num_captions):
             clauses = []
@@ -79,3 +80,14 @@ class SyntheticCaptioner:
                 clauses[-1] += f" {rng.choice(_EXTRA)}"
             out.append(" and ".join(clauses))
         return out
+
+
+class TruthCaptioner:
+    """The `Captioner` contract over hidden truth: image id → (object names, relations)."""
+
+    def __init__(self, truth: dict[str, tuple[list[str], list[tuple[int, int, str]]]], captioner: SyntheticCaptioner):
+        self.truth = truth
+        self.captioner = captioner
+
+    def caption(self, images, image_ids) -> list[list[str]]:
+        return [self.captioner.captions_for(i, *self.truth[str(i)]) for i in image_ids]

@@ -1,0 +1,113 @@
+"""The pseudo-labelling pipeline over detection shards: caption → parse → tag → pseudo-labels.
+
+Input: MDS shards of a detection dataset (`rlipv2 data convert --format coco|o365`: images with
+boxes and class names, no relations). Each stage reads the previous stage's output folder and is
+resumable and sharded over ranks where it runs a model (captioning, tagging).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Iterator
+
+from rlipv2_scale.data.pseudo.caption import Captioner, CaptionRunSummary, ImageItem, read_captions, run_captioning
+from rlipv2_scale.data.pseudo.candidates import CandidateChunk, build_candidates
+from rlipv2_scale.data.pseudo.parse import CaptionParser, ParseStats, image_triplets
+from rlipv2_scale.data.pseudo.tag import (PairScorer, TagConfig, TagRunSummary, read_tags, report, run_tagging,
+                                          to_record, to_scene_graph)
+from rlipv2_scale.data.schema import RelationalRecord
+from rlipv2_scale.data.shards import ConvertSummary, iter_records, write_shards
+from rlipv2_scale.errors import UserError
+
+CANDIDATES_FILE = "candidates.json"
+PARSE_STATS_FILE = "parse_stats.json"
+
+
+def caption_shards(shards: str | Path, out_dir: str | Path, captioner: Captioner, rank: int = 0,
+                   world_size: int = 1, batch_size: int = 32,
+                   progress: Callable[[int], None] | None = None) -> CaptionRunSummary:
+    def items() -> Iterator[ImageItem]:
+        for rec in iter_records(shards):
+            yield ImageItem(rec.image.id, (lambda b=rec.image_bytes: b))
+
+    return run_captioning(items(), captioner, out_dir, rank=rank, world_size=world_size, batch_size=batch_size,
+                          progress=progress)
+
+
+def parse_shards(shards: str | Path, captions_dir: str | Path, parser: CaptionParser, out_dir: str | Path,
+                 chunk_size: int = 100) -> ParseStats:
+    """Captions → unique triplets per image → candidate chunks, written in the original's JSON form."""
+    captions = read_captions(captions_dir)
+    if not captions:
+        raise UserError(f"no captions found in {captions_dir}; run `rlipv2 data caption` first")
+    stats = ParseStats()
+    candidates: dict[str, list] = {}
+    no_candidates = 0
+    for rec in iter_records(shards):
+        caps = captions.get(str(rec.image.id))
+        if caps is None:
+            continue
+        names = [o.name for o in rec.objects]
+        triplets = image_triplets(caps, set(names), parser, stats)
+        chunks = build_candidates(names, triplets, chunk_size)
+        if chunks:
+            candidates[str(rec.image.id)] = [c.as_original() + [c.pair_texts] for c in chunks]
+        else:
+            no_candidates += 1
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / CANDIDATES_FILE).write_text(json.dumps(candidates))
+    summary = stats.as_dict()
+    summary.update(images_with_candidates=len(candidates), images_without_candidates=no_candidates,
+                   pairs=sum(len(c[0]) for chunks in candidates.values() for c in chunks))
+    (out_dir / PARSE_STATS_FILE).write_text(json.dumps(summary, indent=1))
+    return stats
+
+
+def load_candidates(parse_dir: str | Path) -> dict[str, list[CandidateChunk]]:
+    path = Path(parse_dir) / CANDIDATES_FILE
+    if not path.is_file():
+        raise UserError(f"{path} does not exist; run `rlipv2 data parse` first")
+    raw = json.loads(path.read_text())
+    return {k: [CandidateChunk([tuple(p) for p in pairs], texts, pair_texts) for pairs, texts, pair_texts in chunks]
+            for k, chunks in raw.items()}
+
+
+def tag_shards(shards: str | Path, parse_dir: str | Path, scorer: PairScorer, out_dir: str | Path,
+               cfg: TagConfig | None = None, rank: int = 0, world_size: int = 1) -> TagRunSummary:
+    candidates = load_candidates(parse_dir)
+
+    def items() -> Iterator[tuple[RelationalRecord, list[CandidateChunk]]]:
+        for rec in iter_records(shards):
+            yield rec, candidates.get(str(rec.image.id), [])
+
+    return run_tagging(items(), scorer, out_dir, cfg, rank=rank, world_size=world_size)
+
+
+def export_pseudo_labels(shards: str | Path, tags_dir: str | Path, out_dir: str | Path, dataset: str,
+                         threshold: float = 0.2) -> tuple[ConvertSummary, dict]:
+    """Tags → the original's scene-graph JSON (every kept confidence), MDS shards (≥ threshold) and a
+    report of relation counts per threshold and the most frequent predicates."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tags = {str(ann["image"]["id"]): (ann, rels) for ann, rels in read_tags(tags_dir)}
+    if not tags:
+        raise UserError(f"no tagging output found in {tags_dir}; run `rlipv2 data tag` first")
+    counter = [10_000_000]
+    entries = [to_scene_graph(ann, rels, dataset, counter) for ann, rels in tags.values()]
+    (out_dir / "scene_graphs.json").write_text(json.dumps(entries))
+
+    def records() -> Iterator[RelationalRecord]:
+        for rec in iter_records(shards):
+            if str(rec.image.id) in tags:
+                ann, rels = tags[str(rec.image.id)]
+                kept = to_record(ann, rels, threshold, image_bytes=rec.image_bytes)
+                if kept is not None:
+                    kept.provenance["pseudo_label_dataset"] = dataset
+                    yield kept
+
+    summary = write_shards(records(), out_dir / "shards", overwrite=True)
+    rep = report(tags.values()).as_dict()
+    rep["threshold"] = threshold
+    (out_dir / "report.json").write_text(json.dumps(rep, indent=1))
+    return summary, rep

@@ -1,0 +1,77 @@
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from rlipv2_scale.data.pseudo.caption import read_captions
+from rlipv2_scale.data.pseudo.parse import RuleBasedParser
+from rlipv2_scale.data.pseudo.paraphrases import ParaphraseTable
+from rlipv2_scale.data.pseudo.pipeline import (caption_shards, export_pseudo_labels, load_candidates, parse_shards,
+                                               tag_shards)
+from rlipv2_scale.data.pseudo.synthetic_captions import NAME_PARAPHRASES, SyntheticCaptioner, TruthCaptioner
+from rlipv2_scale.data.schema import ImageInfo, Object, RelationalRecord
+from rlipv2_scale.data.shards import iter_records, write_shards
+from rlipv2_scale.errors import UserError
+
+
+def _jpeg():
+    buf = io.BytesIO()
+    Image.fromarray(np.full((60, 80, 3), 128, np.uint8)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+class OracleScorer:
+    """Confidence 0.9 for the true (pair, predicate), 0.1 otherwise."""
+
+    def __init__(self, truth):
+        self.truth = truth
+
+    def score(self, record, chunk):
+        true = {(s, o, p) for s, o, p in self.truth[str(record.image.id)][1]}
+        return np.array([[0.9 if (s, o, t) in true else 0.1 for t in chunk.texts] for s, o in chunk.pairs])
+
+
+def test_detection_shards_to_pseudo_labelled_shards(tmp_path):
+    names = {1: ["person", "cup", "table"], 2: ["ball", "basket"], 3: ["car", "lamp"]}
+    truth = {"1": (names[1], [(0, 1, "holding"), (1, 2, "on")]), "2": (names[2], [(0, 1, "inside")]),
+             "3": (names[3], [])}
+    recs = [RelationalRecord(ImageInfo(i, "synthetic", "train", 80, 60),
+                             [Object((2 + 10 * k, 2, 10 + 10 * k, 20), n) for k, n in enumerate(names[i])],
+                             image_bytes=_jpeg()) for i in names]
+    write_shards(recs, tmp_path / "det")
+    captioner = TruthCaptioner(truth, SyntheticCaptioner(num_captions=5, p_drop=0.0, p_wrong=0.0, seed=1))
+    # two ranks caption disjoint halves; together every image once
+    for rank in range(2):
+        caption_shards(tmp_path / "det", tmp_path / "caps", captioner, rank=rank, world_size=2, batch_size=2)
+    assert sorted(read_captions(tmp_path / "caps")) == ["1", "2", "3"]
+
+    stats = parse_shards(tmp_path / "det", tmp_path / "caps", RuleBasedParser(ParaphraseTable(NAME_PARAPHRASES)),
+                         tmp_path / "parse")
+    cands = load_candidates(tmp_path / "parse")
+    assert set(cands) == {"1", "2"}                      # image 3 has no relation in its captions
+    assert (0, 1) in cands["1"][0].pairs and stats.triplets >= 3
+    parse_stats = json.loads((tmp_path / "parse" / "parse_stats.json").read_text())
+    assert parse_stats["images_without_candidates"] == 1
+
+    summary = tag_shards(tmp_path / "det", tmp_path / "parse", OracleScorer(truth), tmp_path / "tags")
+    assert summary.tagged == 3 and summary.without_candidates == 1
+    conv, rep = export_pseudo_labels(tmp_path / "det", tmp_path / "tags", tmp_path / "out", "synthetic", 0.2)
+    out = list(iter_records(tmp_path / "out" / "shards"))
+    got = {(str(r.image.id), rel.subject, rel.object): rel.predicate for r in out for rel in r.relations}
+    # synonyms stay free-form phrases; pairs and confidences come from the tagger
+    assert set(got) == {("1", 0, 1), ("1", 1, 2), ("2", 0, 1)}
+    assert all(rel.confidence == pytest.approx(0.9) for r in out for rel in r.relations)
+    assert rep["relations_per_threshold"]["0.05"] > rep["relations_per_threshold"]["0.5"] == 3
+    sg = json.loads((tmp_path / "out" / "scene_graphs.json").read_text())
+    assert {e["image_id"] for e in sg} == {1, 2, 3} and all(e["dataset"] == "synthetic" for e in sg)
+
+
+def test_missing_stage_outputs_are_named(tmp_path):
+    write_shards([RelationalRecord(ImageInfo(1, "coco2017", "train", 80, 60), [Object((0, 0, 5, 5), "cup")],
+                                   image_bytes=_jpeg())], tmp_path / "det")
+    with pytest.raises(UserError, match="run `rlipv2 data caption` first"):
+        parse_shards(tmp_path / "det", tmp_path / "nocaps", RuleBasedParser(ParaphraseTable({})), tmp_path / "p")
+    with pytest.raises(UserError, match="run `rlipv2 data parse` first"):
+        load_candidates(tmp_path / "p")
