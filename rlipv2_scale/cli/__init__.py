@@ -19,6 +19,7 @@ COMMANDS = [
     "data_inspect",
     "data_synth",
     "data_subset",
+    "data_pseudo",
     "model",
     "eval",
     "train",

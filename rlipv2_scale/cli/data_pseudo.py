@@ -1,0 +1,103 @@
+"""`rlipv2 data caption | parse | pseudo-label`: relational pseudo-labelling of detection shards.
+
+Model stages run once per rank: under torchrun / SLURM each process takes its share from RANK and
+WORLD_SIZE, and a rerun continues where the last one stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from rlipv2_scale.errors import UserError
+
+
+def _rank_world() -> tuple[int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _caption(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from rlipv2_scale.data.pseudo.caption import BlipCaptioner, SamplingConfig
+    from rlipv2_scale.data.pseudo.pipeline import caption_shards
+
+    sampling = SamplingConfig(num_captions=args.num_captions, top_p=args.top_p, min_length=args.min_length,
+                              max_length=args.max_length, seed=args.seed)
+    if args.captioner == "blip":
+        captioner = BlipCaptioner.from_pretrained(args.model, sampling)
+    else:
+        from rlipv2_scale.data.pseudo.synthetic_captions import SyntheticCaptioner, TruthCaptioner
+        from rlipv2_scale.data.shards import iter_records
+
+        if not args.truth:
+            raise UserError("--captioner synthetic needs --truth SHARDS (the scenes with their relations)")
+        truth = {str(r.image.id): ([o.name for o in r.objects], [(x.subject, x.object, x.predicate)
+                                                                  for x in r.relations])
+                 for r in iter_records(args.truth)}
+        captioner = TruthCaptioner(truth, SyntheticCaptioner(num_captions=args.num_captions, seed=args.seed))
+    rank, world = _rank_world()
+    with tqdm(desc=f"captioning (rank {rank}/{world})", unit="img", disable=rank != 0) as bar:
+        summary = caption_shards(args.shards, args.out, captioner, rank=rank, world_size=world,
+                                 batch_size=args.batch_size, progress=bar.update)
+    print(f"captioned {summary.captioned} images ({summary.already_done} already done, "
+          f"{len(summary.failed_to_decode)} failed to decode"
+          + (f", e.g. {summary.failed_to_decode[:3]}" if summary.failed_to_decode else "") + f") → {args.out}")
+    return 0
+
+
+def _parse(args: argparse.Namespace) -> int:
+    from rlipv2_scale.data.pseudo.parse import make_parser
+    from rlipv2_scale.data.pseudo.paraphrases import ParaphraseTable, load_table
+    from rlipv2_scale.data.pseudo.pipeline import parse_shards
+
+    if args.paraphrases == "synthetic":
+        from rlipv2_scale.data.pseudo.synthetic_captions import NAME_PARAPHRASES
+
+        table = ParaphraseTable(NAME_PARAPHRASES)
+    else:
+        table = load_table(args.paraphrases)
+    stats = parse_shards(args.shards, args.captions, make_parser(table, args.parser), args.out, args.chunk_size)
+    print(json.dumps(stats.as_dict(top=10)))
+    return 0
+
+
+def _pseudo_label(args: argparse.Namespace) -> int:
+    from rlipv2_scale.data.pseudo.pipeline import export_pseudo_labels
+
+    summary, rep = export_pseudo_labels(args.shards, args.tags, args.out, args.dataset, args.threshold)
+    print(summary.format())
+    print("relations per threshold: " + ", ".join(f"≥{k}: {v}" for k, v in rep["relations_per_threshold"].items()))
+    print("top predicates: " + ", ".join(f"{p} ({n})" for p, n in rep["top_predicates"][:10]))
+    return 0
+
+
+def register(tree) -> None:
+    p = tree.group_command("data", "caption", "caption the images of detection shards (BLIP or synthetic)", _caption)
+    p.add_argument("--shards", required=True, help="MDS shards of a detection dataset")
+    p.add_argument("--out", required=True, help="folder for captions.rank*.jsonl")
+    p.add_argument("--captioner", choices=["blip", "synthetic"], default="blip")
+    p.add_argument("--model", default="Salesforce/blip-image-captioning-large", help="BLIP hub id or local folder")
+    p.add_argument("--truth", help="synthetic captioner: shards holding the true scene graphs")
+    p.add_argument("--num-captions", type=int, default=10)
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--min-length", type=int, default=5)
+    p.add_argument("--max-length", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = tree.group_command("data", "parse", "parse captions into triplets and relation candidates", _parse)
+    p.add_argument("--shards", required=True)
+    p.add_argument("--captions", required=True, help="output folder of `rlipv2 data caption`")
+    p.add_argument("--out", required=True)
+    p.add_argument("--paraphrases", default="coco80", help="coco80 | o365 | synthetic | a JSON file")
+    p.add_argument("--parser", choices=["auto", "rules", "spacy"], default="auto")
+    p.add_argument("--chunk-size", type=int, default=100, help="candidate pairs per Tagger forward")
+
+    p = tree.group_command("data", "pseudo-label", "tagged candidates → scene-graph JSON, shards and a report",
+                           _pseudo_label)
+    p.add_argument("--shards", required=True, help="the detection shards that were tagged")
+    p.add_argument("--tags", required=True, help="output folder of `rlipv2 data tag`")
+    p.add_argument("--out", required=True)
+    p.add_argument("--dataset", default="coco2017", help="the `dataset` field of the JSON (coco2017, o365, ...)")
+    p.add_argument("--threshold", type=float, default=0.2, help="confidence kept in the shards (training)")
