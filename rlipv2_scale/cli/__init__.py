@@ -26,6 +26,7 @@ COMMANDS = [
     "bench",
     "demo",
     "cluster",
+    "scale",
 ]
 
 

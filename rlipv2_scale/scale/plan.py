@@ -1,0 +1,177 @@
+"""`rlipv2 scale plan`: measure the configured model, then project a run on N GPUs.
+
+FLOPs and activation bytes per image are measured on a real forward/backward of the recipe's
+model (random weights, no download) with the recipe's label-sequence length. Big models at full
+resolution are slow on a CPU, so by default the measurement is taken at two smaller square
+resolutions and extrapolated linearly in the pixel count (backbone, encoder and deformable
+attention grow with pixels; the text encoder and decoders do not): the fit is reported with the
+plan. On a GPU, or with `--measure-at full`, the recipe's resolution is measured directly.
+"""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+from rlipv2_scale.scale.cost import GPUS, ModelCost, PlanAssumptions, PlanRow, fmt_bytes, plan
+
+
+@dataclass
+class Measurement:
+    height: int
+    width: int
+    flops: float
+    activation_bytes: float
+
+
+def _labels(n: int, prefix: str) -> list[str]:
+    rng = random.Random(n)
+    words = ["red", "small", "person", "holding", "next", "to", "on", "top", "of", "riding", "cup", "table"]
+    return [f"{prefix} {i} " + " ".join(rng.choice(words) for _ in range(rng.randint(0, 2))) for i in range(n)]
+
+
+def measure_once(model: torch.nn.Module, height: int, width: int, num_obj: int, num_rel: int,
+                 batch: int = 1) -> Measurement:
+    from rlipv2_scale.scale.measure import activation_bytes, count_flops
+
+    torch.manual_seed(0)
+    images = torch.randn(batch, 3, height, width)
+    mask = torch.zeros(batch, height, width, dtype=torch.bool)
+    obj, rel = _labels(num_obj, "object") + ["no objects"], _labels(num_rel, "relation")
+
+    def step() -> torch.Tensor:
+        out = model(images, mask, obj, rel)
+        # Every output feeds the loss; the matcher and loss terms are negligible in FLOPs.
+        return sum(out[k].float().sum() for k in ("pred_sub_boxes", "pred_obj_boxes", "pred_sub_logits",
+                                                  "pred_obj_logits", "pred_rel_logits"))
+
+    model.train()
+    flops = count_flops(step)
+    model.zero_grad(set_to_none=True)
+    act = activation_bytes(step, exclude=list(model.parameters()))
+    model.zero_grad(set_to_none=True)
+    return Measurement(height, width, flops / batch, act / batch)
+
+
+def extrapolate(a: Measurement, b: Measurement, height: int, width: int) -> tuple[float, float]:
+    """Linear in the pixel count through two measurements → (FLOPs, activation bytes) at H×W."""
+    pa, pb, p = a.height * a.width, b.height * b.width, height * width
+
+    def line(ya: float, yb: float) -> float:
+        slope = (yb - ya) / (pb - pa)
+        return ya + slope * (p - pa)
+
+    return line(a.flops, b.flops), line(a.activation_bytes, b.activation_bytes)
+
+
+@dataclass
+class PlanReport:
+    recipe: str
+    model: str
+    resolution: tuple[int, int]
+    num_labels: tuple[int, int]
+    cost: ModelCost
+    measurements: list[Measurement]
+    assumptions: dict
+    rows: list[PlanRow]
+    images_per_epoch: int
+    epochs: int
+
+    def as_dict(self) -> dict:
+        return {"recipe": self.recipe, "model": self.model, "resolution": list(self.resolution),
+                "num_labels": list(self.num_labels), "cost": asdict(self.cost),
+                "measurements": [asdict(m) for m in self.measurements], "assumptions": self.assumptions,
+                "images_per_epoch": self.images_per_epoch, "epochs": self.epochs,
+                "rows": [r.as_dict() for r in self.rows]}
+
+
+def build_plan(cfg, recipe_name: str, gpus: list[int], gpu: str = "h100", inter_node_gbps: float = 50.0,
+               mfu: float = 0.35, resolution: tuple[int, int] = (800, 1333), images_per_epoch: int | None = None,
+               measure_at: str = "extrapolate", probe_sizes: tuple[int, int] = (256, 384)) -> PlanReport:
+    """`cfg` is a RunConfig: its model, its label-sequence sizes, micro-batch and schedule."""
+    from rlipv2_scale.models.rlipv2 import build_model
+
+    model_cfg = replace(cfg.model, text=replace(cfg.model.text, pretrained=None, tokenizer=None))
+    model = build_model(model_cfg, pretrained=False)
+    params = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_obj, n_rel = cfg.data.num_obj_labels, cfg.data.num_rel_labels
+    if cfg.data.fixed_labels:
+        n_obj, n_rel = len(cfg.data.fixed_obj_labels), len(cfg.data.fixed_rel_labels)
+    h, w = resolution
+    if measure_at == "full":
+        m = measure_once(model, h, w, n_obj, n_rel)
+        measurements, (flops, act) = [m], (m.flops, m.activation_bytes)
+    else:
+        measurements = [measure_once(model, s, s, n_obj, n_rel) for s in probe_sizes]
+        flops, act = extrapolate(*measurements, h, w)
+    precision = "bf16" if cfg.train.precision in ("bf16", "auto") else "fp32"
+    cost = ModelCost(params, trainable, flops, act, precision)
+    a = PlanAssumptions(gpu=GPUS[gpu], inter_node_gbps=inter_node_gbps, mfu=mfu, micro_batch=cfg.data.batch_size,
+                        grad_accum=cfg.train.grad_accum)
+    ipe = images_per_epoch or cfg.data.epoch_size or 1_000_000
+    rows = plan(cost, gpus, a, ipe, cfg.train.epochs)
+    assumptions = asdict(a)
+    assumptions["gpu"] = asdict(a.gpu)
+    return PlanReport(recipe_name, cfg.model.name, resolution, (n_obj, n_rel), cost, measurements, assumptions,
+                      rows, ipe, cfg.train.epochs)
+
+
+def format_table(rep: PlanReport) -> str:
+    c = rep.cost
+    lines = [f"{rep.model} at {rep.resolution[0]}x{rep.resolution[1]}, {rep.num_labels[0]}+{rep.num_labels[1]} labels: "
+             f"{c.params / 1e6:.1f} M params ({c.trainable_params / 1e6:.1f} M trainable), "
+             f"{c.flops_per_image / 1e12:.2f} TFLOP and {fmt_bytes(c.activation_bytes_per_image)} of activations "
+             f"per image (fwd+bwd)",
+             f"{'GPUs':>6} {'ZeRO':>4} {'state/GPU':>10} {'act/GPU':>10} {'fits':>4} {'max mb':>6} {'step s':>8} "
+             f"{'img/s':>9} {'weak':>6} {'strong':>6} {'GPU-h':>9}"]
+    for r in rep.rows:
+        lines.append(f"{r.gpus:>6} {r.zero_stage:>4} {r.state_gib:>8.1f}Gi {r.activation_gib:>8.1f}Gi "
+                     f"{'yes' if r.fits else 'NO':>4} {r.max_micro_batch:>6} {r.step_s:>8.3f} {r.images_per_s:>9.1f} "
+                     f"{r.weak_scaling_eff:>6.2f} {r.strong_scaling_eff:>6.2f} {r.gpu_hours:>9.0f}")
+    return "\n".join(lines)
+
+
+def write_outputs(rep: PlanReport, out: str | Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "plan.json", out / "plan_throughput.png", out / "plan_memory.png"]
+    paths[0].write_text(json.dumps(rep.as_dict(), indent=1))
+    stages = sorted({r.zero_stage for r in rep.rows})
+    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    for s in stages:
+        rows = [r for r in rep.rows if r.zero_stage == s]
+        ax[0].plot([r.gpus for r in rows], [r.images_per_s for r in rows], marker="o", label=f"ZeRO-{s}" if s else "DDP")
+        ax[1].plot([r.gpus for r in rows], [r.weak_scaling_eff for r in rows], marker="o", label=f"ZeRO-{s}" if s else "DDP")
+    for a, title in zip(ax, ("images/s (projected)", "weak-scaling efficiency")):
+        a.set_xscale("log", base=2)
+        a.set_xlabel("GPUs")
+        a.set_title(title)
+        a.legend()
+    fig.suptitle(f"{rep.model} — {rep.recipe}")
+    fig.tight_layout()
+    fig.savefig(paths[1], dpi=100)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    n0 = min(r.gpus for r in rep.rows)
+    rows = [r for r in rep.rows if r.gpus == n0]
+    ax.bar([f"ZeRO-{r.zero_stage}" if r.zero_stage else "DDP" for r in rows], [r.state_gib for r in rows],
+           label="params+grads+optimizer")
+    ax.bar([f"ZeRO-{r.zero_stage}" if r.zero_stage else "DDP" for r in rows], [r.activation_gib for r in rows],
+           bottom=[r.state_gib for r in rows], label="activations")
+    ax.axhline(rep.assumptions["gpu"]["memory_gib"], color="k", ls="--", label="GPU memory")
+    ax.set_ylabel("GiB per GPU")
+    ax.set_title(f"memory per GPU at {n0} GPUs")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(paths[2], dpi=100)
+    plt.close(fig)
+    return paths
