@@ -78,3 +78,45 @@ def test_resumable_run_outputs_and_report(tmp_path):
     rec.validate()
     assert [(r.subject, r.object, r.predicate, r.confidence) for r in rec.relations] == [(0, 1, "riding", 0.25)]
     assert to_record(ann, rels, threshold=0.3) is None
+
+
+def test_tagger_scorer_scores_every_pair_and_text():
+    import dataclasses
+    import io
+
+    import torch
+    from PIL import Image
+
+    from rlipv2_scale.data.pseudo.tagger_scorer import TaggerScorer
+    from rlipv2_scale.errors import UserError
+    from rlipv2_scale.models.config import named_config
+    from rlipv2_scale.models.rlipv2 import build_model
+
+    base = named_config("tiny")
+    cfg = dataclasses.replace(base, name="tiny_tagger", variant="parsed", tagger=True, relation_query="sum",
+                              alif=dataclasses.replace(base.alif, gate="glip"), dropout=0.1)
+    torch.manual_seed(0)
+    tagger = build_model(cfg, pretrained=False)
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 100, 3), dtype=np.uint8)).save(buf, "JPEG")
+    rec = _record()
+    rec.image_bytes = buf.getvalue()
+    scorer = TaggerScorer(tagger, ["person", "horse", "dog"], eval_size=64, max_size=96)
+    chunk = CandidateChunk([(0, 1), (2, 1), (0, 2)], ["riding", "next to"], [["riding"], ["riding"], ["next to"]])
+    scores = scorer.score(rec, chunk)
+    assert scores.shape == (3, 2) and np.all((scores > 0) & (scores < 1))
+    # boxes go in as cxcywh normalised by the original size, labels index the class list + "no objects"
+    from rlipv2_scale.data.transforms import decode, normalize
+    import torch.nn.functional as F
+
+    image = F.interpolate(decode(rec.image_bytes, "k")[None].float(), size=(64, 80), mode="bilinear",
+                          antialias=True, align_corners=False)[0].round().clamp(0, 255).to(torch.uint8)
+    pixels = normalize(image, None, torch.empty(image.shape))[None]
+    boxes = torch.tensor([[5 / 100, 5 / 80, 10 / 100, 10 / 80], [35 / 100, 40 / 80, 30 / 100, 40 / 80],
+                          [17.5 / 100, 17.5 / 80, 25 / 100, 25 / 80]])
+    direct = tagger.score_candidates(pixels, torch.zeros(1, 64, 80, dtype=torch.bool),
+                                     ["person", "horse", "dog", "no objects"], chunk.texts,
+                                     [torch.tensor(chunk.pairs)], [boxes], [torch.tensor([0, 1, 0])])
+    np.testing.assert_allclose(direct.numpy(), scores, rtol=1e-3, atol=1e-3)
+    with pytest.raises(UserError, match="not in the tagger's class list"):
+        TaggerScorer(tagger, ["person"], eval_size=64).score(rec, chunk)

@@ -1,4 +1,4 @@
-"""`rlipv2 data caption | parse | pseudo-label`: relational pseudo-labelling of detection shards.
+"""`rlipv2 data caption | parse | tag | pseudo-label`: relational pseudo-labelling of detection shards.
 
 Model stages run once per rank: under torchrun / SLURM each process takes its share from RANK and
 WORLD_SIZE, and a rerun continues where the last one stopped.
@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from pathlib import Path
 
+from rlipv2_scale.data.pseudo.paraphrases import load_table
 from rlipv2_scale.errors import UserError
 
 
@@ -48,7 +50,7 @@ def _caption(args: argparse.Namespace) -> int:
 
 def _parse(args: argparse.Namespace) -> int:
     from rlipv2_scale.data.pseudo.parse import make_parser
-    from rlipv2_scale.data.pseudo.paraphrases import ParaphraseTable, load_table
+    from rlipv2_scale.data.pseudo.paraphrases import ParaphraseTable
     from rlipv2_scale.data.pseudo.pipeline import parse_shards
 
     if args.paraphrases == "synthetic":
@@ -59,6 +61,41 @@ def _parse(args: argparse.Namespace) -> int:
         table = load_table(args.paraphrases)
     stats = parse_shards(args.shards, args.captions, make_parser(table, args.parser), args.out, args.chunk_size)
     print(json.dumps(stats.as_dict(top=10)))
+    return 0
+
+
+def _class_names(which: str) -> list[str]:
+    if which == "coco80":
+        from rlipv2_scale.eval.metadata import hico_objects
+
+        return [o["name"] for o in hico_objects()]
+    if which == "o365":
+        return list(load_table("o365").classes)
+    if which == "synthetic":
+        from rlipv2_scale.data.synthetic import CLASS_NAMES
+
+        return list(CLASS_NAMES)
+    path = Path(which)
+    if not path.is_file():
+        raise UserError(f"--classes '{which}': use coco80, o365, synthetic or a text file with one class per line")
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+def _tag(args: argparse.Namespace) -> int:
+    import torch
+
+    from rlipv2_scale.data.pseudo.pipeline import tag_shards
+    from rlipv2_scale.data.pseudo.tag import TagConfig
+    from rlipv2_scale.data.pseudo.tagger_scorer import TaggerScorer, load_tagger
+
+    rank, world = _rank_world()
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    scorer = TaggerScorer(load_tagger(args.checkpoint, device), _class_names(args.classes), eval_size=args.eval_size,
+                          max_size=args.max_size, device=device)
+    cfg = TagConfig(keep_threshold=args.keep_threshold, top_k_per_pair=args.top_k, deduplicate=not args.no_dedup)
+    summary = tag_shards(args.shards, args.candidates, scorer, args.out, cfg, rank=rank, world_size=world)
+    print(f"tagged {summary.tagged} images ({summary.already_done} already done, {summary.without_candidates} "
+          f"without candidates): {summary.relations} relations ≥ {args.keep_threshold} → {args.out}")
     return 0
 
 
@@ -93,6 +130,18 @@ def register(tree) -> None:
     p.add_argument("--paraphrases", default="coco80", help="coco80 | o365 | synthetic | a JSON file")
     p.add_argument("--parser", choices=["auto", "rules", "spacy"], default="auto")
     p.add_argument("--chunk-size", type=int, default=100, help="candidate pairs per Tagger forward")
+
+    p = tree.group_command("data", "tag", "score relation candidates with the Relation Tagger", _tag)
+    p.add_argument("--shards", required=True)
+    p.add_argument("--candidates", required=True, help="output folder of `rlipv2 data parse`")
+    p.add_argument("--checkpoint", required=True, help="a tagger folder (model.safetensors + model.yaml)")
+    p.add_argument("--classes", default="coco80", help="object class list: coco80 | o365 | synthetic | a file")
+    p.add_argument("--out", required=True)
+    p.add_argument("--keep-threshold", type=float, default=0.05, help="confidences kept in the output")
+    p.add_argument("--top-k", type=int, default=None, help="keep at most K texts per pair")
+    p.add_argument("--no-dedup", action="store_true", help="keep repeated (pair, text) entries")
+    p.add_argument("--eval-size", type=int, default=800)
+    p.add_argument("--max-size", type=int, default=1333)
 
     p = tree.group_command("data", "pseudo-label", "tagged candidates → scene-graph JSON, shards and a report",
                            _pseudo_label)

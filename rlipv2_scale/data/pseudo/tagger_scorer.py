@@ -1,0 +1,75 @@
+"""The Relation Tagger as a `PairScorer`: confidences for every (candidate pair, relation text).
+
+The image is decoded and resized as for evaluation (shorter side 800, max 1333 by default); the
+object texts are the dataset's class names (80 COCO / 365 Objects365 / the synthetic classes) plus
+"no objects"; the boxes and labels are the image's ground truth.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rlipv2_scale.data.batch import NO_OBJECTS
+from rlipv2_scale.data.config import TransformConfig
+from rlipv2_scale.data.pseudo.candidates import CandidateChunk
+from rlipv2_scale.data.schema import RelationalRecord
+from rlipv2_scale.data.transforms import EvalTransform, decode, normalize
+from rlipv2_scale.errors import UserError
+
+
+class TaggerScorer:
+    def __init__(self, tagger: torch.nn.Module, class_names: list[str], eval_size: int = 800,
+                 max_size: int = 1333, device: str | torch.device = "cpu"):
+        self.tagger = tagger.eval().to(device)
+        self.obj_texts = list(class_names) + [NO_OBJECTS]
+        self.index = {n: i for i, n in enumerate(class_names)}
+        self.transform = EvalTransform(TransformConfig(eval_size=eval_size, max_size=max(max_size, eval_size),
+                                                       train_scales=[eval_size]))
+        self.device = torch.device(device)
+
+    @torch.no_grad()
+    def score(self, record: RelationalRecord, chunk: CandidateChunk) -> np.ndarray:
+        unknown = sorted({o.name for o in record.objects} - set(self.index))
+        if unknown:
+            raise UserError(f"image {record.image.id!r}: object classes {unknown} are not in the tagger's class "
+                            f"list; pass the dataset's class names")
+        image = decode(record.image_bytes, record.key)
+        h, w = image.shape[-2:]
+        boxes = torch.tensor([o.box for o in record.objects], dtype=torch.float32)
+        image, _, _ = self.transform(image, boxes)
+        pixels = normalize(image, None, torch.empty(image.shape, dtype=torch.float32))[None].to(self.device)
+        mask = torch.zeros(1, *pixels.shape[-2:], dtype=torch.bool, device=self.device)
+        scale = torch.tensor([w, h, w, h], dtype=torch.float32)
+        xyxy = boxes / scale
+        cxcywh = torch.stack([(xyxy[:, 0] + xyxy[:, 2]) / 2, (xyxy[:, 1] + xyxy[:, 3]) / 2,
+                              xyxy[:, 2] - xyxy[:, 0], xyxy[:, 3] - xyxy[:, 1]], dim=1).to(self.device)
+        labels = torch.tensor([self.index[o.name] for o in record.objects], device=self.device)
+        pairs = torch.tensor(chunk.pairs, dtype=torch.long).reshape(-1, 2)
+        scores = self.tagger.score_candidates(pixels, mask, self.obj_texts, list(chunk.texts), [pairs], [cxcywh],
+                                              [labels])
+        return scores.float().cpu().numpy()
+
+
+def load_tagger(checkpoint: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """A tagger from an exported run (`model.safetensors` + `model.yaml` in a folder)."""
+    from safetensors.torch import load_file
+
+    from rlipv2_scale.config import from_dict, read_yaml
+    from rlipv2_scale.models.config import ModelConfig
+    from rlipv2_scale.models.rlipv2 import build_model
+
+    folder = Path(checkpoint)
+    weights, config = folder / "model.safetensors", folder / "model.yaml"
+    if not weights.is_file() or not config.is_file():
+        raise UserError(f"{folder} must hold model.safetensors and model.yaml (from `rlipv2 export` or "
+                        f"`rlipv2 import-checkpoint`)")
+    cfg = from_dict(ModelConfig, read_yaml(config))
+    if not cfg.tagger:
+        raise UserError(f"{folder} holds a {cfg.name} model, not a Relation Tagger (model.tagger is false)")
+    model = build_model(cfg, pretrained=False)
+    missing, unexpected = model.load_state_dict(load_file(str(weights)), strict=False)
+    if missing or unexpected:
+        raise UserError(f"{weights} does not fit the tagger config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return model.to(device).eval()
