@@ -22,9 +22,11 @@ COMMANDS = [
     "data_pseudo",
     "model",
     "eval",
+    "checkpoint",
     "train",
     "bench",
     "demo",
+    "predict",
     "cluster",
     "scale",
 ]
@@ -62,7 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # `key=value` overrides may follow options (`rlipv2 train R --nproc 2 train.lr=1e-4`), which a
+    # positional nargs="*" alone does not accept.
+    if extra:
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = list(args.overrides or []) + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if getattr(args, "handler", None) is None:
         parser.print_help()
         return 2
