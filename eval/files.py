@@ -1,0 +1,61 @@
+"""Reading evaluation inputs from disk with errors that name the file and the fix."""
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+from typing import Any
+
+from rlipv2_scale.errors import UserError
+from rlipv2_scale.eval.label_space import LabelSpace, Triplet
+
+
+def read_json(path: str | Path, what: str) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} file {str(path)!r} does not exist")
+    try:
+        with path.open() as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{what} file {str(path)!r} is not valid JSON ({exc})") from None
+
+
+def read_detections(path: str | Path, what: str) -> Any:
+    """JSON, or the pickle the official V-COCO export writes (only load pickles you trust)."""
+    path = Path(path)
+    if path.suffix in (".pkl", ".pickle"):
+        if not path.is_file():
+            raise UserError(f"{what} file {str(path)!r} does not exist")
+        try:
+            with path.open("rb") as f:
+                return pickle.load(f)
+        except (pickle.UnpicklingError, EOFError, AttributeError, ImportError) as exc:
+            raise UserError(f"{what} file {str(path)!r} is not a readable pickle ({exc})") from None
+    return read_json(path, what)
+
+
+def read_unseen_triplets(path: str | Path, space: LabelSpace) -> tuple[Triplet, ...]:
+    """A zero-shot split file: a list of [subject, object, verb] index triplets, or an object with
+    "unseen_triplets" (the same) or, for HICO-DET, "unseen_hoi_index" (0-based positions in the
+    official 600-HOI list)."""
+    data = read_json(path, "zero-shot split")
+    if isinstance(data, dict) and "unseen_triplets" in data:
+        data = data["unseen_triplets"]
+    elif isinstance(data, dict) and "unseen_hoi_index" in data:
+        from rlipv2_scale.eval.metadata import hico_hoi_list
+
+        if space.name != "hico-det":
+            raise UserError(f"zero-shot split {str(path)!r}: 'unseen_hoi_index' is only defined for HICO-DET; "
+                            f"give 'unseen_triplets' instead")
+        hois = hico_hoi_list()
+        try:
+            data = [[space.subject_index, hois[i]["object_index"], hois[i]["verb_index"]] for i in data["unseen_hoi_index"]]
+        except (IndexError, TypeError):
+            raise UserError(f"zero-shot split {str(path)!r}: unseen_hoi_index must be integers in [0, {len(hois)})") from None
+    if not isinstance(data, list):
+        raise UserError(f"zero-shot split {str(path)!r}: expected a list of [subject, object, verb] index triplets")
+    try:
+        return space.unseen_triplets(data)
+    except (TypeError, ValueError):
+        raise UserError(f"zero-shot split {str(path)!r}: expected a list of [subject, object, verb] index triplets") from None

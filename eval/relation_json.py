@@ -1,0 +1,355 @@
+"""Ground truth and predictions in the QPIC-family JSON form, validated and flattened to arrays.
+
+Ground truth (one entry per image, e.g. `test_hico.json`):
+    {"file_name", "annotations": [{"bbox": [x1, y1, x2, y2], "category_id"}],
+     "hoi_annotation": [{"subject_id", "object_id", "category_id"}]}
+(Open Images uses `rel_annotations` for the relation list.)
+
+Predictions, matched to ground truth by `file_name`, in either form:
+  * community form: {"file_name", "predictions": [{"bbox", "category_id"}],
+    "hoi_prediction": [{"subject_id", "object_id", "category_id", "score"}]}
+  * per-query form (what a DETR-style post-processor emits): {"file_name",
+    "predictions": [...] or "boxes" [N, 4] + "labels" [N] (object *indices*), "verb_scores" [Q, V],
+    "sub_ids" [Q], "obj_ids" [Q]}; its candidates are every (query, verb), query-major.
+`category_id`s are the label space's ids (COCO ids and verb ids 1..117 for HICO-DET).
+
+Every malformed value raises `UserError` naming the image and the field.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from itertools import chain
+from operator import itemgetter
+
+import numpy as np
+
+from rlipv2_scale.errors import UserError
+from rlipv2_scale.eval.label_space import LabelSpace
+
+
+@dataclass
+class GroundTruth:
+    file_names: list[str]
+    box_offset: np.ndarray  # [n_img + 1]: boxes of image i are box_offset[i]:box_offset[i+1]
+    boxes: np.ndarray  # [N, 4] float64
+    box_cat: np.ndarray  # [N] object index
+    rel_img: np.ndarray  # [H] image of each relation, in file then annotation order
+    rel_sub: np.ndarray  # [H] global box index
+    rel_obj: np.ndarray
+    rel_verb: np.ndarray  # [H] verb index
+
+    @property
+    def n_images(self) -> int:
+        return len(self.file_names)
+
+
+@dataclass
+class Candidates:
+    """Scored (subject, object, verb) candidates, per image in ranking order (image-major)."""
+    img: np.ndarray  # [C] ground-truth image index
+    sub: np.ndarray  # [C] global predicted-box index
+    obj: np.ndarray
+    verb: np.ndarray
+    score: np.ndarray  # float64
+    boxes: np.ndarray  # [M, 4] predicted boxes
+    box_cat: np.ndarray  # [M] object index
+
+
+def _where(file_name: str, role: str) -> str:
+    return f"{role} for image {file_name!r}"
+
+
+def _boxes(items: list, file_name: str, role: str, field_name: str) -> np.ndarray:
+    if not isinstance(items, list):
+        raise UserError(f"{_where(file_name, role)}: {field_name!r} must be a list")
+    if not items:
+        return np.zeros((0, 4))
+    try:
+        arr = np.asarray([it["bbox"] for it in items], dtype=np.float64).reshape(len(items), -1)
+    except (KeyError, TypeError, ValueError):
+        arr = None
+    if arr is None or arr.shape[1:] != (4,):
+        for j, it in enumerate(items):
+            box = it.get("bbox") if isinstance(it, dict) else None
+            ok = isinstance(box, (list, tuple)) and len(box) == 4 and all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) for x in box)
+            if not ok:
+                raise UserError(f"{_where(file_name, role)}: {field_name}[{j}].bbox must be 4 numbers "
+                                f"[x1, y1, x2, y2], got {box!r}")
+        raise UserError(f"{_where(file_name, role)}: {field_name} has malformed boxes")
+    arr = arr.reshape(len(items), 4)
+    bad = ~np.isfinite(arr).all(axis=1)
+    if bad.any():
+        j = int(np.argmax(bad))
+        raise UserError(f"{_where(file_name, role)}: {field_name}[{j}].bbox has a non-finite value {arr[j].tolist()}")
+    return arr
+
+
+def _ids_to_index(ids: np.ndarray, table: np.ndarray, file_name: str, role: str, field_name: str,
+                  what: str) -> np.ndarray:
+    ok = (ids >= 0) & (ids < len(table))
+    idx = np.where(ok, table[np.where(ok, ids, 0)], -1)
+    if (idx < 0).any():
+        j = int(np.argmax(idx < 0))
+        raise UserError(f"{_where(file_name, role)}: {field_name}[{j}].category_id = {ids[j]} is not a "
+                        f"{what} id of the label space")
+    return idx
+
+
+def _int_column(items: list, key: str, file_name: str, role: str, field_name: str) -> np.ndarray:
+    try:
+        col = np.asarray([it[key] for it in items], dtype=np.float64)
+    except (KeyError, TypeError, ValueError):
+        for j, it in enumerate(items):
+            v = it.get(key) if isinstance(it, dict) else None
+            if not isinstance(v, (int, float)) or isinstance(v, bool):
+                raise UserError(f"{_where(file_name, role)}: {field_name}[{j}].{key} must be a number, got {v!r}")
+        raise
+    if len(col) and (~np.isfinite(col) | (col != np.round(col))).any():
+        j = int(np.argmax(~np.isfinite(col) | (col != np.round(col))))
+        raise UserError(f"{_where(file_name, role)}: {field_name}[{j}].{key} must be an integer, got {col[j]}")
+    return col.astype(np.int64)
+
+
+def _check_range(ids: np.ndarray, n: int, file_name: str, role: str, field_name: str, key: str) -> None:
+    bad = (ids < 0) | (ids >= n)
+    if bad.any():
+        j = int(np.argmax(bad))
+        raise UserError(f"{_where(file_name, role)}: {field_name}[{j}].{key} = {ids[j]} is out of range "
+                        f"(the image has {n} boxes)")
+
+
+def _column(items: list, key: str, n: int) -> np.ndarray:
+    return np.fromiter(map(itemgetter(key), items), dtype=np.float64, count=n)
+
+
+def _box_column(items: list, n: int) -> np.ndarray:
+    bboxes = list(map(itemgetter("bbox"), items))
+    if n and (np.fromiter(map(len, bboxes), dtype=np.int64, count=n) != 4).any():
+        raise ValueError("a bbox is not 4 numbers")
+    return np.fromiter(chain.from_iterable(bboxes), dtype=np.float64, count=4 * n).reshape(n, 4)
+
+
+def _integral(x: np.ndarray) -> bool:
+    return bool(np.isfinite(x).all() and (x == np.round(x)).all())
+
+
+def _validate_gt_entry(i: int, entry, space: LabelSpace, rel_key: str) -> None:
+    """Slow, per-field checks: run only to name the culprit once the fast path has failed."""
+    name = entry.get("file_name") if isinstance(entry, dict) else None
+    if not isinstance(name, str):
+        raise UserError(f"ground truth entry {i} has no 'file_name' string")
+    anns = entry.get("annotations", [])
+    _boxes(anns, name, "ground truth", "annotations")
+    _ids_to_index(_int_column(anns, "category_id", name, "ground truth", "annotations"), space.id_lookup("object"),
+                  name, "ground truth", "annotations", "object")
+    rels = entry.get(rel_key, [])
+    if not isinstance(rels, list):
+        raise UserError(f"ground truth for image {name!r}: {rel_key!r} must be a list")
+    for key in ("subject_id", "object_id"):
+        _check_range(_int_column(rels, key, name, "ground truth", rel_key), len(anns), name, "ground truth",
+                     rel_key, key)
+    _ids_to_index(_int_column(rels, "category_id", name, "ground truth", rel_key), space.id_lookup("verb"),
+                  name, "ground truth", rel_key, "verb")
+
+
+def load_ground_truth(entries: list[dict], space: LabelSpace, rel_key: str = "hoi_annotation") -> GroundTruth:
+    if not isinstance(entries, list):
+        raise UserError("ground truth must be a JSON list of images")
+    try:
+        return _load_ground_truth_fast(entries, space, rel_key)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError):
+        for i, entry in enumerate(entries):
+            _validate_gt_entry(i, entry, space, rel_key)
+        raise UserError("ground truth is not in the expected form (file_name, annotations, "
+                        f"{rel_key})") from None
+
+
+def _load_ground_truth_fast(entries: list[dict], space: LabelSpace, rel_key: str) -> GroundTruth:
+    names = [e["file_name"] for e in entries]
+    if not all(isinstance(n, str) for n in names):
+        raise TypeError("file_name")
+    if len(set(names)) != len(names):
+        dup = next(n for n, c in Counter(names).items() if c > 1)
+        raise UserError(f"ground truth lists image {dup!r} twice")
+    anns = [e.get("annotations", []) for e in entries]
+    rels = [e.get(rel_key, []) for e in entries]
+    n_box = np.fromiter(map(len, anns), dtype=np.int64, count=len(entries))
+    n_rel = np.fromiter(map(len, rels), dtype=np.int64, count=len(entries))
+    flat_anns, flat_rels = list(chain.from_iterable(anns)), list(chain.from_iterable(rels))
+    boxes = _box_column(flat_anns, len(flat_anns))
+    cat_ids = _column(flat_anns, "category_id", len(flat_anns))
+    sub, obj, verb_ids = (_column(flat_rels, k, len(flat_rels)) for k in ("subject_id", "object_id", "category_id"))
+    box_offset = np.concatenate([[0], np.cumsum(n_box)])
+    rel_img = np.repeat(np.arange(len(entries)), n_rel)
+    obj_table, verb_table = space.id_lookup("object"), space.id_lookup("verb")
+    ok = np.isfinite(boxes).all() and all(_integral(x) for x in (cat_ids, sub, obj, verb_ids))
+    ok = ok and ((cat_ids >= 0) & (cat_ids < len(obj_table))).all() and ((verb_ids >= 0) & (verb_ids < len(verb_table))).all()
+    ok = ok and ((sub >= 0) & (sub < n_box[rel_img]) & (obj >= 0) & (obj < n_box[rel_img])).all()
+    if not ok:
+        raise ValueError("invalid value")
+    box_cat = obj_table[cat_ids.astype(np.int64)]
+    rel_verb = verb_table[verb_ids.astype(np.int64)]
+    if (box_cat < 0).any() or (rel_verb < 0).any():
+        raise ValueError("unknown id")
+    start = box_offset[rel_img]
+    return GroundTruth(names, box_offset, boxes, box_cat, rel_img, sub.astype(np.int64) + start,
+                       obj.astype(np.int64) + start, rel_verb)
+
+
+def _pred_boxes(entry: dict, name: str, space: LabelSpace) -> tuple[np.ndarray, np.ndarray]:
+    if "predictions" in entry:
+        preds = entry["predictions"]
+        b = _boxes(preds, name, "predictions", "predictions")
+        c = _ids_to_index(_int_column(preds, "category_id", name, "predictions", "predictions"),
+                          space.id_lookup("object"), name, "predictions", "predictions", "object")
+        return b, c
+    if "boxes" in entry and "labels" in entry:
+        b = np.asarray(entry["boxes"], dtype=np.float64)
+        c = np.asarray(entry["labels"])
+        if b.ndim != 2 or b.shape[1] != 4 or not np.isfinite(b).all():
+            raise UserError(f"predictions for image {name!r}: 'boxes' must be N x 4 finite numbers, got shape {b.shape}")
+        if c.shape != (len(b),) or (len(c) and ((c < 0) | (c >= space.n_objects)).any()):
+            raise UserError(f"predictions for image {name!r}: 'labels' must be {len(b)} object indices "
+                            f"in [0, {space.n_objects})")
+        return b, c.astype(np.int64)
+    raise UserError(f"predictions for image {name!r}: need 'predictions' (boxes with category_id) "
+                    f"or 'boxes' + 'labels'")
+
+
+def _raw_candidates(entry: dict, name: str, cats: np.ndarray, space: LabelSpace, use_valid: bool,
+                    top_k: int | None):
+    """Per-query form: every (query, verb) is a candidate, query-major. Only the image's top_k by
+    (masked) score are returned, in their listed order, so that nothing of size Q x V piles up."""
+    n_verbs = space.n_verbs
+    scores = np.asarray(entry["verb_scores"], dtype=np.float64)
+    if scores.ndim != 2 or scores.shape[1] != n_verbs:
+        raise UserError(f"predictions for image {name!r}: 'verb_scores' must be Q x {n_verbs}, got shape {scores.shape}")
+    q = scores.shape[0]
+    sub = np.asarray(entry.get("sub_ids", []))
+    obj = np.asarray(entry.get("obj_ids", []))
+    for key, ids in (("sub_ids", sub), ("obj_ids", obj)):
+        if ids.shape != (q,):
+            raise UserError(f"predictions for image {name!r}: {key!r} must have one id per query ({q})")
+        if q and ((ids < 0) | (ids >= len(cats)) | (ids != np.round(ids))).any():
+            raise UserError(f"predictions for image {name!r}: {key} has an id out of range (the image has {len(cats)} boxes)")
+    if not np.isfinite(scores).all():
+        r, c = np.argwhere(~np.isfinite(scores))[0]
+        raise UserError(f"predictions for image {name!r}: verb_scores[{r}][{c}] is {scores[r, c]}")
+    sub, obj = sub.astype(np.int64), obj.astype(np.int64)
+    flat = scores.ravel()
+    masked = (scores * space.valid[:, cats[obj]].T).ravel() if use_valid else flat
+    if top_k is not None and len(masked) > top_k:
+        kth = np.sort(masked)[len(masked) - top_k]  # (np.partition degrades on the many masked zeros)
+        pool = np.flatnonzero(masked >= kth)  # ties at the cut stay, in listed order
+        keep = np.sort(pool[np.argsort(-masked[pool], kind="stable")[:top_k]])
+    else:
+        keep = np.arange(len(flat))
+    return sub[keep // n_verbs], obj[keep // n_verbs], keep % n_verbs, flat[keep]
+
+
+def _validate_pred_entry(entry: dict, name: str, space: LabelSpace, rel_key: str) -> None:
+    """Slow, per-field checks of one community-form entry, to name the culprit."""
+    boxes, _ = _pred_boxes(entry, name, space)
+    rels = entry.get(rel_key, [])
+    if not isinstance(rels, list):
+        raise UserError(f"predictions for image {name!r}: {rel_key!r} must be a list")
+    for key in ("subject_id", "object_id"):
+        _check_range(_int_column(rels, key, name, "predictions", rel_key), len(boxes), name, "predictions",
+                     rel_key, key)
+    _ids_to_index(_int_column(rels, "category_id", name, "predictions", rel_key), space.id_lookup("verb"),
+                  name, "predictions", rel_key, "verb")
+    for j, r in enumerate(rels):
+        v = r.get("score")
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not np.isfinite(v):
+            raise UserError(f"predictions for image {name!r}: {rel_key}[{j}].score must be a finite number, got {v!r}")
+
+
+def _community_candidates(entries: list[dict], img: list[int], space: LabelSpace, rel_key: str):
+    """All community-form entries at once: flat columns, one vectorised validation."""
+    boxes_of = [e["predictions"] for e in entries]
+    rels_of = [e.get(rel_key, []) for e in entries]
+    n_box = np.fromiter(map(len, boxes_of), dtype=np.int64, count=len(entries))
+    n_rel = np.fromiter(map(len, rels_of), dtype=np.int64, count=len(entries))
+    flat_boxes, flat_rels = list(chain.from_iterable(boxes_of)), list(chain.from_iterable(rels_of))
+    boxes = _box_column(flat_boxes, len(flat_boxes))
+    cat_ids = _column(flat_boxes, "category_id", len(flat_boxes))
+    sub, obj, verb_ids, score = (_column(flat_rels, k, len(flat_rels))
+                                 for k in ("subject_id", "object_id", "category_id", "score"))
+    rel_entry = np.repeat(np.arange(len(entries)), n_rel)
+    obj_table, verb_table = space.id_lookup("object"), space.id_lookup("verb")
+    ok = (np.isfinite(boxes).all() and np.isfinite(score).all()
+          and all(_integral(x) for x in (cat_ids, sub, obj, verb_ids))
+          and ((cat_ids >= 0) & (cat_ids < len(obj_table))).all()
+          and ((verb_ids >= 0) & (verb_ids < len(verb_table))).all()
+          and ((sub >= 0) & (sub < n_box[rel_entry]) & (obj >= 0) & (obj < n_box[rel_entry])).all())
+    if not ok:
+        raise ValueError("invalid value")
+    box_cat = obj_table[cat_ids.astype(np.int64)]
+    verb = verb_table[verb_ids.astype(np.int64)]
+    if (box_cat < 0).any() or (verb < 0).any():
+        raise ValueError("unknown id")
+    start = np.concatenate([[0], np.cumsum(n_box)])[rel_entry]
+    return (np.asarray(img, np.int64)[rel_entry], sub.astype(np.int64) + start, obj.astype(np.int64) + start,
+            verb, score, boxes, box_cat)
+
+
+def load_candidates(preds: list[dict], gt: GroundTruth, space: LabelSpace, *, top_k: int | None,
+                    use_valid: bool = True, rel_key: str = "hoi_prediction") -> Candidates:
+    """Validate predictions and keep, per image, the `top_k` candidates by score after multiplying it
+    by the valid verb-object matrix; the sort is stable (ties keep their listed order)."""
+    if not isinstance(preds, list):
+        raise UserError("predictions must be a JSON list of images")
+    index = {n: i for i, n in enumerate(gt.file_names)}
+    seen: set[str] = set()
+    community, community_img, raw = [], [], []
+    for k, entry in enumerate(preds):
+        name = entry.get("file_name") if isinstance(entry, dict) else None
+        if not isinstance(name, str):
+            raise UserError(f"prediction entry {k} has no 'file_name' string")
+        if name not in index:
+            raise UserError(f"predictions name image {name!r}, which is not in the ground truth")
+        if name in seen:
+            raise UserError(f"predictions list image {name!r} twice")
+        seen.add(name)
+        if "verb_scores" in entry or "predictions" not in entry:
+            raw.append((index[name], entry, name))
+        else:
+            community.append(entry)
+            community_img.append(index[name])
+    parts = []
+    if community:
+        try:
+            parts.append(_community_candidates(community, community_img, space, rel_key))
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError):
+            for entry in community:
+                _validate_pred_entry(entry, entry["file_name"], space, rel_key)
+            raise UserError(f"predictions are not in the expected form (file_name, predictions, {rel_key})") from None
+    for i, entry, name in raw:
+        boxes, cats = _pred_boxes(entry, name, space)
+        if "verb_scores" not in entry:
+            raise UserError(f"predictions for image {name!r}: need {rel_key!r} or 'verb_scores'")
+        sub, obj, verb, score = _raw_candidates(entry, name, cats, space, use_valid, top_k)
+        parts.append((np.full(len(score), i, np.int64), sub, obj, verb, score, boxes, cats))
+    if not parts:
+        z = np.zeros(0, np.int64)
+        return Candidates(z, z, z, z, np.zeros(0), np.zeros((0, 4)), z)
+    box_offsets = np.cumsum([0] + [len(p[5]) for p in parts[:-1]])
+    img = np.concatenate([p[0] for p in parts])
+    sub = np.concatenate([p[1] + off for p, off in zip(parts, box_offsets)])
+    obj = np.concatenate([p[2] + off for p, off in zip(parts, box_offsets)])
+    verb = np.concatenate([p[3] for p in parts])
+    score = np.concatenate([p[4] for p in parts])
+    boxes = np.concatenate([p[5] for p in parts]).reshape(-1, 4)
+    box_cat = np.concatenate([p[6] for p in parts]).astype(np.int64)
+    if use_valid:
+        score = score * space.valid[verb, box_cat[obj]]
+    # per image (in ground-truth order), descending score, stable: equal scores keep listed order
+    order = np.argsort(-score, kind="stable")
+    order = order[np.argsort(img[order], kind="stable")]
+    img = img[order]
+    within = np.arange(len(img)) - np.searchsorted(img, img, "left")  # rank inside its image
+    kept = within < top_k if top_k is not None else np.ones(len(img), bool)
+    keep = order[kept]
+    return Candidates(img[kept], sub[keep], obj[keep], verb[keep], score[keep], boxes, box_cat)

@@ -1,0 +1,100 @@
+"""`rlipv2 eval hico-det | vcoco | oi-sgg`: tables, --json output, one-line errors."""
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from rlipv2_scale.cli import CommandTree
+from rlipv2_scale.cli import eval as eval_cli
+from rlipv2_scale.errors import UserError
+from rlipv2_scale.eval.label_space import hico_label_space
+from rlipv2_scale.eval.synthetic import random_relation_data
+
+
+def run(argv: list[str]) -> int:
+    """The `rlipv2` entry point restricted to the eval commands (exit 2 on a user error)."""
+    parser = argparse.ArgumentParser(prog="rlipv2")
+    eval_cli.register(CommandTree(parser))
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except UserError as exc:
+        print(f"rlipv2: error: {exc}")
+        return 2
+
+
+@pytest.fixture()
+def hico_files(tmp_path):
+    gt, pred = random_relation_data(hico_label_space(), 20, 30, n_queries=8, seed=3)
+    train, _ = random_relation_data(hico_label_space(), 30, 0, n_queries=1, seed=4)
+    for name, data in (("gt.json", gt), ("pred.json", pred), ("train.json", train)):
+        (tmp_path / name).write_text(json.dumps(data))
+    return tmp_path
+
+
+def test_hico_det_table_and_json(hico_files, capsys):
+    out = hico_files / "res" / "hico.json"
+    code = run(["eval", "hico-det", "--gt", str(hico_files / "gt.json"), "--pred", str(hico_files / "pred.json"),
+                "--train", str(hico_files / "train.json"), "--zero-shot", "UC-RF", "--json", str(out)])
+    assert code == 0
+    res = json.loads(out.read_text())
+    for key in ("mAP", "mAP_rare", "mAP_non_rare", "mean_max_recall", "mAP_unseen", "mAP_seen"):
+        assert key in res
+    assert 0.0 <= res["mAP"] <= 1.0 and res["zero_shot"] == "UC-RF"
+    printed = capsys.readouterr().out
+    assert "mAP (full)" in printed and f"{100 * res['mAP']:.2f}" in printed
+
+
+def test_hico_det_zero_shot_file_and_strict(hico_files):
+    split = hico_files / "nf.json"
+    split.write_text(json.dumps({"unseen_triplets": [[0, 47, 36]]}))
+    out = hico_files / "strict.json"
+    assert run(["eval", "hico-det", "--gt", str(hico_files / "gt.json"), "--pred", str(hico_files / "pred.json"),
+                "--zero-shot", str(split), "--strict", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["protocol"] == "strict" and res["zero_shot"] == "custom"
+
+
+def test_hico_det_errors_are_one_line(hico_files, capsys):
+    pred = json.loads((hico_files / "pred.json").read_text())
+    pred[3]["hoi_prediction"][0]["score"] = None
+    (hico_files / "bad.json").write_text(json.dumps(pred))
+    assert run(["eval", "hico-det", "--gt", str(hico_files / "gt.json"), "--pred", str(hico_files / "bad.json")]) == 2
+    msg = capsys.readouterr().out
+    assert "img_000003.jpg" in msg and "hoi_prediction[0].score" in msg
+    assert run(["eval", "hico-det", "--gt", str(hico_files / "missing.json"), "--pred", str(hico_files / "pred.json")]) == 2
+    assert "does not exist" in capsys.readouterr().out
+    assert run(["eval", "hico-det", "--gt", str(hico_files / "gt.json")]) == 2
+    assert "--pred" in capsys.readouterr().out
+    assert run(["eval", "hico-det", "--gt", str(hico_files / "gt.json"), "--pred", str(hico_files / "pred.json"),
+                "--zero-shot", "NF"]) == 2
+    assert "file of unseen triplets" in capsys.readouterr().out
+
+
+def test_oi_sgg_command(tmp_path):
+    gt = [{"file_name": "a", "annotations": [{"bbox": [0, 0, 9, 9], "category_id": 0}, {"bbox": [20, 0, 29, 9], "category_id": 5}],
+           "rel_annotations": [{"subject_id": 0, "object_id": 1, "category_id": 3}]}]
+    pred = [{"file_name": "a", "predictions": gt[0]["annotations"],
+             "rel_predictions": [{"subject_id": 0, "object_id": 1, "category_id": 3, "score": 0.4}]}]
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    (tmp_path / "pred.json").write_text(json.dumps(pred))
+    out = tmp_path / "oi.json"
+    assert run(["eval", "oi-sgg", "--gt", str(tmp_path / "gt.json"), "--pred", str(tmp_path / "pred.json"),
+                "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["recall@50"] == 1.0 and res["score_wtd"] == pytest.approx(1.0)
+
+
+def test_vcoco_command(tmp_path):
+    from test_eval_vcoco import coco, detections, vcoco
+
+    for name, data in (("v.json", vcoco()), ("c.json", coco()), ("d.json", detections())):
+        (tmp_path / name).write_text(json.dumps(data))
+    (tmp_path / "ids").write_text("1\n2\n")
+    out = tmp_path / "v_res.json"
+    assert run(["eval", "vcoco", "--vcoco", str(tmp_path / "v.json"), "--coco", str(tmp_path / "c.json"),
+                "--image-ids", str(tmp_path / "ids"), "--detections", str(tmp_path / "d.json"), "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["AP_role_s1"] == pytest.approx(0.5) and res["AP_role_s2"] == pytest.approx(1.0)
