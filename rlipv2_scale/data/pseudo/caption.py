@@ -17,6 +17,7 @@ from typing import Callable, Iterable, Iterator, Protocol
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from rlipv2_scale.data.pseudo.jsonl import done_ids, rank_file, read_rows
 from rlipv2_scale.errors import UserError
 
 
@@ -104,18 +105,7 @@ class CaptionRunSummary:
 
 
 def output_path(out_dir: Path, rank: int) -> Path:
-    return Path(out_dir) / f"captions.rank{rank:05d}.jsonl"
-
-
-def _done_ids(path: Path) -> set[str]:
-    """Image ids already in this rank's file; a torn last line (killed mid-write) is cut off."""
-    if not path.exists():
-        return set()
-    raw = path.read_bytes()
-    keep = raw[: raw.rfind(b"\n") + 1]
-    if len(keep) != len(raw):
-        path.write_bytes(keep)
-    return {str(json.loads(line)["image_id"]) for line in keep.splitlines() if line.strip()}
+    return rank_file(out_dir, "captions", rank)
 
 
 def run_captioning(items: Iterable[ImageItem], captioner: Captioner, out_dir: str | Path, rank: int = 0,
@@ -125,7 +115,7 @@ def run_captioning(items: Iterable[ImageItem], captioner: Captioner, out_dir: st
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = output_path(out_dir, rank)
-    done = _done_ids(path)
+    done = done_ids(path)
     summary = CaptionRunSummary()
 
     def mine() -> Iterator[ImageItem]:
@@ -167,10 +157,4 @@ def run_captioning(items: Iterable[ImageItem], captioner: Captioner, out_dir: st
 
 def read_captions(out_dir: str | Path) -> dict[str, list[str]]:
     """All ranks' caption files → {image_id (as str): captions}."""
-    captions: dict[str, list[str]] = {}
-    for path in sorted(Path(out_dir).glob("captions.rank*.jsonl")):
-        for line in path.read_text().splitlines():
-            if line.strip():
-                row = json.loads(line)
-                captions[str(row["image_id"])] = row["captions"]
-    return captions
+    return {str(row["image_id"]): row["captions"] for row in read_rows(out_dir, "captions")}

@@ -19,6 +19,7 @@ from typing import Iterable, Iterator, Protocol
 import numpy as np
 
 from rlipv2_scale.data.pseudo.candidates import CandidateChunk
+from rlipv2_scale.data.pseudo.jsonl import done_ids, rank_file, read_rows
 from rlipv2_scale.data.schema import ImageInfo, Object, RelationalRecord, Relation
 
 OBJECT_ID_BASE = 10_000_000      # the original numbers objects and relationships from here
@@ -69,17 +70,7 @@ def tag_image(record: RelationalRecord, chunks: list[CandidateChunk], scorer: Pa
 
 
 def output_path(out_dir: Path, rank: int) -> Path:
-    return Path(out_dir) / f"tags.rank{rank:05d}.jsonl"
-
-
-def _done_ids(path: Path) -> set[str]:
-    if not path.exists():
-        return set()
-    raw = path.read_bytes()
-    keep = raw[: raw.rfind(b"\n") + 1]
-    if len(keep) != len(raw):
-        path.write_bytes(keep)
-    return {str(json.loads(line)["image_id"]) for line in keep.splitlines() if line.strip()}
+    return rank_file(out_dir, "tags", rank)
 
 
 @dataclass
@@ -98,7 +89,7 @@ def run_tagging(items: Iterable[tuple[RelationalRecord, list[CandidateChunk]]], 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = output_path(out_dir, rank)
-    done = _done_ids(path)
+    done = done_ids(path)
     summary = TagRunSummary()
     with path.open("a") as f:
         for k, (record, chunks) in enumerate(items):
@@ -119,11 +110,8 @@ def run_tagging(items: Iterable[tuple[RelationalRecord, list[CandidateChunk]]], 
 
 
 def read_tags(out_dir: str | Path) -> Iterator[tuple[dict, list[TaggedRelation]]]:
-    for path in sorted(Path(out_dir).glob("tags.rank*.jsonl")):
-        for line in path.read_text().splitlines():
-            if line.strip():
-                row = json.loads(line)
-                yield row["record"], [TaggedRelation(**r) for r in row["relations"]]
+    for row in read_rows(out_dir, "tags"):
+        yield row["record"], [TaggedRelation(**r) for r in row["relations"]]
 
 
 def to_scene_graph(ann: dict, relations: list[TaggedRelation], dataset: str, next_id: list[int]) -> dict:
