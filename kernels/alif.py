@@ -1,0 +1,101 @@
+"""ALIF gated bidirectional attention (RLIPv2's vision <-> label-sequence exchange).
+
+One shared logit matrix per head, `A = Q K^T` with `Q = W_q(v + v_pos) / sqrt(head_dim)` and
+`K = W_k l`; the vision stream reads the labels through `softmax` over labels of `A`, the language
+stream reads the image through `softmax` over image tokens of `A^T`. Both updates are projected
+back, gated (a 0-dim gate: RLIPv2's "VXAc"; a per-channel vector: the Tagger's "GLIP" layer
+scale) and added to the normalised inputs. Padded keys are masked; a query whose keys are all
+padded reads nothing (zero update, never NaN).
+
+Projections, gates and residuals are plain torch; only the attention core has a Triton kernel
+(`alif_triton.py`): the two directions are two masked attentions over the same Q/K pair with the
+roles of queries and keys swapped, so the vision direction keeps row log-sum-exps over labels and
+the language direction keeps row log-sum-exps of `A^T`, i.e. column log-sum-exps of `A` over
+image tokens; neither writes the logit matrix.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from rlipv2_scale.errors import UserError
+from rlipv2_scale.kernels.dispatch import resolve_backend
+
+
+def _heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    b, n, c = x.shape
+    return x.view(b, n, num_heads, c // num_heads).transpose(1, 2)  # [B, H, N, hd]
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    b, h, n, hd = x.shape
+    return x.transpose(1, 2).reshape(b, n, h * hd)
+
+
+def attention_core_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_pad_mask: torch.Tensor | None,
+                             scale: float, dropout_p: float, training: bool) -> torch.Tensor:
+    """softmax_keys(scale * q k^T, padded keys masked) @ v, with probability dropout. q [B,H,Nq,d]."""
+    logits = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if key_pad_mask is None:
+        probs = torch.softmax(logits, dim=-1)
+    else:
+        mask = key_pad_mask[:, None, None, :]
+        probs = torch.softmax(logits.masked_fill(mask, float("-inf")), dim=-1)
+        # a query whose keys are all padded reads nothing; masked_fill (not a product) keeps the
+        # softmax's NaN for that row out of every gradient
+        probs = probs.masked_fill(mask.all(dim=-1, keepdim=True), 0.0)
+    if dropout_p > 0.0 and training and torch.is_grad_enabled():
+        probs = F.dropout(probs, p=dropout_p, training=True)
+    return torch.matmul(probs, v)
+
+
+def _check(v: torch.Tensor, l: torch.Tensor, v_pos: torch.Tensor, num_heads: int, w_q: torch.Tensor,
+           v_pad_mask: torch.Tensor | None, l_pad_mask: torch.Tensor | None, dropout_p: float) -> None:
+    if v.dim() != 3 or l.dim() != 3 or v.shape[0] != l.shape[0]:
+        raise UserError(f"alif_bi_attention: v must be [B, Nv, dv] and l [B, Lt, dl] with the same B, "
+                        f"got {tuple(v.shape)} and {tuple(l.shape)}")
+    if v_pos.shape != v.shape:
+        raise UserError(f"alif_bi_attention: v_pos {tuple(v_pos.shape)} must match v {tuple(v.shape)}")
+    if w_q.shape[0] % num_heads:
+        raise UserError(f"alif_bi_attention: inner dim {w_q.shape[0]} is not divisible by num_heads={num_heads}")
+    for name, mask, want in (("v_pad_mask", v_pad_mask, v.shape[:2]), ("l_pad_mask", l_pad_mask, l.shape[:2])):
+        if mask is not None and (mask.dtype != torch.bool or mask.shape != want):
+            raise UserError(f"alif_bi_attention: {name} must be a bool tensor of shape {tuple(want)} "
+                            f"(True = padding), got {mask.dtype} {tuple(mask.shape)}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise UserError(f"alif_bi_attention: dropout_p must be in [0, 1), got {dropout_p}")
+
+
+def alif_bi_attention(v: torch.Tensor, l: torch.Tensor, v_pos: torch.Tensor,
+                      w_q: torch.Tensor, b_q: torch.Tensor | None, w_k: torch.Tensor, b_k: torch.Tensor | None,
+                      w_vv: torch.Tensor, b_vv: torch.Tensor | None, w_vl: torch.Tensor, b_vl: torch.Tensor | None,
+                      w_ov: torch.Tensor, b_ov: torch.Tensor | None, w_ol: torch.Tensor, b_ol: torch.Tensor | None,
+                      gate_v: torch.Tensor, gate_l: torch.Tensor, num_heads: int,
+                      v_pad_mask: torch.Tensor | None = None, l_pad_mask: torch.Tensor | None = None,
+                      dropout_p: float = 0.0, training: bool = False,
+                      backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Gated bidirectional attention between image tokens `v` [B,Nv,dv] and label tokens `l` [B,Lt,dl].
+
+    `v`, `l` are the layer-normalised inputs, `v_pos` the positional embedding (query side only).
+    Weights follow `nn.Linear` (`w_q`: [inner, dv], `w_ov`: [dv, inner], ...). Masks are bool with
+    True on padding (None: no masking, the original's behaviour). Dropout on both attention
+    probabilities applies only when `training` and autograd is enabled. Returns (v_new, l_new).
+    """
+    _check(v, l, v_pos, num_heads, w_q, v_pad_mask, l_pad_mask, dropout_p)
+    head_dim = w_q.shape[0] // num_heads
+    scale = head_dim ** -0.5
+    q = _heads(F.linear(v + v_pos, w_q, b_q), num_heads)
+    k = _heads(F.linear(l, w_k, b_k), num_heads)
+    vv = _heads(F.linear(v, w_vv, b_vv), num_heads)
+    vl = _heads(F.linear(l, w_vl, b_vl), num_heads)
+    p = dropout_p if (training and torch.is_grad_enabled()) else 0.0
+    if resolve_backend(backend, v, l) == "torch":
+        out_v = attention_core_reference(q, k, vl, l_pad_mask, scale, p, training)
+        out_l = attention_core_reference(k, q, vv, v_pad_mask, scale, p, training)
+    else:
+        from rlipv2_scale.kernels.alif_triton import fused_attention
+        out_v = fused_attention(q, k, vl, l_pad_mask, scale, p)
+        out_l = fused_attention(k, q, vv, v_pad_mask, scale, p)
+    v_new = v + gate_v * F.linear(_merge_heads(out_v), w_ov, b_ov)
+    l_new = l + gate_l * F.linear(_merge_heads(out_l), w_ol, b_ol)
+    return v_new, l_new
