@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from rlipv2_scale.data.pseudo.candidates import CandidateChunk
-from rlipv2_scale.data.pseudo.tag import (TagConfig, TaggedRelation, read_tags, report, run_tagging, tag_image,
+from rlipv2_scale.data.pseudo.tag import (TagConfig, read_tags, report, run_tagging, tag_image,
                                           to_record, to_scene_graph)
 from rlipv2_scale.data.schema import ImageInfo, Object, RelationalRecord
 

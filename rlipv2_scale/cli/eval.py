@@ -18,19 +18,36 @@ HICO_SPLITS = ("UC-RF", "UC-NF", "UO")
 
 
 def add_hico_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--gt", required=True, type=Path, help="ground truth in the QPIC form (test_hico.json)")
-    p.add_argument("--pred", type=Path,  # required by run_hico, so other prediction sources can be added
-                   help="predictions: JSON list of {file_name, predictions, hoi_prediction} (or per-query "
-                        "verb_scores / sub_ids / obj_ids)")
-    p.add_argument("--train", type=Path, help="training annotations (trainval_hico.json) for the rare / non-rare split")
+    files = p.add_argument_group("scoring a prediction file")
+    files.add_argument("--gt", type=Path, help="ground truth in the QPIC form (test_hico.json)")
+    files.add_argument("--pred", type=Path,
+                       help="predictions: JSON list of {file_name, predictions, hoi_prediction} (or per-query "
+                            "verb_scores / sub_ids / obj_ids)")
+    model = p.add_argument_group("running a model (instead of --pred)")
+    model.add_argument("--checkpoint", type=Path, metavar="DIR",
+                       help="model directory (model.safetensors + model.yaml, e.g. from `rlipv2 import-checkpoint`)")
+    model.add_argument("--data", type=Path, metavar="ROOT",
+                       help="HICO-DET root (annotations/test_hico.json, images/test2015/)")
+    model.add_argument("--images", type=Path, help="test image folder (default: found under --data)")
+    model.add_argument("--batch-size", type=int, default=2, help="images per forward pass and GPU")
+    model.add_argument("--num-workers", type=int, default=2, help="image-decoding worker processes")
+    model.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
+    model.add_argument("--eval-size", type=int, default=800, help="shorter image side (the original: 800)")
+    model.add_argument("--max-size", type=int, default=1333, help="cap on the longer side (the original: 1333)")
+    model.add_argument("--save-predictions", type=Path, metavar="FILE", help="also write the predictions JSON")
+    p.add_argument("--train", type=Path, help="training annotations (trainval_hico.json) for the rare / non-rare "
+                                              "split (with --data: found there by default)")
     p.add_argument("--zero-shot", metavar="SPLIT",
                    help=f"report unseen / seen mAP for a split: {', '.join(HICO_SPLITS)}, or a JSON file of unseen "
-                        "[subject, object, verb] index triplets (e.g. for NF)")
+                        "[subject, object, verb] index triplets; with --checkpoint also NF (no fine-tuning: keep "
+                        "pairs whose subject is a person)")
     p.add_argument("--strict", action="store_true",
                    help="the fixed protocol (matching falls back to the next-best unmatched pair, continuous IoU, "
                         "exact 11 points, ...); not comparable with published numbers")
-    p.add_argument("--nms", action="store_true",
-                   help="apply the original post-processing's triplet NMS (0.7 / alpha 1 / beta 0.5) to each top-100")
+    p.add_argument("--nms", action=argparse.BooleanOptionalAction, default=None,
+                   help="the original post-processing's triplet NMS (0.7 / alpha 1 / beta 0.5) on each top-100; "
+                        "default: off for --pred (files are scored as given), on for --checkpoint (as the "
+                        "original's fine-tuning scripts, --use_nms_filter)")
     p.add_argument("--json", type=Path, metavar="OUT", help="write the results as JSON (fractions)")
 
 
@@ -81,8 +98,11 @@ def run_hico(args: argparse.Namespace) -> int:
     from rlipv2_scale.eval.label_space import hico_label_space
     from rlipv2_scale.eval.triplet_nms import TripletNMS
 
-    if args.pred is None:
-        raise UserError("rlipv2 eval hico-det: give the predictions with --pred FILE")
+    if args.checkpoint is not None:
+        return _run_hico_checkpoint(args)
+    if args.pred is None or args.gt is None:
+        raise UserError("rlipv2 eval hico-det: give --gt FILE and --pred FILE, or run a model with "
+                        "--checkpoint DIR --data ROOT")
     space = hico_label_space()
     zero_shot = args.zero_shot
     if zero_shot == "NF":
@@ -92,12 +112,31 @@ def run_hico(args: argparse.Namespace) -> int:
     train = read_json(args.train, "training annotations") if args.train else None
     res = evaluate_hico(read_json(args.gt, "ground truth"), read_json(args.pred, "predictions"), train=train,
                         zero_shot=zero_shot, label_space=space, strict=args.strict,
-                        nms=TripletNMS() if args.nms else None)
+                        nms=TripletNMS() if args.nms else None)  # None (not given) = off for files
     rows = [("mAP (full)", res["mAP"]), ("mAP rare", res["mAP_rare"]), ("mAP non-rare", res["mAP_non_rare"]),
             ("mean max recall", res["mean_max_recall"])]
     if zero_shot is not None:
         rows += [("mAP unseen", res["mAP_unseen"]), ("mAP seen", res["mAP_seen"])]
     return _report(f"HICO-DET ({res['protocol']} protocol, {res['n_triplets']} triplets)", rows, res, args.json)
+
+
+def _run_hico_checkpoint(args: argparse.Namespace) -> int:
+    from rlipv2_scale.inference import evaluate_checkpoint
+
+    if args.pred is not None:
+        raise UserError("rlipv2 eval hico-det: --pred and --checkpoint exclude each other")
+    if args.data is None and (args.gt is None or args.images is None):
+        raise UserError("give the HICO-DET root with --data ROOT (or --gt FILE and --images DIR)")
+    res = evaluate_checkpoint(
+        args.checkpoint, args.data, args.zero_shot, test=args.gt, images=args.images, train=args.train,
+        batch_size=args.batch_size, num_workers=args.num_workers, device=args.device, eval_size=args.eval_size,
+        max_size=args.max_size, nms=args.nms is not False, predictions_out=args.save_predictions)
+    if res is None:          # not rank 0 of a distributed evaluation
+        return 0
+    rows = [("mAP (full)", res["mAP"]), ("mAP rare", res["mAP_rare"]), ("mAP non-rare", res["mAP_non_rare"])]
+    if "mAP_unseen" in res:
+        rows += [("mAP unseen", res["mAP_unseen"]), ("mAP seen", res["mAP_seen"])]
+    return _report(f"HICO-DET, {args.checkpoint} ({res['setting']})", rows, res, args.json)
 
 
 def run_vcoco(args: argparse.Namespace) -> int:
