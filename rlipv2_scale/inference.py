@@ -12,10 +12,9 @@ parameters, so the same code scores a synthetic benchmark.
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -117,28 +116,11 @@ def collate_images(items: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     return images, mask, sizes, [i for _, _, i in items]
 
 
-@contextmanager
-def _evaluation_label_mask(model: torch.nn.Module) -> Iterator[None]:
-    """The original evaluates with an all-False label padding mask; its sum-sign mask ([QUIRK], §1.3)
-    is a training-path artefact. RLIPv2.encode applies that mask whenever `compat_original` is on,
-    so the label encoding of an evaluation pass runs with the switch off (it changes nothing else
-    in `encode`; the encoder's own compat behaviour is fixed at construction)."""
-    cfg = model.cfg
-    saved = cfg.compat_original
-    cfg.compat_original = False
-    try:
-        yield
-    finally:
-        cfg.compat_original = saved
-
-
 @torch.no_grad()
 def forward_eval(model: torch.nn.Module, images: torch.Tensor, pixel_mask: torch.Tensor, obj_texts: list[str],
                  rel_texts: list[str], label_embeds: torch.Tensor | None = None) -> dict:
-    """One evaluation forward, as the original's evaluation runs it."""
-    with _evaluation_label_mask(model):
-        enc = model.encode(images, pixel_mask, obj_texts, rel_texts, label_embeds)
-    return model.decode(enc)
+    """One evaluation forward (eval mode: no label padding mask, as the original evaluates)."""
+    return model.decode(model.encode(images, pixel_mask, obj_texts, rel_texts, label_embeds))
 
 
 def _rank_slice(n: int) -> range:
