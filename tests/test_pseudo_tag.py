@@ -81,7 +81,6 @@ def test_resumable_run_outputs_and_report(tmp_path):
 
 
 def test_tagger_scorer_scores_every_pair_and_text():
-    import dataclasses
     import io
 
     import torch
@@ -92,11 +91,8 @@ def test_tagger_scorer_scores_every_pair_and_text():
     from rlipv2_scale.models.config import named_config
     from rlipv2_scale.models.rlipv2 import build_model
 
-    base = named_config("tiny")
-    cfg = dataclasses.replace(base, name="tiny_tagger", variant="parsed", tagger=True, relation_query="sum",
-                              alif=dataclasses.replace(base.alif, gate="glip"), dropout=0.1)
     torch.manual_seed(0)
-    tagger = build_model(cfg, pretrained=False)
+    tagger = build_model(named_config("tiny_tagger"), pretrained=False)
     buf = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 100, 3), dtype=np.uint8)).save(buf, "JPEG")
     rec = _record()

@@ -26,9 +26,7 @@ REL = ["hold", "kick", "ride"]
 
 
 def tiny_tagger_config(**overrides):
-    base = named_config("tiny")
-    return dataclasses.replace(base, name="tiny_tagger", variant="parsed", tagger=True, relation_query="sum",
-                               alif=dataclasses.replace(base.alif, gate="glip"), dropout=0.1, **overrides)
+    return dataclasses.replace(named_config("tiny_tagger"), **overrides)
 
 
 @pytest.fixture(scope="module")

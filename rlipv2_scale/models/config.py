@@ -160,8 +160,17 @@ def _tagger_r50() -> ModelConfig:
     )
 
 
+def _tiny_tagger() -> ModelConfig:
+    """The Relation Tagger's CPU twin: the tiny model with the tagger's queries, gate and dropout."""
+    cfg = _tiny()
+    cfg.name, cfg.variant, cfg.tagger, cfg.relation_query, cfg.dropout = "tiny_tagger", "parsed", True, "sum", 0.1
+    cfg.alif.gate = "glip"
+    return cfg
+
+
 _NAMED = {
     "tiny": _tiny,
+    "tiny_tagger": _tiny_tagger,
     "r50": _r50,
     "swin_t": lambda: _swin("swin_t", "swin_tiny", "swin_tiny_patch4_window7_224.ms_in1k", 0.2),
     "swin_l": lambda: _swin("swin_l", "swin_large", "swin_large_patch4_window7_224.ms_in22k", 0.5),
