@@ -12,7 +12,7 @@ venv: $(STAMP)
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PIP) install -q --upgrade pip "setuptools>=70" wheel
+	$(PIP) install -q --upgrade pip "setuptools>=77" wheel
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
 	# DeepSpeed ships as an sdist whose build imports torch: build against the torch above.
 	$(PIP) install -q --no-build-isolation -e ".[dev]"
