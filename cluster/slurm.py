@@ -28,7 +28,6 @@ TEMPLATES = Path(__file__).parent / "templates"
 DEFAULT_ENV = {
     "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
     "NCCL_DEBUG": "${NCCL_DEBUG:-WARN}",
-    "OMP_NUM_THREADS": "${OMP_NUM_THREADS:-$SLURM_CPUS_PER_TASK}",
     "WANDB_MODE": "${WANDB_MODE:-offline}",
     "PYTHONUNBUFFERED": "1",
 }
@@ -39,7 +38,7 @@ class SlurmOptions:
     nodes: int = 1
     gpus_per_node: int = 8
     procs_per_node: int | None = None      # default: one rank per GPU, or 1 on CPU nodes
-    cpus_per_task: int | None = None       # default: 8 per GPU, or every core on CPU nodes
+    cpus_per_task: int | None = None       # default: 8 per GPU, or 1 per rank on CPU nodes
     partition: str | None = None
     account: str | None = None
     time: str | None = None                # SLURM time limit, e.g. "2-00:00:00"
@@ -49,6 +48,7 @@ class SlurmOptions:
     max_requeues: int = 50
     scratch: str = "${SLURM_TMPDIR:-${TMPDIR:-/tmp}}"   # node-local scratch, resolved on the node
     setup: list[str] = field(default_factory=list)      # site lines: module load, conda activate, ...
+    container: str | None = None           # prefix of each node's launcher, e.g. "apptainer exec --nv img.sif"
     extra_sbatch: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     python: str = sys.executable
@@ -58,6 +58,10 @@ class SlurmOptions:
             raise ValueError(f"--nodes must be ≥ 1, got {self.nodes}")
         if self.gpus_per_node < 0:
             raise ValueError(f"--gpus-per-node must be ≥ 0, got {self.gpus_per_node}")
+        for key, value in self.env.items():
+            # Values go into double quotes in the batch script: $VARS expand, nothing else is special.
+            if not key.isidentifier() or any(c in value for c in '"`\\\n'):
+                raise ValueError(f"--env {key}={value}: a NAME and a value without quotes, backticks or backslashes")
         if not re.fullmatch(r"(?:[BR]:)?(?:SIG)?[A-Z0-9]+(?:@\d+)?", self.signal):
             raise ValueError(f"--signal '{self.signal}' is not of the form USR1@120")
 
@@ -74,7 +78,8 @@ class SlurmOptions:
     def cpus(self) -> int:
         if self.cpus_per_task:
             return self.cpus_per_task
-        return 8 * self.gpus_per_node if self.gpus_per_node else (os.cpu_count() or 1)
+        # Not the submitting host's core count: a login node says nothing about the compute nodes.
+        return 8 * self.gpus_per_node if self.gpus_per_node else self.ranks_per_node
 
 
 def expand_sweep(sweep: list[str]) -> list[list[str]]:
@@ -114,7 +119,8 @@ def render_job(recipe: str | Path, opts: SlurmOptions, overrides: list[str] | No
         sweep_file = job_dir / "sweep.txt"
         sweep_file.write_text("".join(" ".join(shlex.quote(o) for o in c) + "\n" for c in combos))
 
-    env = dict(DEFAULT_ENV)
+    # The node's cores shared by its ranks (one task per node runs every rank of the node).
+    env = {**DEFAULT_ENV, "OMP_NUM_THREADS": f"${{OMP_NUM_THREADS:-{max(1, opts.cpus // opts.ranks_per_node)}}}"}
     if opts.gpus_per_node == 0:
         env["DS_ACCELERATOR"] = "cpu"       # DeepSpeed on CPU nodes; the trainer uses gloo there
     env.update(opts.env)
@@ -125,7 +131,7 @@ def render_job(recipe: str | Path, opts: SlurmOptions, overrides: list[str] | No
         gpus_per_node=opts.gpus_per_node, partition=opts.partition, account=opts.account, time=opts.time,
         mem=opts.mem, array=f"0-{len(combos) - 1}" if combos else None, signal=opts.signal,
         signal_name=opts.signal_name, log_dir=str(run_dir / "logs"), extra_sbatch=opts.extra_sbatch,
-        setup=opts.setup, run_dir=shlex.quote(str(run_dir)), sweep_file=shlex.quote(str(sweep_file or "")),
+        setup=opts.setup, container=opts.container, run_dir=shlex.quote(str(run_dir)), sweep_file=shlex.quote(str(sweep_file or "")),
         resolved_recipe=shlex.quote(str(resolved)), port_base=20000, port_range=20000, env=env,
         node_script=shlex.quote(str(job_dir / "node.sh")), max_requeues=opts.max_requeues,
         scratch=opts.scratch, python=shlex.quote(opts.python), procs_per_node=opts.ranks_per_node,

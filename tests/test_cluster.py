@@ -33,7 +33,7 @@ def test_render_multi_node_gpu_job(recipe, tmp_path):
         assert line in script, line
     node = (path.parent / "node.sh").read_text()
     assert "--nproc_per_node=8" in node and "--rdzv_backend=c10d" in node and 'trap "" USR1' in node
-    assert "clean_stale_shared_memory" in node and "--resume auto" in node
+    assert "rlipv2_scale.cluster.shm" in node and "--resume auto" in node
     # the resolved recipe (with the override) is what the job runs
     resolved = (path.parent / "recipe.yaml").read_text()
     assert "max_steps: 10" in resolved and "name: tiny" in resolved
@@ -41,7 +41,7 @@ def test_render_multi_node_gpu_job(recipe, tmp_path):
 
 def test_cpu_nodes_use_gloo_and_procs_per_node(recipe):
     script, path = render_job(recipe, SlurmOptions(nodes=1, gpus_per_node=0, procs_per_node=2))
-    assert "--gpus-per-node" not in script and "export DS_ACCELERATOR=cpu" in script
+    assert "--gpus-per-node" not in script and 'export DS_ACCELERATOR="cpu"' in script
     assert "--nproc_per_node=2" in (path.parent / "node.sh").read_text()
 
 
@@ -71,3 +71,41 @@ def test_dry_run_prints_and_options_are_checked(recipe, capsys):
     with pytest.raises(ValueError, match="--signal"):
         SlurmOptions(signal="USR1 at 120")
     assert main(["cluster", "submit", str(recipe), "--dry-run", "--nodes", "0"]) == 2
+
+
+def test_site_env_and_scratch_from_the_command_line(recipe, capsys):
+    assert main(["cluster", "submit", str(recipe), "--dry-run", "--env", "NCCL_SOCKET_IFNAME=ib0",
+                 "--env", "HF_HOME=$SCRATCH/hf", "--scratch", "/local/nvme"]) == 0
+    out = capsys.readouterr().out
+    assert 'export NCCL_SOCKET_IFNAME="ib0"' in out and 'export HF_HOME="$SCRATCH/hf"' in out
+    node = (recipe.parent / "run" / "slurm" / "node.sh").read_text()
+    assert 'export TMPDIR="/local/nvme/rlipv2-$SLURM_JOB_ID-$SLURM_NODEID"' in node
+    assert main(["cluster", "submit", str(recipe), "--dry-run", "--env", "NOEQUALS"]) == 2
+    assert main(["cluster", "submit", str(recipe), "--dry-run", "--env", 'A=say "hi"']) == 2
+    assert "--env" in capsys.readouterr().err
+
+
+def test_container_prefix_wraps_each_node_launcher(recipe):
+    script, _ = render_job(recipe, SlurmOptions(gpus_per_node=8, container="apptainer exec --nv img.sif"))
+    assert "srun --kill-on-bad-exit=1 apptainer exec --nv img.sif bash " in script
+    script, _ = render_job(recipe, SlurmOptions(gpus_per_node=8))
+    assert "srun --kill-on-bad-exit=1 bash " in script
+    # 8 GPUs x 8 cores by default, shared by the node's 8 ranks: 8 OpenMP threads each
+    assert "#SBATCH --cpus-per-task=64" in script and 'export OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}"' in script
+
+
+def test_stale_shared_memory_is_only_what_no_live_process_uses(tmp_path):
+    from rlipv2_scale.cluster.shm import clean_stale
+
+    shm, proc = tmp_path / "shm", tmp_path / "proc"
+    for name in ["000000_locals", "000000_barrier", "000001_locals", "000001_shard_states", "other_file"]:
+        (shm / name).parent.mkdir(exist_ok=True)
+        (shm / name).write_bytes(b"x")
+    live = proc / "4242"
+    (live / "fd").mkdir(parents=True)
+    # a live job maps one of its segments and holds the other open
+    (live / "maps").write_text("7f00-7f01 rw-s 00000000 00:1a 12 /dev/shm/000001_locals\n")
+    (live / "fd" / "3").symlink_to("/dev/shm/000001_shard_states")
+    (proc / "self").mkdir()                        # not a pid: skipped
+    assert clean_stale(shm, proc) == ["000000_barrier", "000000_locals"]
+    assert sorted(p.name for p in shm.iterdir()) == ["000001_locals", "000001_shard_states", "other_file"]

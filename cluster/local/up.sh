@@ -8,7 +8,9 @@ set -euo pipefail
 STATE="${RLIPV2_SLURM_STATE:-${TMPDIR:-/tmp}/rlipv2-slurm}"
 CTLD_PORT="${RLIPV2_SLURM_CTLD_PORT:-16817}"
 SLURMD_PORT="${RLIPV2_SLURM_SLURMD_PORT:-16818}"
-NODES="${RLIPV2_SLURM_NODES:-1}"     # >1 needs a slurmd built with --enable-multiple-slurmd
+# >1: node1..nodeN on this one host, one slurmd each on consecutive ports (Debian's slurmd is
+# built with multiple-slurmd support).
+NODES="${RLIPV2_SLURM_NODES:-1}"
 CONF="$STATE/slurm.conf"
 
 if [[ "${1:-}" == "--print-conf" ]]; then echo "$CONF"; exit 0; fi
@@ -30,7 +32,7 @@ if ! munge -n </dev/null 2>/dev/null | unmunge >/dev/null 2>&1; then
     runuser -u munge -- /usr/sbin/munged --force
 fi
 
-CPUS=$(nproc)
+CPUS=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)   # nproc obeys OMP_NUM_THREADS
 MEM_MB=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 1024 ))
 MEM_PER_NODE=$(( MEM_MB / NODES ))
 if (( NODES > 1 )); then
@@ -65,6 +67,8 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 ReturnToService=2
 JobRequeue=1
+# A requeued job waits until its old credential expires (default 120 s): keep the wait short.
+AuthInfo=cred_expire=10
 KillWait=30
 MinJobAge=300
 SlurmctldTimeout=30
@@ -77,8 +81,12 @@ JobAcctGatherType=jobacct_gather/none
 $NODE_LINE
 PartitionName=debug Nodes=$NODE_NAMES Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
 CONF
-mv "$CONF.new" "$CONF"
 export SLURM_CONF="$CONF"
+if [[ -f "$CONF" ]] && ! cmp -s "$CONF" "$CONF.new"; then
+    # Another layout (node count, ports) than the running daemons': restart them on the new one.
+    RLIPV2_SLURM_STATE="$STATE" bash "$(dirname "$0")/down.sh"
+fi
+mv "$CONF.new" "$CONF"
 
 if ! { [[ -f "$STATE/slurmctld.pid" ]] && kill -0 "$(cat "$STATE/slurmctld.pid")" 2>/dev/null; }; then
     slurmctld -f "$CONF" -c   # -c: clean start, no stale job state from an earlier cluster
@@ -94,12 +102,14 @@ else
 fi
 
 for _ in $(seq 1 60); do
-    if sinfo -h -o '%t' 2>/dev/null | grep -qE '^(idle|mix|alloc)'; then
+    # Ready when every node answers (idle, or already running jobs).
+    states=$(sinfo -h -N -o '%t' 2>/dev/null || true)
+    if [[ $(grep -cE '^(idle|mix|alloc)' <<<"$states") -eq $NODES ]]; then
         echo "$CONF"
         exit 0
     fi
     sleep 1
 done
-echo "cluster/local/up.sh: the node did not become idle; see $STATE/log/" >&2
+echo "cluster/local/up.sh: not all $NODES node(s) became idle; see $STATE/log/" >&2
 sinfo -N -l >&2 || true
 exit 1

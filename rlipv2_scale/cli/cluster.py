@@ -6,6 +6,16 @@ import argparse
 from rlipv2_scale.errors import UserError
 
 
+def _env(items: list[str]) -> dict[str, str]:
+    env = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise UserError(f"--env '{item}' is not of the form NAME=VALUE")
+        env[key] = value
+    return env
+
+
 def _submit(args: argparse.Namespace) -> int:
     from rlipv2_scale.cluster.slurm import SlurmOptions, render_job, submit
 
@@ -13,7 +23,8 @@ def _submit(args: argparse.Namespace) -> int:
         opts = SlurmOptions(nodes=args.nodes, gpus_per_node=args.gpus_per_node, procs_per_node=args.procs_per_node,
                             cpus_per_task=args.cpus_per_task, partition=args.partition, account=args.account,
                             time=args.time, mem=args.mem, signal=args.signal, job_name=args.job_name,
-                            setup=args.setup or [], extra_sbatch=args.sbatch or [])
+                            setup=args.setup or [], container=args.container, extra_sbatch=args.sbatch or [],
+                            env=_env(args.env or []), **({"scratch": args.scratch} if args.scratch else {}))
     except ValueError as exc:
         raise UserError(str(exc)) from exc
     script, path = render_job(args.recipe, opts, overrides=args.overrides, sweep=args.sweep, run_dir=args.run_dir)
@@ -58,7 +69,13 @@ def register(tree) -> None:
     p.add_argument("--run-dir", help="run directory (default: the recipe's run.dir)")
     p.add_argument("--sweep", action="append", metavar="key=v1,v2", help="job array over recipe values")
     p.add_argument("--setup", action="append", metavar="LINE", help="site set-up line (module load ...)")
+    p.add_argument("--container", metavar="PREFIX",
+                   help="command each node's launcher runs under, e.g. 'apptainer exec --nv image.sif'")
     p.add_argument("--sbatch", action="append", metavar="OPTION", help="extra #SBATCH option")
+    p.add_argument("--env", action="append", metavar="NAME=VALUE",
+                   help="exported to every rank, e.g. NCCL_SOCKET_IFNAME=ib0")
+    p.add_argument("--scratch", metavar="DIR",
+                   help="node-local scratch for TMPDIR and the streaming cache (default: $SLURM_TMPDIR, $TMPDIR, /tmp)")
     p.add_argument("--dry-run", action="store_true", help="print the job instead of submitting it")
 
     p = tree.group_command("cluster", "status", "show queued and running jobs", _status)
