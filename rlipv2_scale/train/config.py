@@ -1,0 +1,181 @@
+"""`RunConfig`: one training run = model + data + loss + trainer settings, loaded from a YAML recipe.
+
+A recipe is plain data (`recipes/**.yaml`, `extends:` another recipe). `model.name` picks a named
+model config (`tiny | r50 | swin_t | swin_l | ...`) whose fields the recipe's other `model.*` keys
+override; everything else maps one to one onto the dataclasses below. Unknown keys are errors that
+name the dotted key; `key=value` overrides come from the command line.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from rlipv2_scale.config import deep_merge, from_dict, parse_overrides, read_yaml, to_dict
+from rlipv2_scale.data.config import DataConfig
+from rlipv2_scale.errors import ConfigError
+from rlipv2_scale.models.config import ModelConfig, named_config
+from rlipv2_scale.models.losses import LossConfig
+
+
+@dataclass
+class RunSection:
+    name: str = "run"
+    dir: str | None = None            # run directory; default runs/<name>
+
+    @property
+    def path(self) -> Path:
+        return Path(self.dir if self.dir is not None else Path("runs") / self.name)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20
+    max_steps: int | None = None      # stop after this many optimizer steps (overrides epochs)
+    # Optimizer steps per epoch; derived from the loader's length when it has one.
+    steps_per_epoch: int | None = None
+    grad_accum: int = 1               # micro-batches per optimizer step (data.batch_size each, per rank)
+    zero_stage: Literal[0, 1, 2, 3] = 2   # 0 = plain data parallel
+    # ZeRO-3 keeps parameters smaller than this whole on every rank (DeepSpeed's default).
+    zero3_persistence_threshold: int = 100_000
+    precision: Literal["auto", "bf16", "fp32"] = "auto"   # auto: bf16 on GPU, fp32 on CPU
+    grad_clip: float = 0.1            # global L2 norm (reference §5.1), applied by DeepSpeed
+    seed: int = 42                    # + rank, as the original
+    # Activation checkpointing, switched on in the model config: any of backbone, encoder, alif.
+    activation_checkpointing: list[Literal["backbone", "encoder", "alif"]] = field(default_factory=list)
+    max_nonfinite_in_row: int = 10    # skipped (non-finite loss) steps in a row before the run stops
+    init_from: str | None = None      # weights to start from (an exported .safetensors or a checkpoint dir)
+
+    def __post_init__(self) -> None:
+        if self.epochs <= 0:
+            raise ValueError(f"train.epochs must be positive, got {self.epochs}")
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise ValueError(f"train.max_steps must be positive, got {self.max_steps}")
+        if self.grad_accum <= 0:
+            raise ValueError(f"train.grad_accum must be positive, got {self.grad_accum}")
+        if self.max_nonfinite_in_row <= 0:
+            raise ValueError("train.max_nonfinite_in_row must be positive")
+
+
+@dataclass
+class ParamGroupConfig:
+    """Parameters whose dotted name matches one of `patterns` (fnmatch) train with `lr`."""
+
+    name: str
+    patterns: list[str]
+    lr: float
+    weight_decay: float | None = None     # default: optim.weight_decay
+
+
+def _default_groups() -> list[ParamGroupConfig]:
+    # Reference §5.1: "backbone" and the label-text encoder train at a tenth of the base lr.
+    return [ParamGroupConfig("backbone", ["backbone.*"], 1.41e-5),
+            ParamGroupConfig("text_encoder", ["text_encoder.*"], 1.41e-5)]
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1.41e-4                   # everything not matched by a group
+    weight_decay: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    groups: list[ParamGroupConfig] = field(default_factory=_default_groups)
+    schedule: Literal["step", "cosine", "constant"] = "step"
+    lr_drop_epochs: list[int] = field(default_factory=lambda: [15])   # step: x lr_drop_factor at each
+    lr_drop_factor: float = 0.1
+    warmup_steps: int = 0                 # linear warm-up from 0, then the schedule
+    min_lr_ratio: float = 0.0             # cosine floor as a fraction of each group's lr
+
+    def __post_init__(self) -> None:
+        names = [g.name for g in self.groups]
+        if len(set(names)) != len(names) or "default" in names:
+            raise ValueError(f"optim.groups names must be unique and not 'default', got {names}")
+        if self.warmup_steps < 0 or not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError("optim.warmup_steps must be >= 0 and optim.min_lr_ratio in [0, 1]")
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 1000
+    keep_last: int = 3
+    at_end: bool = True
+
+    def __post_init__(self) -> None:
+        if self.every_steps <= 0 or self.keep_last <= 0:
+            raise ValueError("checkpoint.every_steps and checkpoint.keep_last must be positive")
+
+
+@dataclass
+class LoggingConfig:
+    every_steps: int = 10                 # metrics.jsonl / wandb cadence
+    progress: bool = True                 # progress bar with ETA on rank 0
+    wandb: bool = True
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+    wandb_project: str = "rlipv2-scale"
+    wandb_entity: str | None = None
+    # FLOPs of one training image (forward + backward); measured once on GPU when None.
+    flops_per_image: float | None = None
+    peak_tflops: float | None = None      # accelerator peak for MFU; looked up from the device name when None
+
+
+@dataclass
+class EvalConfig:
+    """Periodic validation with the HICO-DET protocol; off unless `data` is set."""
+
+    data: DataConfig | None = None        # validation shards, with the benchmark's fixed label lists
+    every_steps: int = 0                  # 0: only at the end of training
+    max_batches: int | None = None        # per rank
+    # Also report unseen / seen mAP: a split of the label space (UC-RF / UC-NF / UO) or a JSON file
+    # of unseen [subject, object, verb] index triplets.
+    zero_shot: str | None = None
+    nms: bool = True                      # triplet NMS of the fine-tuning scripts (--use_nms_filter)
+    only: bool = False                    # evaluate the initial weights and stop (zero-shot NF)
+
+    def __post_init__(self) -> None:
+        if self.data is not None and not self.data.fixed_labels:
+            raise ValueError("eval.data needs fixed_obj_labels / fixed_rel_labels (the benchmark's label lists)")
+        if self.only and self.data is None:
+            raise ValueError("eval.only needs eval.data")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig
+    data: DataConfig
+    run: RunSection = field(default_factory=RunSection)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+_ACTIVATION_SWITCHES = {"backbone": ("backbone", "checkpointing"), "encoder": (None, "checkpoint_encoder"),
+                        "alif": ("alif", "checkpointing")}
+
+
+def _expand_model(data: dict[str, Any]) -> dict[str, Any]:
+    model = data.get("model")
+    if not isinstance(model, dict) or "name" not in model:
+        raise ConfigError("recipe key 'model.name' is required: one of the named model configs "
+                          "(tiny, r50, swin_t, swin_l, ...), optionally with other model.* keys overriding it")
+    try:
+        base = to_dict(named_config(model["name"]))
+    except ConfigError as exc:
+        raise ConfigError(f"config key 'model.name': {exc}") from None
+    return {**data, "model": deep_merge(base, model)}
+
+
+def run_config_from_dict(data: dict[str, Any]) -> RunConfig:
+    cfg = from_dict(RunConfig, _expand_model(data))
+    for part in cfg.train.activation_checkpointing:
+        section, key = _ACTIVATION_SWITCHES[part]
+        setattr(getattr(cfg.model, section) if section else cfg.model, key, True)
+    return cfg
+
+
+def load_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Recipe YAML (+ `key=value` overrides) → validated `RunConfig`."""
+    data = deep_merge(read_yaml(path), parse_overrides(list(overrides or [])))
+    return run_config_from_dict(data)

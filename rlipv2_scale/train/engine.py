@@ -1,0 +1,415 @@
+"""The one trainer: Accelerate + DeepSpeed (ZeRO 0/1/2/3), exact resume, preemption, telemetry.
+
+`Trainer(cfg, model, criterion, loader).fit()` runs on every rank of an initialised process group
+(`launch.init_distributed`). The model follows the RLIPv2 call contract
+`model(images, pixel_mask, obj_texts, rel_texts) -> outputs` and the criterion
+`criterion(outputs, targets) -> {"loss": total, term: value, ...}`; the loader yields `Batch`es for
+this rank and resumes through `state_dict()` / `load_state_dict()`. It is a streaming loader that
+shards by rank itself, so it is *not* passed to `accelerator.prepare`.
+
+A step: forward (bf16 on GPU, fp32 on CPU), outputs cast to fp32 for matching and losses, one
+all-reduce of [loss is non-finite, stop requested] so that every rank takes the same decision,
+then DeepSpeed's backward and step (gradient accumulation and clipping by DeepSpeed). A non-finite
+loss on any rank skips the micro-batch on all ranks; `train.max_nonfinite_in_row` of them in a row
+stop the run after a checkpoint. SIGTERM / SIGUSR1 only set a flag: the loop checkpoints at the
+next optimizer-step boundary, leaves `PREEMPTED` in the run directory and exits with
+`EXIT_PREEMPTED`, for the scheduler to requeue; `--resume auto` then continues exactly.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, NamedTuple, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from rlipv2_scale.config import save_config, to_dict
+from rlipv2_scale.data.batch import Batch
+from rlipv2_scale.errors import DataError, UserError
+from rlipv2_scale.train import checkpoint as ckpt_io
+from rlipv2_scale.train.config import RunConfig
+from rlipv2_scale.train.launch import (COMPLETED_MARKER, EXIT_PREEMPTED, PREEMPTED_MARKER, DistInfo,
+                                       build_accelerator, deepspeed_config, init_distributed)
+from rlipv2_scale.train.optim import build_optimizer, build_scheduler, group_lrs
+from rlipv2_scale.train.telemetry import Telemetry, Window, count_flops, peak_memory_bytes, peak_tflops
+
+
+class ResumableLoader(Protocol):
+    def __iter__(self): ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+Evaluator = Callable[[nn.Module, int], dict[str, float]]
+
+
+class TrainingDiverged(UserError):
+    """Too many non-finite losses in a row."""
+
+
+def _to_fp32(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.float() if value.is_floating_point() else value
+    if isinstance(value, dict):
+        return {k: _to_fp32(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_fp32(v) for v in value)
+    return value
+
+
+class _StopSignal:
+    """SIGTERM / SIGUSR1 → a flag read at the next step boundary (no work in the handler)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous = {}
+
+    def install(self) -> None:
+        for s in (signal.SIGTERM, signal.SIGUSR1):
+            self._previous[s] = signal.signal(s, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+
+    def restore(self) -> None:
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, info: DistInfo, model: nn.Module, criterion: nn.Module,
+                 loader: ResumableLoader, *, resume: str | None = None, evaluator: Evaluator | None = None):
+        self.cfg, self.info, self.criterion, self.loader, self.evaluator = cfg, info, criterion, loader, evaluator
+        self.run_dir = cfg.run.path
+        self.is_main = info.rank == 0
+        self.stop = _StopSignal()
+        t = cfg.train
+        self.bf16 = t.precision == "bf16" or (t.precision == "auto" and info.device.type == "cuda")
+        if self.bf16 and info.device.type != "cuda":
+            raise UserError("train.precision=bf16 needs a GPU; use auto or fp32 on CPU")
+        self.steps_per_epoch = t.steps_per_epoch or self._loader_steps_per_epoch()
+        self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
+        self.manager = ckpt_io.CheckpointManager(self.run_dir, cfg.checkpoint.keep_last)
+
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            for marker in (PREEMPTED_MARKER, COMPLETED_MARKER):
+                (self.run_dir / marker).unlink(missing_ok=True)
+            self.manager.clean_stale()
+            save_config(cfg, self.run_dir / "config.yaml")
+        dist.barrier()
+
+        optimizer = build_optimizer(model, cfg.optim)
+        self.scheduler = build_scheduler(optimizer, cfg.optim, self.total_steps, self.steps_per_epoch)
+        ds_cfg = deepspeed_config(micro_batch_size=cfg.data.batch_size, grad_accum=t.grad_accum,
+                                  world_size=info.world_size, zero_stage=t.zero_stage, bf16=self.bf16,
+                                  grad_clip=t.grad_clip, zero3_persistence_threshold=t.zero3_persistence_threshold)
+        self.accelerator = build_accelerator(ds_cfg, info)
+        # The scheduler stays ours (stepped once per optimizer step): Accelerate would step it once
+        # per process, and DeepSpeed would not save it with our per-group lambdas.
+        self.engine, self.optimizer = self.accelerator.prepare(model, optimizer)
+
+        self.step = 0
+        self.epoch = 0
+        self.samples = 0
+        self.skipped = 0
+        self.wandb_id: str | None = None
+        self.resumed_from = ckpt_io.resolve_resume(resume, self.run_dir)
+        resumed = ckpt_io.read_trainer_state(self.resumed_from) if self.resumed_from is not None else {}
+        log = cfg.logging
+        wandb_cfg = ({"project": log.wandb_project, "entity": log.wandb_entity, "mode": log.wandb_mode}
+                     if log.wandb and log.wandb_mode != "disabled" else None)
+        self.telemetry = Telemetry(self.run_dir, enabled=self.is_main, total_steps=self.total_steps,
+                                   start_step=resumed.get("step", 0), progress=log.progress, wandb_cfg=wandb_cfg,
+                                   wandb_id=resumed.get("wandb_id"), config=to_dict(cfg))
+        self.wandb_id = self.telemetry.wandb_id
+        if self.resumed_from is not None:   # last: nothing may draw from the RNG it restores
+            self._load(self.resumed_from)
+        self.flops_per_image = log.flops_per_image
+        self.peak_tflops = log.peak_tflops or peak_tflops(info.device)
+
+    # ------------------------------------------------------------------ setup helpers
+    def _loader_steps_per_epoch(self) -> int:
+        try:
+            batches = len(self.loader)  # type: ignore[arg-type]
+        except TypeError:
+            raise UserError("the loader has no length: set train.steps_per_epoch") from None
+        steps = batches // self.cfg.train.grad_accum
+        if steps <= 0:
+            raise UserError(f"an epoch holds {batches} batches per rank, fewer than train.grad_accum="
+                            f"{self.cfg.train.grad_accum}: use more data or a smaller batch")
+        return steps
+
+    # ------------------------------------------------------------------ checkpointing
+    def save(self) -> Path:
+        """Every rank writes its part into the temporary directory; rank 0 commits."""
+        tmp = self.manager.tmp_dir(self.step)
+        if self.is_main:
+            self.manager.begin(self.step)
+        dist.barrier()
+        self.accelerator.save_state(str(tmp))       # DeepSpeed shards of every rank + RNG of every rank
+        torch.save(self.loader.state_dict(), tmp / f"loader_rank{self.info.rank}.pt")
+        if self.is_main:
+            torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
+            save_config(self.cfg, tmp / "config.yaml")
+            ckpt_io.write_json(tmp / ckpt_io.TRAINER_STATE, {
+                "step": self.step, "epoch": self.epoch, "samples": self.samples, "skipped_steps": self.skipped,
+                "wandb_id": self.wandb_id, "world_size": self.info.world_size,
+                "zero_stage": self.cfg.train.zero_stage})
+        dist.barrier()
+        final = self.manager.final_dir(self.step)
+        if self.is_main:
+            self.manager.commit(self.step)
+        dist.barrier()
+        return final
+
+    def _load(self, path: Path) -> None:
+        state = ckpt_io.read_trainer_state(path)
+        if state["world_size"] != self.info.world_size:
+            raise UserError(f"checkpoint '{path}' was written by {state['world_size']} ranks, this run has "
+                            f"{self.info.world_size}; resume with the same number of ranks")
+        loader_file = path / f"loader_rank{self.info.rank}.pt"
+        if not loader_file.is_file():
+            raise UserError(f"checkpoint '{path}' has no loader state for rank {self.info.rank}")
+        self.accelerator.load_state(str(path))      # restores the RNG of this rank last
+        self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+        self.loader.load_state_dict(torch.load(loader_file, weights_only=False))
+        self.step, self.epoch, self.samples = state["step"], state["epoch"], state["samples"]
+        self.skipped = state["skipped_steps"]
+
+    # ------------------------------------------------------------------ the loop
+    def _forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        images = batch.images.to(torch.bfloat16) if self.bf16 else batch.images
+        outputs = self.engine(images, batch.pixel_mask, batch.obj_texts, batch.rel_texts)
+        # Matching and losses in fp32 whatever the compute dtype.
+        with torch.autocast(self.info.device.type, enabled=False):
+            return self.criterion(_to_fp32(outputs), batch.targets)
+
+    def _batches(self) -> Iterable[tuple[Batch, float]]:
+        """(batch on device, seconds waited for it), epoch after epoch."""
+        while True:
+            # Creating a DataLoader iterator draws a seed from the global torch RNG, and loading in
+            # the main process (num_workers=0) may draw more: keep data loading out of the training
+            # RNG stream (dropout), which a resumed run restores from the checkpoint.
+            with torch.random.fork_rng(devices=[]):
+                iterator = iter(self.loader)
+            produced = False
+            while True:
+                t0 = time.perf_counter()
+                try:
+                    with torch.random.fork_rng(devices=[]):
+                        batch = next(iterator)
+                except StopIteration:
+                    break
+                except FileNotFoundError as exc:
+                    raise DataError(f"{_missing(exc)} (at step {self.step})") from exc
+                except (DataError, RuntimeError) as exc:   # e.g. "DataLoader worker (pid 123) exited unexpectedly"
+                    raise DataError(f"training data failed at step {self.step}: {exc}") from exc
+                produced = True
+                yield batch.to(self.info.device, non_blocking=True), time.perf_counter() - t0
+            if not produced:
+                raise DataError("the training loader produced no batch in a whole epoch: check data.sources")
+            self.epoch += 1
+
+    def _agree(self, nonfinite: bool) -> tuple[bool, bool]:
+        flags = torch.tensor([float(nonfinite), float(self.stop.signum is not None)], device=self.info.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return bool(flags[0]), bool(flags[1])
+
+    def fit(self) -> int:
+        """Train to the end (exit code 0) or to a preemption checkpoint (`EXIT_PREEMPTED`)."""
+        self.stop.install()
+        try:
+            return self._fit()
+        finally:
+            self.stop.restore()
+            self.telemetry.close()
+
+    def _fit(self) -> int:
+        cfg = self.cfg
+        gas = cfg.train.grad_accum
+        global_batch = cfg.data.batch_size * self.info.world_size
+        window = Window()
+        in_row = 0
+        micro = 0
+        stop = False
+        self.engine.train()
+        if cfg.eval.only:
+            self._evaluate()
+            if self.is_main:
+                (self.run_dir / COMPLETED_MARKER).write_text(json.dumps({"step": self.step}))
+            return 0
+        if self.step >= self.total_steps:
+            return self._finish()
+        for batch, waited in self._batches():
+            window.data_time += waited
+            measure = self.flops_per_image is None and self.info.device.type == "cuda" and micro == 0
+            losses: dict[str, torch.Tensor] = {}
+
+            def forward_backward(skip_check: list[bool]) -> None:
+                nonlocal losses
+                losses = self._forward(batch)
+                nonfinite, stop_now = self._agree(not bool(torch.isfinite(losses["loss"]).item()))
+                skip_check[:] = [nonfinite, stop_now]
+                if not nonfinite:
+                    self.engine.backward(losses["loss"])
+
+            decision: list[bool] = []
+            if measure:
+                flops = count_flops(lambda: forward_backward(decision))
+                self.flops_per_image = flops / batch.batch_size
+            else:
+                forward_backward(decision)
+            nonfinite, stop = decision
+            if nonfinite:
+                self.skipped += 1
+                in_row += 1
+                if in_row >= cfg.train.max_nonfinite_in_row:
+                    path = self.save()
+                    raise TrainingDiverged(
+                        f"{in_row} non-finite losses in a row at step {self.step} ({self.skipped} skipped in all): "
+                        f"the run diverged; checkpoint saved at '{path}'. Lower optim.lr, check the data, or "
+                        f"raise train.max_nonfinite_in_row")
+                continue
+            in_row = 0
+            self.engine.step()
+            micro += 1
+            window.add({k: float(v.detach()) for k, v in losses.items() if v.numel() == 1}, global_batch)
+            if micro % gas:
+                continue
+            self.step += 1
+            self.samples += global_batch * gas
+            self.scheduler.step()
+            self.telemetry.advance()
+            if self.step % cfg.logging.every_steps == 0 or self.step == self.total_steps or stop:
+                self._log(window)
+                window.reset()
+            if self.evaluator is not None and cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0:
+                self._evaluate()
+            if stop or self.step >= self.total_steps:
+                break
+            if self.step % cfg.checkpoint.every_steps == 0:
+                self.save()
+        if stop and self.step < self.total_steps:
+            path = self.save()
+            if self.is_main:
+                (self.run_dir / PREEMPTED_MARKER).write_text(json.dumps({"step": self.step, "checkpoint": str(path)}))
+                print(f"rlipv2: stop signal received: checkpointed step {self.step} to {path}; "
+                      f"resume with --resume auto", flush=True)
+            return EXIT_PREEMPTED
+        return self._finish()
+
+    def _finish(self) -> int:
+        if self.evaluator is not None and (not self.cfg.eval.every_steps or self.step % self.cfg.eval.every_steps):
+            self._evaluate()
+        if self.cfg.checkpoint.at_end:
+            self.save()
+        if self.is_main:
+            (self.run_dir / COMPLETED_MARKER).write_text(json.dumps({"step": self.step}))
+        return 0
+
+    def _log(self, window: Window) -> None:
+        names = sorted(window.sums)
+        values = torch.tensor([window.means()[k] for k in names] + [window.data_time], dtype=torch.float64,
+                              device=self.info.device)
+        dist.all_reduce(values)
+        values /= self.info.world_size
+        elapsed = max(time.perf_counter() - window.start, 1e-9)
+        grad_norm = self.engine.get_global_grad_norm()
+        record: dict[str, Any] = {"step": self.step, "epoch": self.epoch, "samples": self.samples}
+        record.update({k: float(v) for k, v in zip(names, values[:-1].tolist())})
+        record.update({f"lr/{k}": v for k, v in group_lrs(self.optimizer).items()})
+        record["grad_norm"] = None if grad_norm is None else float(grad_norm)
+        record["images_per_s"] = window.images / elapsed
+        record["data_time_share"] = float(values[-1]) / elapsed
+        record["peak_memory_bytes"] = peak_memory_bytes(self.info.device)
+        record["skipped_steps"] = self.skipped
+        if self.flops_per_image is not None:
+            tflops = self.flops_per_image * record["images_per_s"] / self.info.world_size / 1e12
+            record["tflops_per_device"] = tflops
+            if self.peak_tflops:
+                record["mfu"] = tflops / self.peak_tflops
+        self.telemetry.log(record)
+
+    def _evaluate(self) -> None:
+        self.engine.eval()
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            result = self.evaluator(self.engine, self.step)
+        self.engine.train()
+        if self.is_main and result:
+            record = {"step": self.step, **{f"val/{k}": v for k, v in result.items()}}
+            self.telemetry.log(record)
+            print("rlipv2: validation " + ", ".join(f"{k} {v:.2f}" for k, v in record.items() if k != "step")
+                  + f" at step {self.step}", flush=True)
+
+
+class Parts(NamedTuple):
+    model: nn.Module
+    criterion: nn.Module
+    loader: ResumableLoader
+    evaluator: Evaluator | None = None
+
+
+Builder = Callable[[RunConfig, DistInfo], Parts]
+
+
+def build_rlipv2(cfg: RunConfig, info: DistInfo) -> Parts:
+    """The RLIPv2 model, its set criterion, the streaming loader of this rank and the validation hook."""
+    from rlipv2_scale.data.streaming import build_train_loader
+    from rlipv2_scale.models.rlipv2 import build_model
+    from rlipv2_scale.models.losses import SetCriterion
+
+    model = build_model(cfg.model)
+    if cfg.train.init_from:
+        state = _fit_query_rows(ckpt_io.load_weights(cfg.train.init_from), model, cfg)
+        ckpt_io.load_strict(model, state, cfg.train.init_from)
+    evaluator = None
+    if cfg.eval.data is not None:
+        from rlipv2_scale.train.validation import HicoValidation
+
+        evaluator = HicoValidation(cfg, info)
+    try:
+        loader = build_train_loader(cfg.data)
+    except FileNotFoundError as exc:
+        raise DataError(_missing(exc)) from exc
+    return Parts(model, SetCriterion(cfg.loss), loader, evaluator)
+
+
+def _missing(exc: FileNotFoundError) -> str:
+    return (f"training data: '{exc.filename}' is missing ({exc.strerror}); the shard directory is incomplete: "
+            f"convert or download that source again")
+
+
+def _fit_query_rows(state: dict[str, torch.Tensor], model: nn.Module, cfg: RunConfig) -> dict[str, torch.Tensor]:
+    """Fine-tuning with fewer queries than pre-training (200 → 128 on HICO-DET): keep the first
+    subject and object query rows (the model's `resize_query_rows`), the first relation queries."""
+    from rlipv2_scale.models.rlipv2 import resize_query_rows
+
+    own = model.state_dict()
+    out = dict(state)
+    for key, value in state.items():
+        if key not in own or own[key].shape == value.shape or own[key].shape[1:] != value.shape[1:]:
+            continue
+        rows = own[key].shape[0]
+        if rows == cfg.model.num_queries:
+            out[key] = resize_query_rows(value, rows, cfg.model.compat_original)
+        elif rows == cfg.model.num_pairs and value.shape[0] > rows:
+            out[key] = value[:rows]
+    return out
+
+
+def run(cfg: RunConfig, resume: str | None = None, build: Builder = build_rlipv2) -> int:
+    """Set up this rank, build the parts and train; returns the process exit code."""
+    from accelerate.utils import set_seed
+
+    info = init_distributed()
+    set_seed(cfg.train.seed)                    # identical initial weights on every rank
+    parts = build(cfg, info)
+    set_seed(cfg.train.seed + info.rank)        # distinct dropout / sampling per rank (reference §5.1)
+    trainer = Trainer(cfg, info, parts.model, parts.criterion, parts.loader, resume=resume,
+                      evaluator=parts.evaluator)
+    return trainer.fit()

@@ -1,0 +1,146 @@
+"""Process-group setup for the trainer, and `--nproc N` local launches through torchrun.
+
+The trainer runs the same way in one process, under torchrun (local or multi-node) and under
+SLURM (one torchrun per node): it reads RANK / WORLD_SIZE / LOCAL_RANK from the environment,
+creating a one-process group when they are absent. On CPU it selects DeepSpeed's CPU accelerator
+and gloo. Accelerate derives its world size from its own backend detection, which finds no
+backend on a CPU-only machine under DeepSpeed and reports one process; the state is corrected
+from `torch.distributed` here and asserted, so that ranks, data sharding and ZeRO partitioning
+are real.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+PREEMPTED_MARKER = "PREEMPTED"
+COMPLETED_MARKER = "COMPLETED"
+# EX_TEMPFAIL: checkpointed on a preemption signal; run again (requeue) to continue.
+EXIT_PREEMPTED = 75
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> DistInfo:
+    """Create (or join) the process group: nccl on GPU, gloo on CPU."""
+    import torch.distributed as dist
+
+    # DeepSpeed calls these collectives every step; torch's rename notice would flood the log.
+    warnings.filterwarnings("ignore", category=FutureWarning,
+                            message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated")
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        # Read once, at DeepSpeed's first accelerator lookup: set before anything asks for it.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if "RANK" not in os.environ:   # a plain `rlipv2 train`: a group of one
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if world != int(os.environ["WORLD_SIZE"]) or rank != int(os.environ["RANK"]):
+        raise RuntimeError(f"process group says rank {rank}/{world}, environment says "
+                           f"{os.environ['RANK']}/{os.environ['WORLD_SIZE']}")
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device)
+
+
+def build_accelerator(ds_config: dict, info: DistInfo):
+    """An `Accelerator` with a DeepSpeed plugin whose process layout matches `torch.distributed`."""
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import DeepSpeedPlugin
+
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    state = PartialState()
+    if state.num_processes != info.world_size or state.process_index != info.rank:
+        state.backend = torch.distributed.get_backend()
+        state.num_processes = info.world_size
+        state.process_index = info.rank
+        state.local_process_index = info.local_rank
+    accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds_config))
+    assert accelerator.num_processes == info.world_size and accelerator.process_index == info.rank, (
+        f"Accelerate sees process {accelerator.process_index}/{accelerator.num_processes}, torch.distributed "
+        f"{info.rank}/{info.world_size}")
+    return accelerator
+
+
+def deepspeed_config(*, micro_batch_size: int, grad_accum: int, world_size: int, zero_stage: int, bf16: bool,
+                     grad_clip: float, zero3_persistence_threshold: int) -> dict:
+    zero: dict = {"stage": zero_stage}
+    if zero_stage == 3:
+        # Parameters below this size stay whole on every rank; the default (1e5) would leave a
+        # small model entirely unpartitioned.
+        zero["stage3_param_persistence_threshold"] = zero3_persistence_threshold
+    return {
+        # The streaming loader is not prepared by Accelerate, so it cannot infer these.
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": micro_batch_size * grad_accum * world_size,
+        "gradient_clipping": grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": bf16},
+        "zero_allow_untested_optimizer": True,   # torch AdamW as the client optimizer
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def spawn_local(nproc: int, argv: list[str], run_dir: Path, entry: tuple[str, ...] = ("-m", "rlipv2_scale.cli")) -> int:
+    """Run `rlipv2 <argv>` (or another `entry` script) on `nproc` local ranks through torchrun;
+    return the run's exit code (EXIT_PREEMPTED when it checkpointed on a signal, which torchrun
+    itself cannot pass on)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *entry, *argv]
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    # torchrun dies on SIGUSR1 and kills its workers shortly after a SIGTERM (and starts them in
+    # sessions of their own): it ignores SIGUSR1, and a SIGTERM or SIGUSR1 that reaches us becomes
+    # a SIGUSR1 to each rank, which checkpoints at the next step boundary and exits.
+    proc = subprocess.Popen(cmd, env=env, preexec_fn=lambda: signal.signal(signal.SIGUSR1, signal.SIG_IGN))
+
+    def forward(signum, frame):
+        import psutil   # a dependency of accelerate
+
+        # The ranks only: their data-loader workers would die of a SIGUSR1.
+        for child in psutil.Process(proc.pid).children(recursive=False):
+            try:
+                child.send_signal(signal.SIGUSR1)
+            except psutil.NoSuchProcess:
+                pass
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        rc = proc.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if (run_dir / PREEMPTED_MARKER).is_file():
+        return EXIT_PREEMPTED
+    return rc

@@ -1,0 +1,85 @@
+"""Checkpoint directory mechanics: atomic commit, keep-last-K, `latest`, resume lookup, a kill
+during a save leaving the previous checkpoint whole."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from rlipv2_scale.errors import UserError
+from rlipv2_scale.train.checkpoint import TRAINER_STATE, CheckpointManager, resolve_resume
+
+
+def fake_save(manager: CheckpointManager, step: int, payload: bytes = b"x") -> Path:
+    tmp = manager.begin(step)
+    (tmp / "weights.bin").write_bytes(payload)
+    (tmp / TRAINER_STATE).write_text(json.dumps({"step": step}))
+    return manager.commit(step)
+
+
+def test_commit_keeps_last_k_and_moves_latest(tmp_path):
+    m = CheckpointManager(tmp_path, keep_last=2)
+    assert m.latest() is None and resolve_resume("auto", tmp_path) is None
+    for step in (10, 20, 30):
+        final = fake_save(m, step)
+        assert m.latest() == final and (tmp_path / "checkpoints" / "latest").read_text().strip() == final.name
+    assert m.steps() == [20, 30]
+    assert not any(p.name.startswith(".tmp") for p in m.root.iterdir())
+    assert resolve_resume("auto", tmp_path) == m.final_dir(30)
+    assert resolve_resume(str(m.final_dir(20)), tmp_path) == m.final_dir(20)
+    assert resolve_resume(str(tmp_path), tmp_path / "elsewhere") == m.final_dir(30)
+    with pytest.raises(UserError, match="no complete checkpoint"):
+        resolve_resume(str(tmp_path / "nothing"), tmp_path)
+
+
+def test_saving_a_step_again_keeps_the_complete_one(tmp_path):
+    m = CheckpointManager(tmp_path, keep_last=3)
+    fake_save(m, 5, b"first")
+    fake_save(m, 5, b"second")
+    assert (m.final_dir(5) / "weights.bin").read_bytes() == b"first" and not m.tmp_dir(5).exists()
+
+
+def test_latest_falls_back_when_the_pointer_names_a_missing_checkpoint(tmp_path):
+    m = CheckpointManager(tmp_path, keep_last=3)
+    fake_save(m, 1)
+    fake_save(m, 2)
+    (m.root / "latest").write_text("step_00000099\n")
+    assert m.latest() == m.final_dir(2)
+
+
+_KILLED_SAVE = """
+import sys, time
+from pathlib import Path
+from rlipv2_scale.train.checkpoint import CheckpointManager
+m = CheckpointManager(sys.argv[1], keep_last=1)
+tmp = m.begin(2)
+with open(tmp / "weights.bin", "wb") as f:
+    f.write(b"partial")
+    f.flush()
+    Path(sys.argv[2]).touch()          # tell the test we are mid-save
+    time.sleep(60)
+m.commit(2)
+"""
+
+
+def test_kill_during_save_leaves_the_previous_checkpoint_loadable(tmp_path):
+    m = CheckpointManager(tmp_path, keep_last=1)
+    previous = fake_save(m, 1, b"complete")
+    flag = tmp_path / "mid-save"
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_SAVE, str(tmp_path), str(flag)])
+    deadline = time.time() + 60
+    while not flag.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert flag.exists() and m.tmp_dir(2).exists()           # it really died half-way
+    assert resolve_resume("auto", tmp_path) == previous
+    assert (previous / "weights.bin").read_bytes() == b"complete"
+    m.clean_stale()                                          # what the next run does first
+    assert not m.tmp_dir(2).exists() and m.steps() == [1]
