@@ -105,3 +105,15 @@ def test_a_missing_shard_is_reported_by_name(workdir, tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert f"'{missing.relative_to(tmp_path)}' is missing" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_resume_from_the_last_step_of_an_epoch(workdir, tmp_path):
+    """A checkpoint taken on an epoch's last step resumes into the next epoch (12 images, batch 4:
+    3 steps per epoch on one rank)."""
+    recipe = str(RECIPES / "pretrain" / "r50_vg.yaml")
+    run = tmp_path / "run"
+    common = [f"run.dir={run}", "data.batch_size=4", "checkpoint.every_steps=3"]
+    rlipv2(workdir, "train", recipe, *common, "train.max_steps=3")
+    rlipv2(workdir, "train", recipe, *common, "train.max_steps=5", "--resume", "auto")
+    assert [r["step"] for r in metrics(run)] == [1, 2, 3, 4, 5]
+    assert (run / "COMPLETED").exists()

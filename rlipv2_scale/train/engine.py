@@ -191,6 +191,7 @@ class Trainer:
 
     def _batches(self) -> Iterable[tuple[Batch, float]]:
         """(batch on device, seconds waited for it), epoch after epoch."""
+        first_pass = True
         while True:
             # Creating a DataLoader iterator draws a seed from the global torch RNG, and loading in
             # the main process (num_workers=0) may draw more: keep data loading out of the training
@@ -211,8 +212,10 @@ class Trainer:
                     raise DataError(f"training data failed at step {self.step}: {exc}") from exc
                 produced = True
                 yield batch.to(self.info.device, non_blocking=True), time.perf_counter() - t0
-            if not produced:
+            # A run resumed from the last step of an epoch first sees that epoch's empty remainder.
+            if not produced and not first_pass:
                 raise DataError("the training loader produced no batch in a whole epoch: check data.sources")
+            first_pass = False
             self.epoch += 1
 
     def _agree(self, nonfinite: bool) -> tuple[bool, bool]:
