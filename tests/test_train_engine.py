@@ -134,6 +134,16 @@ def test_sigterm_checkpoints_and_resumes_exactly(reference, tmp_path):
     assert not (tmp_path / "PREEMPTED").exists() and (tmp_path / "COMPLETED").is_file()
 
 
+def test_a_signal_during_start_up_is_not_lost(tmp_path):
+    """SLURM sends its time-limit warning once; arriving while the run builds its parts, it still
+    makes the run checkpoint at the first step boundary and stop (PREEMPTED) instead of killing it."""
+    proc = launch(tmp_path, "--signal-in-build", expect=EXIT_PREEMPTED)
+    assert proc.returncode != 0
+    assert json.loads((tmp_path / "PREEMPTED").read_text())["step"] == 1, proc.stderr[-3000:]
+    assert [r["step"] for r in metrics(tmp_path)] == [1]
+    assert CheckpointManager(tmp_path).latest().name == "step_00000001"
+
+
 def test_export_gathers_zero3_shards_into_a_fresh_model(reference, tmp_path):
     from safetensors.torch import load_file
     from train_toy import ToyRelModel

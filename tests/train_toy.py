@@ -11,6 +11,8 @@ Run as a script (under torchrun) it trains: `train_toy.py RUN_DIR [key=value ...
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 import time
 import zlib
@@ -128,10 +130,12 @@ class ToyLoader:
         self.epoch, self.index = self.epoch + 1, 0
 
 
-def toy_builder(nan_batches: frozenset[int] = frozenset(), delay: float = 0.0):
+def toy_builder(nan_batches: frozenset[int] = frozenset(), delay: float = 0.0, signal_in_build: bool = False):
     from rlipv2_scale.train.engine import Parts
 
     def build(cfg, info):
+        if signal_in_build:   # SLURM's time-limit warning may arrive while the run is starting
+            os.kill(os.getpid(), signal.SIGUSR1)
         model = ToyRelModel()
         loader = ToyLoader(info.rank, cfg.data.batch_size, seed=cfg.data.seed, nan_batches=nan_batches,
                            world_size=info.world_size, delay=delay)
@@ -150,11 +154,12 @@ def main(argv: list[str]) -> int:
     p.add_argument("--resume")
     p.add_argument("--nan-batches", default="", help="comma-separated global batch indices with NaN images")
     p.add_argument("--delay", type=float, default=0.0, help="seconds per batch")
+    p.add_argument("--signal-in-build", action="store_true", help="SIGUSR1 to itself while building")
     args = p.parse_args(argv)
     cfg = toy_config(args.run_dir, parse_overrides(args.overrides))
     nan = frozenset(int(x) for x in args.nan_batches.split(",") if x)
     try:
-        return run(cfg, resume=args.resume, build=toy_builder(nan, args.delay))
+        return run(cfg, resume=args.resume, build=toy_builder(nan, args.delay, args.signal_in_build))
     except UserError as exc:   # as the CLI does
         print(f"rlipv2: error: {exc}", file=sys.stderr, flush=True)
         return 2

@@ -69,8 +69,9 @@ class _StopSignal:
         self._previous = {}
 
     def install(self) -> None:
-        for s in (signal.SIGTERM, signal.SIGUSR1):
-            self._previous[s] = signal.signal(s, self._handle)
+        if not self._previous:
+            for s in (signal.SIGTERM, signal.SIGUSR1):
+                self._previous[s] = signal.signal(s, self._handle)
 
     def _handle(self, signum, frame) -> None:
         self.signum = signum
@@ -78,15 +79,17 @@ class _StopSignal:
     def restore(self) -> None:
         for s, h in self._previous.items():
             signal.signal(s, h)
+        self._previous = {}
 
 
 class Trainer:
     def __init__(self, cfg: RunConfig, info: DistInfo, model: nn.Module, criterion: nn.Module,
-                 loader: ResumableLoader, *, resume: str | None = None, evaluator: Evaluator | None = None):
+                 loader: ResumableLoader, *, resume: str | None = None, evaluator: Evaluator | None = None,
+                 stop: _StopSignal | None = None):
         self.cfg, self.info, self.criterion, self.loader, self.evaluator = cfg, info, criterion, loader, evaluator
         self.run_dir = cfg.run.path
         self.is_main = info.rank == 0
-        self.stop = _StopSignal()
+        self.stop = stop or _StopSignal()
         t = cfg.train
         self.bf16 = t.precision == "bf16" or (t.precision == "auto" and info.device.type == "cuda")
         if self.bf16 and info.device.type != "cuda":
@@ -409,10 +412,16 @@ def run(cfg: RunConfig, resume: str | None = None, build: Builder = build_rlipv2
     """Set up this rank, build the parts and train; returns the process exit code."""
     from accelerate.utils import set_seed
 
-    info = init_distributed()
-    set_seed(cfg.train.seed)                    # identical initial weights on every rank
-    parts = build(cfg, info)
-    set_seed(cfg.train.seed + info.rank)        # distinct dropout / sampling per rank (reference §5.1)
-    trainer = Trainer(cfg, info, parts.model, parts.criterion, parts.loader, resume=resume,
-                      evaluator=parts.evaluator)
-    return trainer.fit()
+    # Listen from the start: SLURM sends its time-limit warning once, possibly while we build.
+    stop = _StopSignal()
+    stop.install()
+    try:
+        info = init_distributed()
+        set_seed(cfg.train.seed)                    # identical initial weights on every rank
+        parts = build(cfg, info)
+        set_seed(cfg.train.seed + info.rank)        # distinct dropout / sampling per rank (reference §5.1)
+        trainer = Trainer(cfg, info, parts.model, parts.criterion, parts.loader, resume=resume,
+                          evaluator=parts.evaluator, stop=stop)
+        return trainer.fit()
+    finally:
+        stop.restore()
