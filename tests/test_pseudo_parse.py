@@ -6,6 +6,7 @@ from rlipv2_scale.data.pseudo.candidates import build_candidates
 from rlipv2_scale.data.pseudo.parse import (ParseStats, RuleBasedParser, Triplet, find_mentions, image_triplets,
                                             make_parser, _tokens)
 from rlipv2_scale.data.pseudo.paraphrases import ParaphraseTable, builtin_table, load_table, plural_forms
+from rlipv2_scale.data.pseudo.synthetic_captions import NAME_PARAPHRASES
 from rlipv2_scale.errors import UserError
 
 
@@ -110,3 +111,54 @@ def test_synthetic_captions_parse_back_to_true_relations():
     found = {(t.subject, canonical_predicate(t.phrase), t.object)
              for t in image_triplets(noisy, set(names), RuleBasedParser(table))}
     assert found - {("person", "holding", "cup"), ("cup", "on", "table"), ("ball", "under", "table")}  # some wrong
+
+
+class _Token:
+    """The parts of a spaCy `Token` the dependency parser reads, for hand-built parses (the `spacy`
+    package and its English model are not test dependencies)."""
+
+    def __init__(self, doc: list, i: int, text: str, pos: str, dep: str, head: int):
+        self.doc, self.i, self.text, self.lower_, self.pos_, self.dep_, self._head = doc, i, text, text.lower(), pos, dep, head
+
+    @property
+    def head(self):
+        return self.doc[self._head]
+
+    @property
+    def children(self):
+        return [t for t in self.doc if t._head == self.i and t.i != self.i]
+
+    @property
+    def subtree(self):
+        out = [self] + [s for c in self.children for s in c.subtree]
+        return sorted(out, key=lambda t: t.i)
+
+
+def _doc(rows: list[tuple[str, str, str, int]]) -> list:
+    doc: list = []
+    doc.extend(_Token(doc, i, *row) for i, row in enumerate(rows))
+    return doc
+
+
+SYNTH = ParaphraseTable(NAME_PARAPHRASES)
+PRESENT = {"person", "box", "cup", "table", "ball"}
+
+
+@pytest.mark.parametrize("rows, expected", [
+    # "a woman is holding a mug": nsubj + dobj of a verb
+    ([("a", "DET", "det", 1), ("woman", "NOUN", "nsubj", 3), ("is", "AUX", "aux", 3), ("holding", "VERB", "ROOT", 3),
+      ("a", "DET", "det", 5), ("mug", "NOUN", "dobj", 3)], [Triplet("person", "holding", "cup")]),
+    # "a man sitting on a crate": a participle (acl) with a preposition
+    ([("a", "DET", "det", 1), ("man", "NOUN", "ROOT", 1), ("sitting", "VERB", "acl", 1), ("on", "ADP", "prep", 2),
+      ("a", "DET", "det", 5), ("crate", "NOUN", "pobj", 3)], [Triplet("person", "sitting on", "box")]),
+    # "a cup on the big table": a preposition attached to a noun; the mention is the head's subtree
+    ([("a", "DET", "det", 1), ("cup", "NOUN", "ROOT", 1), ("on", "ADP", "prep", 1), ("the", "DET", "det", 5),
+      ("big", "ADJ", "amod", 5), ("table", "NOUN", "pobj", 2)], [Triplet("cup", "on", "table")]),
+    # "a dog chasing a ball": the subject names no present class → nothing
+    ([("a", "DET", "det", 1), ("dog", "NOUN", "ROOT", 1), ("chasing", "VERB", "acl", 1), ("a", "DET", "det", 4),
+      ("ball", "NOUN", "dobj", 2)], []),
+])
+def test_spacy_parser_reads_the_dependency_tree(rows, expected):
+    from rlipv2_scale.data.pseudo.parse import SpacyParser
+
+    assert SpacyParser(SYNTH, nlp=None).parse_doc(_doc(rows), PRESENT) == expected

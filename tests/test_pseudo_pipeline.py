@@ -75,3 +75,50 @@ def test_missing_stage_outputs_are_named(tmp_path):
         parse_shards(tmp_path / "det", tmp_path / "nocaps", RuleBasedParser(ParaphraseTable({})), tmp_path / "p")
     with pytest.raises(UserError, match="run `rlipv2 data parse` first"):
         load_candidates(tmp_path / "p")
+
+
+class FixedCaptioner:
+    def __init__(self, captions):
+        self.captions = captions
+
+    def caption(self, images, image_ids):
+        return [self.captions[str(i)] for i in image_ids]
+
+
+def test_bad_input_is_counted_and_reported_never_fatal(tmp_path):
+    from rlipv2_scale.data.pseudo.candidates import CandidateChunk
+    from rlipv2_scale.data.pseudo.tag import run_tagging
+    from rlipv2_scale.data.pseudo.tagger_scorer import TaggerScorer
+    from rlipv2_scale.models.config import named_config
+    from rlipv2_scale.models.rlipv2 import build_model
+
+    names = {1: ["person", "cup"], 2: ["person", "ball"], 3: ["zebra", "person"], 4: ["person", "box"]}
+    images = {1: _jpeg(), 2: b"not an image at all", 3: _jpeg(), 4: _jpeg()}
+    recs = [RelationalRecord(ImageInfo(i, "coco2017", "train", 80, 60),
+                             [Object((2 + 20 * k, 2, 18 + 20 * k, 20), n) for k, n in enumerate(names[i])],
+                             image_bytes=images[i]) for i in names]
+    write_shards(recs, tmp_path / "det")
+    captions = {"1": ["a man holding a mug", "a blurry photo"], "3": ["a zebra next to a man"],
+                "4": ["a man and a crate", "nothing here"]}
+    summary = caption_shards(tmp_path / "det", tmp_path / "caps", FixedCaptioner(captions))
+    assert summary.captioned == 3 and [i for i, _ in summary.failed_to_decode] == [2]
+
+    parse_shards(tmp_path / "det", tmp_path / "caps", RuleBasedParser(ParaphraseTable(NAME_PARAPHRASES)),
+                 tmp_path / "parse")
+    stats = json.loads((tmp_path / "parse" / "parse_stats.json").read_text())
+    # "a blurry photo", "a zebra next to a man" (zebra has no paraphrases), "a man and a crate", "nothing here"
+    assert stats["captions"] == 5 and stats["captions_without_triplet"] == 4
+    assert stats["images_without_captions"] == 1 and stats["classes_without_paraphrases"] == {"zebra": 1}
+    assert stats["images_with_candidates"] == 1 and stats["images_without_candidates"] == 2
+
+    # The Tagger decodes the image: a corrupt one is counted, not written, and the run goes on.
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    scorer = TaggerScorer(build_model(named_config("tiny_tagger"), pretrained=False),
+                          ["person", "cup", "ball", "box", "zebra"], eval_size=64, max_size=96)
+    chunk = CandidateChunk([(0, 1)], ["holding"], [["holding"]])
+    by_id = {r.image.id: r for r in iter_records(tmp_path / "det")}
+    items = [(by_id[2], [chunk]), (by_id[1], [chunk]), (by_id[4], [])]
+    tagged = run_tagging(items, scorer, tmp_path / "tags")
+    assert tagged.tagged == 2 and tagged.without_candidates == 1
+    assert [i for i, _ in tagged.failed_to_decode] == [2] and "do not decode" in tagged.failed_to_decode[0][1]

@@ -116,3 +116,24 @@ def test_tagger_scorer_scores_every_pair_and_text():
     np.testing.assert_allclose(direct.numpy(), scores, rtol=1e-3, atol=1e-3)
     with pytest.raises(UserError, match="not in the tagger's class list"):
         TaggerScorer(tagger, ["person"], eval_size=64).score(rec, chunk)
+
+
+def test_pseudo_label_quality_against_known_relations():
+    from rlipv2_scale.data.pseudo.quality import candidate_quality, tag_quality
+    from rlipv2_scale.data.pseudo.synthetic_captions import canonical_predicate
+    from rlipv2_scale.data.pseudo.tag import TaggedRelation as T
+
+    truth = {"1": [(0, 1, "holding"), (1, 2, "on")], "2": [(0, 1, "inside")]}
+    tags = [("1", [T(0, 1, "carrying", 0.6), T(0, 1, "holding", 0.3),    # two synonyms: one prediction at 0.6
+                   T(1, 2, "under", 0.25), T(2, 1, "gripping", 0.1)]),
+            ("2", [T(0, 1, "in", 0.07), T(0, 1, "floating", 0.9)])]       # "floating" is no predicate: wrong
+    q = tag_quality(tags, truth, canonical_predicate, thresholds=(0.05, 0.2, 0.5))
+    # 0.05: {1:(0,1,holding), (1,2,under), (2,1,holding), 2:(0,1,inside), (0,1,?floating)} → 2 of 5 right, 2 of 3 found
+    assert q["0.05"] == {"predicted": 5, "correct": 2, "true": 3, "precision": 0.4, "recall": 0.6667}
+    assert q["0.2"] == {"predicted": 3, "correct": 1, "true": 3, "precision": 0.3333, "recall": 0.3333}
+    assert q["0.5"]["predicted"] == 2 and q["0.5"]["correct"] == 1
+    assert tag_quality([], truth, canonical_predicate, (0.5,))["0.5"]["precision"] is None
+
+    cands = {"1": [CandidateChunk([(0, 1), (1, 2)], ["carrying", "beneath"], [["carrying"], ["beneath", "carrying"]])]}
+    assert candidate_quality(cands, truth, canonical_predicate) == {
+        "predicted": 3, "correct": 1, "true": 3, "precision": 0.3333, "recall": 0.3333}

@@ -1,4 +1,5 @@
-"""`rlipv2 data caption | parse | tag | pseudo-label`: relational pseudo-labelling of detection shards.
+"""`rlipv2 data caption | parse | tag | pseudo-label`: relational pseudo-labelling of detection shards;
+`rlipv2 data train-tagger | export-tagger`: the Relation Tagger that `tag` runs.
 
 Model stages run once per rank: under torchrun / SLURM each process takes its share from RANK and
 WORLD_SIZE, and a rerun continues where the last one stopped.
@@ -6,7 +7,6 @@ WORLD_SIZE, and a rerun continues where the last one stopped.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 
@@ -59,8 +59,10 @@ def _parse(args: argparse.Namespace) -> int:
         table = ParaphraseTable(NAME_PARAPHRASES)
     else:
         table = load_table(args.paraphrases)
-    stats = parse_shards(args.shards, args.captions, make_parser(table, args.parser), args.out, args.chunk_size)
-    print(json.dumps(stats.as_dict(top=10)))
+    parse_shards(args.shards, args.captions, make_parser(table, args.parser), args.out, args.chunk_size)
+    from rlipv2_scale.data.pseudo.pipeline import PARSE_STATS_FILE
+
+    print((Path(args.out) / PARSE_STATS_FILE).read_text())
     return 0
 
 
@@ -95,7 +97,9 @@ def _tag(args: argparse.Namespace) -> int:
     cfg = TagConfig(keep_threshold=args.keep_threshold, top_k_per_pair=args.top_k, deduplicate=not args.no_dedup)
     summary = tag_shards(args.shards, args.candidates, scorer, args.out, cfg, rank=rank, world_size=world)
     print(f"tagged {summary.tagged} images ({summary.already_done} already done, {summary.without_candidates} "
-          f"without candidates): {summary.relations} relations ≥ {args.keep_threshold} → {args.out}")
+          f"without candidates, {len(summary.failed_to_decode)} failed to decode"
+          + (f", e.g. {summary.failed_to_decode[:3]}" if summary.failed_to_decode else "")
+          + f"): {summary.relations} relations ≥ {args.keep_threshold} → {args.out}")
     return 0
 
 
@@ -106,6 +110,40 @@ def _pseudo_label(args: argparse.Namespace) -> int:
     print(summary.format())
     print("relations per threshold: " + ", ".join(f"≥{k}: {v}" for k, v in rep["relations_per_threshold"].items()))
     print("top predicates: " + ", ".join(f"{p} ({n})" for p, n in rep["top_predicates"][:10]))
+    return 0
+
+
+def _train_tagger(args: argparse.Namespace) -> int:
+    from rlipv2_scale.data.pseudo.tagger_training import load_tagger_run_config, train_tagger
+
+    later, overrides = _train_options().parse_known_args(args.overrides)
+    unknown = [o for o in overrides if o.startswith("--")]
+    if unknown:
+        raise UserError(f"rlipv2 data train-tagger: unknown option(s) {unknown}; options are --nproc N and "
+                        f"--resume auto|PATH")
+    nproc = later.nproc if later.nproc != 1 else args.nproc
+    resume = later.resume or args.resume
+    cfg = load_tagger_run_config(args.recipe, overrides)   # bad recipes fail here, before any launch
+    if nproc > 1 and "RANK" not in os.environ:
+        from rlipv2_scale.train.launch import spawn_local
+
+        argv = ["data", "train-tagger", str(args.recipe), *overrides] + (["--resume", resume] if resume else [])
+        return spawn_local(nproc, argv, cfg.run.path)
+    return train_tagger(cfg, resume=resume)
+
+
+def _train_options() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--nproc", type=int, default=1, help="start N local ranks through torchrun")
+    p.add_argument("--resume", metavar="auto|PATH", help="auto: the run directory's latest checkpoint; or a path")
+    return p
+
+
+def _export_tagger(args: argparse.Namespace) -> int:
+    from rlipv2_scale.data.pseudo.tagger_training import export_tagger
+
+    out = export_tagger(args.run, args.out)
+    print(f"exported the tagger of {args.run} to {out} (use it with `rlipv2 data tag --checkpoint {out}`)")
     return 0
 
 
@@ -150,3 +188,16 @@ def register(tree) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--dataset", default="coco2017", help="the `dataset` field of the JSON (coco2017, o365, ...)")
     p.add_argument("--threshold", type=float, default=0.2, help="confidence kept in the shards (training)")
+
+    p = tree.group_command("data", "train-tagger", "train the Relation Tagger from a tagger recipe (recipes/tagger/)",
+                           _train_tagger)
+    for action in _train_options()._actions:
+        p._add_action(action)
+    p.add_argument("recipe", type=Path, help="e.g. recipes/tagger/vg_r50.yaml")
+    p.add_argument("overrides", nargs=argparse.REMAINDER, metavar="key=value",
+                   help="recipe overrides, e.g. tagger.box_noise=0.6 train.max_steps=10")
+
+    p = tree.group_command("data", "export-tagger", "a Tagger run's latest checkpoint → a folder for `data tag`",
+                           _export_tagger)
+    p.add_argument("run", type=Path, help="the run directory (or a checkpoints/step_* directory)")
+    p.add_argument("out", type=Path, help="output folder (model.yaml + model.safetensors)")

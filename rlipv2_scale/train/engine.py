@@ -85,8 +85,9 @@ class _StopSignal:
 class Trainer:
     def __init__(self, cfg: RunConfig, info: DistInfo, model: nn.Module, criterion: nn.Module,
                  loader: ResumableLoader, *, resume: str | None = None, evaluator: Evaluator | None = None,
-                 stop: _StopSignal | None = None):
+                 stop: _StopSignal | None = None, forward: Callable[[nn.Module, torch.Tensor, Batch], dict] | None = None):
         self.cfg, self.info, self.criterion, self.loader, self.evaluator = cfg, info, criterion, loader, evaluator
+        self.forward = forward or rlipv2_forward
         self.run_dir = cfg.run.path
         self.is_main = info.rank == 0
         self.stop = stop or _StopSignal()
@@ -187,7 +188,7 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def _forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         images = batch.images.to(torch.bfloat16) if self.bf16 else batch.images
-        outputs = self.engine(images, batch.pixel_mask, batch.obj_texts, batch.rel_texts)
+        outputs = self.forward(self.engine, images, batch)
         # Matching and losses in fp32 whatever the compute dtype.
         with torch.autocast(self.info.device.type, enabled=False):
             return self.criterion(_to_fp32(outputs), batch.targets)
@@ -353,11 +354,18 @@ class Trainer:
                   + f" at step {self.step}", flush=True)
 
 
+def rlipv2_forward(engine: nn.Module, images: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
+    """The RLIPv2 call contract; a model that needs more of the batch (the Relation Tagger: the
+    given pairs) brings its own `Parts.forward`."""
+    return engine(images, batch.pixel_mask, batch.obj_texts, batch.rel_texts)
+
+
 class Parts(NamedTuple):
     model: nn.Module
     criterion: nn.Module
     loader: ResumableLoader
     evaluator: Evaluator | None = None
+    forward: Callable[[nn.Module, torch.Tensor, Batch], dict] = rlipv2_forward
 
 
 Builder = Callable[[RunConfig, DistInfo], Parts]
@@ -421,7 +429,7 @@ def run(cfg: RunConfig, resume: str | None = None, build: Builder = build_rlipv2
         parts = build(cfg, info)
         set_seed(cfg.train.seed + info.rank)        # distinct dropout / sampling per rank (reference §5.1)
         trainer = Trainer(cfg, info, parts.model, parts.criterion, parts.loader, resume=resume,
-                          evaluator=parts.evaluator, stop=stop)
+                          evaluator=parts.evaluator, stop=stop, forward=parts.forward)
         return trainer.fit()
     finally:
         stop.restore()

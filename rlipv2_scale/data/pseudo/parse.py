@@ -46,6 +46,8 @@ class Mention:
 
 
 class CaptionParser(Protocol):
+    table: ParaphraseTable
+
     def parse(self, caption: str, classes: set[str]) -> list[Triplet]: ...
 
 

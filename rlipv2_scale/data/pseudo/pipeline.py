@@ -7,6 +7,7 @@ resumable and sharded over ranks where it runs a model (captioning, tagging).
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -42,12 +43,15 @@ def parse_shards(shards: str | Path, captions_dir: str | Path, parser: CaptionPa
         raise UserError(f"no captions found in {captions_dir}; run `rlipv2 data caption` first")
     stats = ParseStats()
     candidates: dict[str, list] = {}
-    no_candidates = 0
+    no_candidates = no_captions = 0
+    unmatched: Counter = Counter()      # object instances whose class has no paraphrase list
     for rec in iter_records(shards):
         caps = captions.get(str(rec.image.id))
-        if caps is None:
+        if caps is None:                # not captioned (failed to decode, or captioning unfinished)
+            no_captions += 1
             continue
         names = [o.name for o in rec.objects]
+        unmatched.update(parser.table.missing(names))
         triplets = image_triplets(caps, set(names), parser, stats)
         chunks = build_candidates(names, triplets, chunk_size)
         if chunks:
@@ -59,6 +63,8 @@ def parse_shards(shards: str | Path, captions_dir: str | Path, parser: CaptionPa
     (out_dir / CANDIDATES_FILE).write_text(json.dumps(candidates))
     summary = stats.as_dict()
     summary.update(images_with_candidates=len(candidates), images_without_candidates=no_candidates,
+                   images_without_captions=no_captions,
+                   classes_without_paraphrases=dict(unmatched.most_common()),
                    pairs=sum(len(c[0]) for chunks in candidates.values() for c in chunks))
     (out_dir / PARSE_STATS_FILE).write_text(json.dumps(summary, indent=1))
     return stats

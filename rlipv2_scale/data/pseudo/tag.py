@@ -21,6 +21,7 @@ import numpy as np
 from rlipv2_scale.data.pseudo.candidates import CandidateChunk
 from rlipv2_scale.data.pseudo.jsonl import done_ids, rank_file, read_rows
 from rlipv2_scale.data.schema import ImageInfo, Object, RelationalRecord, Relation
+from rlipv2_scale.errors import DataError
 
 OBJECT_ID_BASE = 10_000_000      # the original numbers objects and relationships from here
 
@@ -79,6 +80,7 @@ class TagRunSummary:
     already_done: int = 0
     without_candidates: int = 0
     relations: int = 0
+    failed_to_decode: list = field(default_factory=list)    # (image id, reason): not written, retried on a rerun
 
 
 def run_tagging(items: Iterable[tuple[RelationalRecord, list[CandidateChunk]]], scorer: PairScorer,
@@ -98,7 +100,11 @@ def run_tagging(items: Iterable[tuple[RelationalRecord, list[CandidateChunk]]], 
             if str(record.image.id) in done:
                 summary.already_done += 1
                 continue
-            rels = tag_image(record, chunks, scorer, cfg) if chunks else []
+            try:
+                rels = tag_image(record, chunks, scorer, cfg) if chunks else []
+            except DataError as exc:          # a corrupt image: counted and reported, the run goes on
+                summary.failed_to_decode.append((record.image.id, str(exc)))
+                continue
             summary.without_candidates += not chunks
             row = {"image_id": record.image.id, "record": record.annotation(),
                    "relations": [r.__dict__ for r in rels]}
