@@ -296,18 +296,18 @@ def test_bad_arguments_are_user_errors(kwargs, match):
 
 def test_demo_data_steps(tmp_path):
     from rlipv2_scale.data.shards import iter_records
-    from rlipv2_scale.demo import DemoPlan, run_demo
+    from rlipv2_scale.demo import DemoPlan, prepare_data
 
     lines: list[str] = []
-    summary = run_demo(tmp_path / "demo", plan=DemoPlan(train_images=6, val_images=3, test_images=5), log=lines.append,
-                       workers=1)
+    plan = DemoPlan(train_images=6, val_images=3, test_images=5, steps=1, eval_every=1)
+    summary = prepare_data(tmp_path / "demo", plan, log=lines.append, workers=1)
     for split, n in (("train", 6), ("val", 3), ("test", 5)):
         assert summary["shards"][split]["images"] == n and summary["shards"][split]["skipped"] == {}
         records = list(iter_records(tmp_path / "demo" / "shards" / split))
         scene = SyntheticWorld(0, split).scene(0)
         assert len(records) == n and records[0].image.split == split
         assert [o.box for o in records[0].objects] == [o.box for o in scene.objects]
-    assert any(line.startswith("[3/3]") for line in lines)
+    assert any(line.startswith("[2/5]") for line in lines) and (tmp_path / "demo" / "tokenizer").is_dir()
     assert json.loads((tmp_path / "demo" / "data_summary.json").read_text())["plan"]["train_images"] == 6
 
 

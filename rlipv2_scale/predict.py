@@ -1,0 +1,115 @@
+"""Open-vocabulary relation detection on any images: load a trained model, run it against label
+texts the caller chooses, draw what it finds (`rlipv2 predict`).
+
+A model comes from a model directory (`model.yaml` + `model.safetensors`, as `rlipv2 demo` and
+`rlipv2 import-checkpoint` write them) or from a training run / checkpoint directory (its
+`config.yaml` and DeepSpeed shards, gathered in this process).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from rlipv2_scale.errors import UserError
+from rlipv2_scale.eval.label_space import LabelSpace
+from rlipv2_scale.models.postprocess import PostProcess
+
+
+def load_model(path: str | Path) -> torch.nn.Module:
+    """A model in eval mode from a model directory, a training checkpoint or a run directory."""
+    from rlipv2_scale.models.original import CONFIG_FILE, load_model_dir
+
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"checkpoint '{path}' does not exist")
+    if (path / CONFIG_FILE).is_file():
+        return load_model_dir(path)
+    from rlipv2_scale.models.rlipv2 import build_model
+    from rlipv2_scale.train import checkpoint as ckpt_io
+    from rlipv2_scale.train.config import load_run_config
+
+    ckpt = ckpt_io.resolve_resume(str(path), path)
+    assert ckpt is not None
+    cfg = load_run_config(ckpt / "config.yaml")
+    model = build_model(cfg.model, pretrained=False)
+    ckpt_io.load_strict(model, ckpt_io.gathered_state_dict(ckpt), str(ckpt))
+    return model.eval()
+
+
+def parse_labels(text: str, what: str) -> list[str]:
+    """"a, b ,c" -> ["a", "b", "c"]; empty or repeated labels are errors."""
+    labels = [t.strip() for t in text.split(",")]
+    if not all(labels):
+        raise UserError(f"--{what}: empty label in {text!r}; give comma-separated texts like 'person,cup'")
+    if len(set(labels)) != len(labels):
+        raise UserError(f"--{what}: repeated label in {text!r}")
+    return labels
+
+
+def open_label_space(objects: Sequence[str], relations: Sequence[str]) -> LabelSpace:
+    """Any subject, every relation allowed with every object (nothing known about the texts)."""
+    return LabelSpace(objects=tuple(objects), verbs=tuple(relations), valid=np.ones((len(relations), len(objects))),
+                      subject_index=None, name="open")
+
+
+@dataclass
+class ImagePrediction:
+    path: Path
+    prediction: dict          # community HICO-DET prediction form
+
+
+def predict_images(model: torch.nn.Module, paths: Sequence[str | Path], objects: Sequence[str],
+                   relations: Sequence[str], *, eval_size: int = 128, max_size: int = 1333,
+                   batch_size: int = 4) -> list[ImagePrediction]:
+    """Relations among `objects` (any subject class) on each image, ranked by score."""
+    from rlipv2_scale.eval.triplet_nms import TripletNMS
+    from rlipv2_scale.inference import RelationImages, predict
+
+    paths = [Path(p) for p in paths]
+    for p in paths:
+        if not p.is_file():
+            raise UserError(f"image '{p}' does not exist")
+        try:
+            with Image.open(p) as im:
+                im.verify()
+        except Exception as exc:  # PIL raises many types for unreadable files
+            raise UserError(f"image '{p}' cannot be read ({exc}); give JPEG or PNG files") from None
+    space = open_label_space(objects, relations)
+    post = PostProcess(mode="sgg", valid=space.valid, top_k=100, nms=TripletNMS())
+    entries = [{"file_name": p.name} for p in paths]
+    by_dir: dict[Path, list[int]] = {}
+    for i, p in enumerate(paths):
+        by_dir.setdefault(p.parent, []).append(i)
+    results: list[ImagePrediction | None] = [None] * len(paths)
+    for folder, idx in by_dir.items():
+        dataset = RelationImages([entries[i] for i in idx], folder, eval_size=eval_size, max_size=max_size)
+        preds = predict(model, dataset, space, post, batch_size=batch_size, progress=False)
+        assert preds is not None
+        for i, pred in zip(idx, preds):
+            results[i] = ImagePrediction(paths[i], pred)
+    return [r for r in results if r is not None]
+
+
+def draw_predictions(preds: Sequence[ImagePrediction], objects: Sequence[str], relations: Sequence[str],
+                     out_dir: str | Path, *, threshold: float = 0.3, top: int = 5, scale: int = 4) -> list[Path]:
+    """One `<stem>.png` per image in `out_dir` with its top triplets drawn; returns the files."""
+    from rlipv2_scale.visualize import draw_relations, top_triplets
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    space = open_label_space(objects, relations)
+    written = []
+    for p in preds:
+        triplets = top_triplets(p.prediction, space.objects, space.verbs, object_ids=space.object_ids,
+                                verb_ids=space.verb_ids, threshold=threshold, top=top)
+        with Image.open(p.path) as im:
+            picture = draw_relations(im, triplets, scale=scale)
+        target = out_dir / f"{p.path.stem}.png"
+        picture.save(target)
+        written.append(target)
+    return written
