@@ -1,4 +1,4 @@
-"""`rlipv2 scale plan`: what a recipe needs and costs on N GPUs, from a measured model."""
+"""`rlipv2 scale plan | sweep | report`: plan a run from a measured model, sweep recipe keys, report the curves."""
 from __future__ import annotations
 
 import argparse
@@ -37,6 +37,47 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from rlipv2_scale.scale.sweep import plan_sweep, render_slurm, run_local
+
+    axes = list(args.overrides)
+    base = list(args.set or [])
+    if args.slurm:
+        from rlipv2_scale.cluster.slurm import SlurmOptions
+
+        try:
+            opts = SlurmOptions(nodes=args.nodes, gpus_per_node=args.gpus_per_node, partition=args.partition,
+                                account=args.account, time=args.time, job_name=args.job_name)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        sweep = plan_sweep(args.recipe, axes, args.out, base, nodes=args.nodes, mode="slurm")
+        sweep = render_slurm(sweep, opts, submit=args.submit)
+        for job in sweep.jobs:
+            print(f"{job['nodes']} node(s): {job['script']}" + (f" submitted as job {job['job_id']}" if job["job_id"] else ""))
+        print(f"{len(sweep.runs)} run(s) indexed in {args.out}/sweep.json")
+        return 0
+    sweep = plan_sweep(args.recipe, axes, args.out, base, nproc=args.nproc, mode="local")
+    if args.dry_run:
+        for run in sweep.runs:
+            print(f"{run.name}: {' '.join(run.overrides)} --nproc {run.nproc}")
+        return 0
+    sweep = run_local(sweep, skip_completed=not args.rerun, stop_on_failure=args.stop_on_failure)
+    failed = [r.name for r in sweep.runs if r.status != "completed"]
+    print(f"{len(sweep.runs) - len(failed)}/{len(sweep.runs)} run(s) completed; index: {args.out}/sweep.json"
+          + (f"; failed: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from rlipv2_scale.scale.report import collect, find_plan, load_plan, write_report
+
+    runs, notes = collect(args.runs, allow_missing=args.allow_missing)
+    plan = load_plan(args.plan) if args.plan else find_plan(args.runs)
+    paths = write_report(runs, args.out, plan=plan, title=args.title, notes=notes)
+    print(f"{len(runs)} run(s) reported: " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
 def register(tree) -> None:
     p = tree.group_command("scale", "plan", "project memory, step time, throughput and GPU-hours of a recipe", _plan)
     p.add_argument("recipe")
@@ -49,3 +90,34 @@ def register(tree) -> None:
     p.add_argument("--images-per-epoch", type=int, help="default: the recipe's data.epoch_size")
     p.add_argument("--measure-at", choices=["extrapolate", "full"], default="extrapolate")
     p.add_argument("--out", help="folder for plan.json and the PNGs (default: RUN_DIR/plan)")
+
+    p = tree.group_command("scale", "sweep", "one training run per combination of recipe values, locally or as a "
+                                             "SLURM job array; indexed in OUT/sweep.json", _sweep)
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", metavar="key=v1,v2",
+                   help="axes to sweep (values split at top-level commas); pseudo-keys nproc (local ranks), "
+                        "nodes (SLURM)")
+    p.add_argument("--out", required=True, help="sweep directory: one run directory per combination + sweep.json")
+    p.add_argument("--set", action="append", metavar="key=value", help="override applied to every run (repeatable)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--local", action="store_true", help="run the combinations here, one after another (default)")
+    mode.add_argument("--slurm", action="store_true", help="render one SLURM job array per node count")
+    p.add_argument("--nproc", type=int, default=1, help="local ranks per run (unless nproc is swept)")
+    p.add_argument("--rerun", action="store_true", help="also rerun combinations that already completed")
+    p.add_argument("--stop-on-failure", action="store_true")
+    p.add_argument("--dry-run", action="store_true", help="validate and list the combinations, run nothing")
+    p.add_argument("--nodes", type=int, default=1, help="SLURM nodes per run (unless nodes is swept)")
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--partition")
+    p.add_argument("--account")
+    p.add_argument("--time", help="SLURM time limit per run, e.g. 2-00:00:00")
+    p.add_argument("--job-name", default="rlipv2-sweep")
+    p.add_argument("--submit", action="store_true", help="sbatch the rendered arrays (default: render only)")
+
+    p = tree.group_command("scale", "report", "loss and validation mAP against images seen, images/s against ranks, "
+                                              "measured against planned: PNGs + report.md", _report)
+    p.add_argument("runs", nargs="+", help="sweep directories (sweep.json) and/or run directories (metrics.jsonl)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--plan", help="plan.json of `rlipv2 scale plan` (default: one found next to the runs)")
+    p.add_argument("--title", default="Scaling report")
+    p.add_argument("--allow-missing", action="store_true", help="report a sweep whose runs did not all write metrics")

@@ -9,15 +9,14 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 
 def count_flops(step: Callable[[], torch.Tensor]) -> int:
-    """FLOPs of `step()` (forward returning a scalar loss) plus its backward."""
-    with FlopCounterMode(display=False) as counter:
-        loss = step()
-        loss.backward()
-    return int(counter.get_total_flops())
+    """FLOPs of `step()` (forward returning a scalar loss) plus its backward, counted as the trainer
+    counts them (`train.telemetry.count_flops`)."""
+    from rlipv2_scale.train.telemetry import count_flops as count
+
+    return count(lambda: step().backward())
 
 
 def activation_bytes(step: Callable[[], torch.Tensor], exclude: list[torch.Tensor] | None = None) -> int:

@@ -1,0 +1,254 @@
+"""Sweeps over recipe keys: one training run per combination, locally or as a SLURM job array.
+
+`key=v1,v2` axes multiply out into combinations; values are split at top-level commas only, so a
+value may be a YAML list or mapping (`data.sources=[{name: a, local: x}],[{name: b, local: y}]`).
+The pseudo-key `nproc` sweeps the number of local ranks (`rlipv2 train --nproc`), `nodes` the number
+of SLURM nodes (one job array per node count); every other key is a recipe key, and every
+combination is validated against the recipe schema before anything runs.
+
+The sweep directory holds one run directory per combination and `sweep.json`, the index that
+`rlipv2 scale report` reads: the recipe, the axes, and per run its name, directory, overrides,
+ranks, status and wall time. Local sweeps rewrite it after each run, and skip runs that already
+completed, so an interrupted sweep continues where it stopped.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from rlipv2_scale.errors import UserError
+
+INDEX = "sweep.json"
+PSEUDO_KEYS = ("nproc", "nodes")
+_CLOSE = {"[": "]", "{": "}"}
+
+
+def split_values(text: str) -> list[str]:
+    """`a,[1, 2],{x: 1, y: 2}` → `["a", "[1, 2]", "{x: 1, y: 2}"]`: commas inside brackets or quotes stay."""
+    values, depth, quote, start = [], [], None, 0
+    for i, c in enumerate(text):
+        if quote:
+            quote = None if c == quote else quote
+        elif c in "'\"":
+            quote = c
+        elif c in _CLOSE:
+            depth.append(_CLOSE[c])
+        elif depth and c == depth[-1]:
+            depth.pop()
+        elif c in "]}":
+            raise UserError(f"sweep values '{text}': unbalanced '{c}'")
+        elif c == "," and not depth:
+            values.append(text[start:i].strip())
+            start = i + 1
+    if depth or quote:
+        raise UserError(f"sweep values '{text}': unclosed bracket or quote")
+    values.append(text[start:].strip())
+    return [v for v in values if v]
+
+
+@dataclass(frozen=True)
+class Axis:
+    key: str
+    values: list[str]
+
+
+def parse_axes(items: list[str]) -> list[Axis]:
+    axes = []
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or not raw:
+            raise UserError(f"sweep axis '{item}' is not of the form key=v1,v2,... (e.g. model.alif.fusion=none,last_level)")
+        values = split_values(raw)
+        if key in PSEUDO_KEYS and not all(v.isdigit() and int(v) > 0 for v in values):
+            raise UserError(f"sweep axis '{item}': {key} takes positive integers")
+        if key in (a.key for a in axes):
+            raise UserError(f"sweep axis '{key}' is given twice; list all its values in one key=v1,v2")
+        axes.append(Axis(key, values))
+    if not axes:
+        raise UserError("a sweep needs at least one key=v1,v2 axis")
+    return axes
+
+
+def combinations(axes: list[Axis]) -> list[dict[str, str]]:
+    """Cross product of the axes, the first axis varying slowest."""
+    return [dict(zip([a.key for a in axes], combo)) for combo in itertools.product(*[a.values for a in axes])]
+
+
+def run_name(index: int, combo: dict[str, str]) -> str:
+    """`03_fusion-none_nproc-2`: the index keeps names unique, the rest keeps them readable."""
+    parts = []
+    for key, value in combo.items():
+        if re.search(r"[\[{/]", value):      # a list, mapping or path: its last word (a folder's name)
+            value = (re.findall(r"[A-Za-z0-9._-]+", value) or ["x"])[-1]
+        short = re.sub(r"[^A-Za-z0-9._]+", "-", value).strip("-")[:24] or "x"
+        parts.append(f"{key.split('.')[-1]}-{short}")
+    return f"{index:02d}_" + "_".join(parts)
+
+
+@dataclass
+class SweepRun:
+    name: str
+    run_dir: str
+    overrides: list[str]                 # the combination's recipe overrides (not the base ones)
+    values: dict[str, str]               # axis → value, pseudo-keys included
+    nproc: int = 1                       # ranks per node
+    nodes: int = 1
+    status: str = "pending"              # pending | completed | failed | rendered | submitted
+    returncode: int | None = None
+    seconds: float | None = None
+    cpu_seconds: float | None = None     # user + system time of the run's processes: independent of the machine's load
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc * self.nodes
+
+
+@dataclass
+class Sweep:
+    recipe: str
+    out: str
+    mode: str                            # local | slurm
+    axes: list[dict]
+    base_overrides: list[str]
+    runs: list[SweepRun]
+    jobs: list[dict] = field(default_factory=list)   # slurm: {"nodes", "script", "job_id"}
+
+    def save(self) -> Path:
+        path = Path(self.out) / INDEX
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=1) + "\n")
+        tmp.replace(path)
+        return path
+
+
+def load_sweep(path: str | os.PathLike) -> Sweep:
+    path = Path(path)
+    if path.is_dir():
+        path = path / INDEX
+    if not path.is_file():
+        raise UserError(f"'{path}' does not exist: run `rlipv2 scale sweep` first, or pass run directories")
+    try:
+        data = json.loads(path.read_text())
+        runs = [SweepRun(**r) for r in data.pop("runs")]
+        return Sweep(runs=runs, **data)
+    except (json.JSONDecodeError, TypeError, KeyError) as exc:
+        raise UserError(f"'{path}' is not a sweep index written by `rlipv2 scale sweep`: {exc}") from exc
+
+
+def plan_sweep(recipe: str | os.PathLike, axes_items: list[str], out: str | os.PathLike,
+               base_overrides: list[str] | None = None, nproc: int = 1, nodes: int = 1, mode: str = "local") -> Sweep:
+    """Expand and validate every combination (a bad key or value fails here, before any run)."""
+    from rlipv2_scale.train.config import load_run_config
+
+    base = list(base_overrides or [])
+    if any(o.split("=", 1)[0] == "run.dir" for o in base):
+        raise UserError("a sweep sets run.dir itself (OUT/<run name>): leave run.dir out of the overrides")
+    axes = parse_axes(axes_items)
+    if mode == "local" and any(a.key == "nodes" for a in axes):
+        raise UserError("the 'nodes' axis needs --slurm; sweep 'nproc' for local ranks")
+    if mode == "slurm" and any(a.key == "nproc" for a in axes):
+        raise UserError("the 'nproc' axis is for local sweeps; under --slurm sweep 'nodes' (ranks per node: --gpus-per-node)")
+    out = Path(out).resolve()
+    runs = []
+    for i, combo in enumerate(combinations(axes)):
+        overrides = [f"{k}={v}" for k, v in combo.items() if k not in PSEUDO_KEYS]
+        try:
+            load_run_config(recipe, base + overrides)
+        except (UserError, ValueError, TypeError) as exc:
+            raise UserError(f"sweep combination {combo} is not a valid run of '{recipe}': {exc}") from exc
+        name = run_name(i, combo)
+        runs.append(SweepRun(name=name, run_dir=str(out / name), overrides=overrides, values=combo,
+                             nproc=int(combo.get("nproc", nproc)), nodes=int(combo.get("nodes", nodes))))
+    return Sweep(recipe=str(Path(recipe).resolve()), out=str(out), mode=mode,
+                 axes=[{"key": a.key, "values": a.values} for a in axes], base_overrides=base, runs=runs)
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)   # waited-for descendants: torchrun and its ranks
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_local(sweep: Sweep, skip_completed: bool = True, stop_on_failure: bool = False,
+              env: dict[str, str] | None = None, log=print) -> Sweep:
+    """Each combination as `rlipv2 train RECIPE ... run.dir=OUT/<name> --nproc N`, one after another
+    (a run gets the whole machine, so that its throughput is its own); output in `<run>/train.log`."""
+    from rlipv2_scale.train.launch import COMPLETED_MARKER
+
+    Path(sweep.out).mkdir(parents=True, exist_ok=True)
+    index = Path(sweep.out) / INDEX
+    earlier = {r.run_dir: r for r in load_sweep(index).runs} if index.is_file() else {}
+    sweep.save()
+    for run in sweep.runs:
+        run_dir = Path(run.run_dir)
+        if skip_completed and (run_dir / COMPLETED_MARKER).is_file():
+            if run.run_dir in earlier:      # keep what the run that completed it measured
+                run.seconds, run.cpu_seconds = earlier[run.run_dir].seconds, earlier[run.run_dir].cpu_seconds
+                run.returncode = earlier[run.run_dir].returncode
+            run.status = "completed"
+            log(f"[{run.name}] already completed, skipped")
+            continue
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "rlipv2_scale.cli", "train", sweep.recipe, *sweep.base_overrides, *run.overrides,
+               f"run.dir={run_dir}", "--nproc", str(run.nproc)]
+        log(f"[{run.name}] rlipv2 {' '.join(cmd[3:])}")
+        t0, cpu0 = time.perf_counter(), _children_cpu()
+        with (run_dir / "train.log").open("w") as out:
+            proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        run.seconds = round(time.perf_counter() - t0, 2)
+        run.cpu_seconds = round(_children_cpu() - cpu0, 2)
+        run.returncode = proc.returncode
+        run.status = "completed" if proc.returncode == 0 and (run_dir / COMPLETED_MARKER).is_file() else "failed"
+        log(f"[{run.name}] {run.status} in {run.seconds:.0f} s"
+            + ("" if run.status == "completed" else f" (exit {proc.returncode}; see {run_dir / 'train.log'})"))
+        sweep.save()
+        if run.status == "failed" and stop_on_failure:
+            break
+    sweep.save()
+    return sweep
+
+
+def render_slurm(sweep: Sweep, opts, submit: bool = False) -> Sweep:
+    """One SLURM job array per node count through `cluster/slurm.py` (array index i → run i of the
+    node count's combinations, in `<sweep>/nodes-<n>/<i>`); with `submit`, sbatch each."""
+    from dataclasses import replace
+
+    from rlipv2_scale.cluster import slurm
+
+    by_nodes: dict[int, list[SweepRun]] = {}
+    for run in sweep.runs:
+        by_nodes.setdefault(run.nodes, []).append(run)
+    recipe_axes = [a for a in sweep.axes if a["key"] not in PSEUDO_KEYS]
+    items = [f"{a['key']}={','.join(a['values'])}" for a in recipe_axes]
+    for a in recipe_axes:
+        # The job array's sweep file splits values at every comma: values holding commas need a
+        # recipe file per value instead.
+        if slurm.expand_sweep([f"x={','.join(a['values'])}"]) != [[f"x={v}"] for v in a["values"]]:
+            raise UserError(f"sweep axis '{a['key']}' has values with commas, which a SLURM job array cannot pass; "
+                            f"put each value in a recipe of its own and sweep over recipes one by one")
+    for nodes, runs in by_nodes.items():
+        job_dir = Path(sweep.out) / f"nodes-{nodes}"
+        script, path = slurm.render_job(sweep.recipe, replace(opts, nodes=nodes), overrides=sweep.base_overrides,
+                                        sweep=items or None, run_dir=job_dir)
+        expected = slurm.expand_sweep(items) if items else [[]]
+        for i, (run, combo) in enumerate(zip(runs, expected)):
+            assert run.overrides == combo, (run.overrides, combo)   # the array's order is ours
+            run.run_dir = str(job_dir / str(i)) if items else str(job_dir)
+            run.nproc = opts.ranks_per_node
+            run.status = "rendered"
+        job = {"nodes": nodes, "script": str(path), "job_id": None}
+        if submit:
+            job["job_id"] = slurm.submit(path)
+            for run in runs:
+                run.status = "submitted"
+        sweep.jobs.append(job)
+    Path(sweep.out).mkdir(parents=True, exist_ok=True)
+    sweep.save()
+    return sweep
