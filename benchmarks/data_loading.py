@@ -40,7 +40,6 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.io import encode_jpeg
 
 from rlipv2_scale.config import from_dict
-from rlipv2_scale.data.batch import NO_OBJECTS
 from rlipv2_scale.data.config import DataConfig, TransformConfig
 from rlipv2_scale.data.labels import LabelVocabulary, build_label_sequence
 from rlipv2_scale.data.schema import ImageInfo, Object, RelationalRecord, Relation

@@ -1,11 +1,9 @@
 """SLURM jobs: rendering and submit-time validation here; a live one-node cluster in test_cluster_live."""
-import stat
-
 import pytest
 
 from rlipv2_scale.cli import main
 from rlipv2_scale.cluster.slurm import SlurmOptions, expand_sweep, render_job
-from rlipv2_scale.errors import ConfigError, UserError
+from rlipv2_scale.errors import ConfigError
 
 
 @pytest.fixture

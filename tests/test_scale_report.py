@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from rlipv2_scale.errors import UserError
-from rlipv2_scale.scale.report import collect, planned_rate, scaling_table, summarise_run, write_report
+from rlipv2_scale.scale.report import collect, planned_rate, scaling_table, summarise_run
 from rlipv2_scale.scale.sweep import Sweep, SweepRun
 
 
