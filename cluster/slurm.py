@@ -19,7 +19,7 @@ from pathlib import Path
 
 import jinja2
 
-from rlipv2_scale.config import save_config
+from rlipv2_scale.config import save_config, split_values
 from rlipv2_scale.errors import UserError
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -89,7 +89,7 @@ def expand_sweep(sweep: list[str]) -> list[list[str]]:
         if "=" not in item:
             raise UserError(f"sweep '{item}' is not of the form key=v1,v2,...")
         key, values = item.split("=", 1)
-        axes.append([f"{key}={v}" for v in values.split(",") if v != ""])
+        axes.append([f"{key}={v}" for v in split_values(values)])
     return [list(combo) for combo in itertools.product(*axes)] if axes else []
 
 

@@ -152,6 +152,33 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
+_CLOSE = {"[": "]", "{": "}"}
+
+
+def split_values(text: str) -> list[str]:
+    """`a,[1, 2],{x: 1, y: 2}` → `["a", "[1, 2]", "{x: 1, y: 2}"]`: a list of override values (sweeps);
+    commas inside brackets or quotes stay."""
+    values, depth, quote, start = [], [], None, 0
+    for i, c in enumerate(text):
+        if quote:
+            quote = None if c == quote else quote
+        elif c in "'\"":
+            quote = c
+        elif c in _CLOSE:
+            depth.append(_CLOSE[c])
+        elif depth and c == depth[-1]:
+            depth.pop()
+        elif c in "]}":
+            raise ConfigError(f"values '{text}': unbalanced '{c}'")
+        elif c == "," and not depth:
+            values.append(text[start:i].strip())
+            start = i + 1
+    if depth or quote:
+        raise ConfigError(f"values '{text}': unclosed bracket or quote")
+    values.append(text[start:].strip())
+    return [v for v in values if v]
+
+
 def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in update.items():

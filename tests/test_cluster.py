@@ -47,6 +47,8 @@ def test_sweep_becomes_a_job_array(recipe):
     assert expand_sweep(["train.max_steps=2,4", "model.alif.fusion=none,last_level"]) == [
         ["train.max_steps=2", "model.alif.fusion=none"], ["train.max_steps=2", "model.alif.fusion=last_level"],
         ["train.max_steps=4", "model.alif.fusion=none"], ["train.max_steps=4", "model.alif.fusion=last_level"]]
+    assert expand_sweep(["optim.betas=[0.9, 0.99],[0.9, 0.999]"]) == [["optim.betas=[0.9, 0.99]"],
+                                                                     ["optim.betas=[0.9, 0.999]"]]
     script, path = render_job(recipe, SlurmOptions(gpus_per_node=0), sweep=["train.max_steps=2,4"])
     assert "#SBATCH --array=0-1" in script
     assert (path.parent / "sweep.txt").read_text() == "train.max_steps=2\ntrain.max_steps=4\n"

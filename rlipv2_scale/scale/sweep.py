@@ -24,34 +24,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from rlipv2_scale.config import split_values
 from rlipv2_scale.errors import UserError
 
 INDEX = "sweep.json"
 PSEUDO_KEYS = ("nproc", "nodes")
-_CLOSE = {"[": "]", "{": "}"}
-
-
-def split_values(text: str) -> list[str]:
-    """`a,[1, 2],{x: 1, y: 2}` → `["a", "[1, 2]", "{x: 1, y: 2}"]`: commas inside brackets or quotes stay."""
-    values, depth, quote, start = [], [], None, 0
-    for i, c in enumerate(text):
-        if quote:
-            quote = None if c == quote else quote
-        elif c in "'\"":
-            quote = c
-        elif c in _CLOSE:
-            depth.append(_CLOSE[c])
-        elif depth and c == depth[-1]:
-            depth.pop()
-        elif c in "]}":
-            raise UserError(f"sweep values '{text}': unbalanced '{c}'")
-        elif c == "," and not depth:
-            values.append(text[start:i].strip())
-            start = i + 1
-    if depth or quote:
-        raise UserError(f"sweep values '{text}': unclosed bracket or quote")
-    values.append(text[start:].strip())
-    return [v for v in values if v]
 
 
 @dataclass(frozen=True)
@@ -227,12 +204,6 @@ def render_slurm(sweep: Sweep, opts, submit: bool = False) -> Sweep:
         by_nodes.setdefault(run.nodes, []).append(run)
     recipe_axes = [a for a in sweep.axes if a["key"] not in PSEUDO_KEYS]
     items = [f"{a['key']}={','.join(a['values'])}" for a in recipe_axes]
-    for a in recipe_axes:
-        # The job array's sweep file splits values at every comma: values holding commas need a
-        # recipe file per value instead.
-        if slurm.expand_sweep([f"x={','.join(a['values'])}"]) != [[f"x={v}"] for v in a["values"]]:
-            raise UserError(f"sweep axis '{a['key']}' has values with commas, which a SLURM job array cannot pass; "
-                            f"put each value in a recipe of its own and sweep over recipes one by one")
     for nodes, runs in by_nodes.items():
         job_dir = Path(sweep.out) / f"nodes-{nodes}"
         script, path = slurm.render_job(sweep.recipe, replace(opts, nodes=nodes), overrides=sweep.base_overrides,
