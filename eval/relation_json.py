@@ -135,6 +135,18 @@ def _integral(x: np.ndarray) -> bool:
     return bool(np.isfinite(x).all() and (x == np.round(x)).all())
 
 
+def _validate_relations(entry: dict, name: str, role: str, rel_key: str, n_boxes: int, space: LabelSpace) -> list:
+    """Per-field checks of an entry's relation list (subject / object ids, verb ids); returns it."""
+    rels = entry.get(rel_key, [])
+    if not isinstance(rels, list):
+        raise UserError(f"{role} for image {name!r}: {rel_key!r} must be a list")
+    for key in ("subject_id", "object_id"):
+        _check_range(_int_column(rels, key, name, role, rel_key), n_boxes, name, role, rel_key, key)
+    _ids_to_index(_int_column(rels, "category_id", name, role, rel_key), space.id_lookup("verb"),
+                  name, role, rel_key, "verb")
+    return rels
+
+
 def _validate_gt_entry(i: int, entry, space: LabelSpace, rel_key: str) -> None:
     """Slow, per-field checks: run only to name the culprit once the fast path has failed."""
     name = entry.get("file_name") if isinstance(entry, dict) else None
@@ -144,14 +156,7 @@ def _validate_gt_entry(i: int, entry, space: LabelSpace, rel_key: str) -> None:
     _boxes(anns, name, "ground truth", "annotations")
     _ids_to_index(_int_column(anns, "category_id", name, "ground truth", "annotations"), space.id_lookup("object"),
                   name, "ground truth", "annotations", "object")
-    rels = entry.get(rel_key, [])
-    if not isinstance(rels, list):
-        raise UserError(f"ground truth for image {name!r}: {rel_key!r} must be a list")
-    for key in ("subject_id", "object_id"):
-        _check_range(_int_column(rels, key, name, "ground truth", rel_key), len(anns), name, "ground truth",
-                     rel_key, key)
-    _ids_to_index(_int_column(rels, "category_id", name, "ground truth", rel_key), space.id_lookup("verb"),
-                  name, "ground truth", rel_key, "verb")
+    _validate_relations(entry, name, "ground truth", rel_key, len(anns), space)
 
 
 def load_ground_truth(entries: list[dict], space: LabelSpace, rel_key: str = "hoi_annotation") -> GroundTruth:
@@ -252,14 +257,7 @@ def _raw_candidates(entry: dict, name: str, cats: np.ndarray, space: LabelSpace,
 def _validate_pred_entry(entry: dict, name: str, space: LabelSpace, rel_key: str) -> None:
     """Slow, per-field checks of one community-form entry, to name the culprit."""
     boxes, _ = _pred_boxes(entry, name, space)
-    rels = entry.get(rel_key, [])
-    if not isinstance(rels, list):
-        raise UserError(f"predictions for image {name!r}: {rel_key!r} must be a list")
-    for key in ("subject_id", "object_id"):
-        _check_range(_int_column(rels, key, name, "predictions", rel_key), len(boxes), name, "predictions",
-                     rel_key, key)
-    _ids_to_index(_int_column(rels, "category_id", name, "predictions", rel_key), space.id_lookup("verb"),
-                  name, "predictions", rel_key, "verb")
+    rels = _validate_relations(entry, name, "predictions", rel_key, len(boxes), space)
     for j, r in enumerate(rels):
         v = r.get("score")
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not np.isfinite(v):
