@@ -7,11 +7,11 @@ back, gated (a 0-dim gate: RLIPv2's "VXAc"; a per-channel vector: the Tagger's "
 scale) and added to the normalised inputs. Padded keys are masked; a query whose keys are all
 padded reads nothing (zero update, never NaN).
 
-Projections, gates and residuals are plain torch; only the attention core has a Triton kernel
-(`alif_triton.py`): the two directions are two masked attentions over the same Q/K pair with the
-roles of queries and keys swapped, so the vision direction keeps row log-sum-exps over labels and
-the language direction keeps row log-sum-exps of `A^T`, i.e. column log-sum-exps of `A` over
-image tokens; neither writes the logit matrix.
+This file holds the PyTorch reference; the Triton path (`alif_triton.py`) runs the whole block as
+one autograd function whose attention core is fused: the two directions are two masked
+attentions over the same Q/K pair with the roles of queries and keys swapped, so the vision
+direction keeps row log-sum-exps over labels and the language direction keeps row log-sum-exps
+of `A^T`, i.e. column log-sum-exps of `A` over image tokens; neither writes the logit matrix.
 """
 from __future__ import annotations
 
@@ -82,20 +82,18 @@ def alif_bi_attention(v: torch.Tensor, l: torch.Tensor, v_pos: torch.Tensor,
     probabilities applies only when `training` and autograd is enabled. Returns (v_new, l_new).
     """
     _check(v, l, v_pos, num_heads, w_q, v_pad_mask, l_pad_mask, dropout_p)
-    head_dim = w_q.shape[0] // num_heads
-    scale = head_dim ** -0.5
+    p = dropout_p if (training and torch.is_grad_enabled()) else 0.0
+    if resolve_backend(backend, v, l) == "triton":
+        from rlipv2_scale.kernels.alif_triton import fused_alif_block
+        return fused_alif_block(v, l, v_pos, w_q, b_q, w_k, b_k, w_vv, b_vv, w_vl, b_vl, w_ov, b_ov, w_ol, b_ol,
+                                gate_v, gate_l, num_heads, v_pad_mask, l_pad_mask, p)
+    scale = (w_q.shape[0] // num_heads) ** -0.5
     q = _heads(F.linear(v + v_pos, w_q, b_q), num_heads)
     k = _heads(F.linear(l, w_k, b_k), num_heads)
     vv = _heads(F.linear(v, w_vv, b_vv), num_heads)
     vl = _heads(F.linear(l, w_vl, b_vl), num_heads)
-    p = dropout_p if (training and torch.is_grad_enabled()) else 0.0
-    if resolve_backend(backend, v, l) == "torch":
-        out_v = attention_core_reference(q, k, vl, l_pad_mask, scale, p, training)
-        out_l = attention_core_reference(k, q, vv, v_pad_mask, scale, p, training)
-    else:
-        from rlipv2_scale.kernels.alif_triton import fused_attention
-        out_v = fused_attention(q, k, vl, l_pad_mask, scale, p)
-        out_l = fused_attention(k, q, vv, v_pad_mask, scale, p)
+    out_v = attention_core_reference(q, k, vl, l_pad_mask, scale, p, training)
+    out_l = attention_core_reference(k, q, vv, v_pad_mask, scale, p, training)
     v_new = v + gate_v * F.linear(_merge_heads(out_v), w_ov, b_ov)
     l_new = l + gate_l * F.linear(_merge_heads(out_l), w_ol, b_ol)
     return v_new, l_new

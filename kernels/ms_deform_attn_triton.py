@@ -136,7 +136,7 @@ def _launch_config(rows: int, images: int, backward: bool) -> tuple[int, int]:
         return 128, 4
     if backward or rows * images < (1 << 17):
         return 16, 4
-    return 32, 8
+    return 32, 4
 
 
 def _acc_dtype(dtype: torch.dtype):

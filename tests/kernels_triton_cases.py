@@ -18,7 +18,7 @@ triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
 from rlipv2_scale.kernels import alif_bi_attention, attention_core_reference, ms_deform_attn  # noqa: E402
-from rlipv2_scale.kernels.alif_triton import _keep, fused_attention  # noqa: E402
+from rlipv2_scale.kernels.alif_triton import _keep, fused_alif_block, fused_attention  # noqa: E402
 
 DEVICE = "cpu" if INTERPRETER else "cuda"
 needs_fp64_dot = pytest.mark.skipif(not INTERPRETER, reason="fp64 tl.dot is checked in the interpreter only")
@@ -236,6 +236,25 @@ def test_alif_bi_attention_triton_matches_torch_with_every_gradient(vector_gates
              "w_ov", "b_ov", "w_ol", "b_ol", "gate_v", "gate_l"]
     for name, g, w in zip(names, results[1], results[0]):
         assert rel_err(g, w) <= 1e-5, name
+
+
+@pytest.mark.parametrize("splits", [2, 3])
+def test_fused_alif_block_with_split_k_accumulates_both_directions(splits):
+    """Forced key splits: q and k gradients are then summed by atomics from both directions."""
+    gen = torch.Generator().manual_seed(13)
+    tensors, heads, v_pad, l_pad = _alif_case(gen, False)
+    v_pad, l_pad = on_device(v_pad, l_pad)
+    results = []
+    for run in ("reference", "fused"):
+        leaves = [t.to(DEVICE).requires_grad_() for t in tensors]
+        if run == "reference":
+            outs = alif_bi_attention(*leaves, heads, v_pad_mask=v_pad, l_pad_mask=l_pad, backend="torch")
+        else:
+            outs = fused_alif_block(*leaves, heads, v_pad, l_pad, splits=splits)
+        (outs[0].square().sum() + outs[1].sum()).backward()
+        results.append([t.cpu() for t in list(outs) + [t.grad for t in leaves]])
+    for i, (g, w) in enumerate(zip(results[1], results[0])):
+        assert rel_err(g, w) <= 1e-5, i
 
 
 def test_alif_triton_dropout_only_in_training():

@@ -25,7 +25,7 @@ from rlipv2_scale.kernels import alif_triton, ms_deform_attn_triton  # noqa: E40
 
 H100 = GPUTarget("cuda", 90, 32)
 SHARED_LIMIT = 227 * 1024
-FP32_POINTERS = ("lse_ptr", "delta_ptr", "dk_ptr", "dv_ptr", "dq_ptr", "gvalue_ptr", "gloc_ptr", "gattn_ptr")
+FP32_POINTERS = ("lse_ptr", "delta_ptr", "gvalue_ptr", "gloc_ptr", "gattn_ptr")
 TL_NAMES = {torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
@@ -45,7 +45,7 @@ def _signature(kernel, dtype_name: str, constexprs: dict) -> dict:
         elif name in ("scale", "dropout_p"):
             sig[name] = "fp32"
         else:
-            sig[name] = "i64" if re.fullmatch(r"s[qkvd][bhn]", name) else "i32"  # strides / sizes
+            sig[name] = "i64" if re.fullmatch(r"s[qkvdogh][bhns]", name) else "i32"  # strides / sizes
     return sig
 
 
@@ -79,12 +79,15 @@ def test_msda_kernels_fit_an_h100(dtype, backward, rows):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("name", ["_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"])
-def test_alif_attention_kernels_fit_an_h100_at_head_dim_256(dtype, name):
-    cfg = alif_triton._config(256, dtype)
+@pytest.mark.parametrize("kernel,name", [("fwd", "_attn_fwd_kernel"), ("dq", "_attn_bwd_dq_kernel"),
+                                         ("dkdv", "_attn_bwd_dkdv_kernel")])
+def test_alif_attention_kernels_fit_an_h100_at_head_dim_256(dtype, kernel, name):
+    cfg = alif_triton._config(256, dtype, kernel)
     warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
     flags = dict(HAS_MASK=True, DROPOUT=True)
-    if name != "_attn_fwd_kernel":
-        flags["ATOMIC"] = True
+    if kernel == "dq":
+        flags["MODE"] = alif_triton.ATOMIC
+    elif kernel == "dkdv":
+        flags.update(MODE_K=alif_triton.ADD, MODE_V=alif_triton.ATOMIC)
     shared, spills = _compile(getattr(alif_triton, name), dtype, {**flags, **cfg}, warps, stages)
     assert shared <= SHARED_LIMIT and spills == 0
