@@ -1,5 +1,6 @@
 """The Triton kernels compile for an H100 (sm_90) without a GPU, in the launch configurations the
-wrappers pick, and fit it: shared memory within the 227 KiB a block may use, no register spills.
+wrappers pick, and fit it: shared memory within the 227 KiB a block may use, no register spills
+(except the 16-bit ALIF tiles, chosen by measured time, whose small spills are bounded).
 
 This is what the interpreter cannot check (it runs the kernels as NumPy): typing of the real
 compiler, shared-memory and register budgets.
@@ -90,4 +91,7 @@ def test_alif_attention_kernels_fit_an_h100_at_head_dim_256(dtype, kernel, name)
     elif kernel == "dkdv":
         flags.update(MODE_K=alif_triton.ADD, MODE_V=alif_triton.ATOMIC)
     shared, spills = _compile(getattr(alif_triton, name), dtype, {**flags, **cfg}, warps, stages)
-    assert shared <= SHARED_LIMIT and spills == 0
+    assert shared <= SHARED_LIMIT  # more would fail at launch (OutOfResources)
+    # the 16-bit tiles were picked by measured time on a GPU, a few hundred bytes of spills
+    # included (bigger spill-free tiles were slower); a blow-up past that means a changed kernel
+    assert spills == 0 if dtype == torch.float32 else spills <= 2048
