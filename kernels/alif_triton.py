@@ -425,6 +425,7 @@ class FusedAlifBlock(torch.autograd.Function):
     about half the launches of the eager block, which is what bounds it at the original shape."""
 
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")  # under autocast, the backward runs under it too
     def forward(ctx, v, l, v_pos, w_q, b_q, w_k, b_k, w_vv, b_vv, w_vl, b_vl, w_ov, b_ov, w_ol, b_ol,
                 gate_v, gate_l, v_pad_mask, l_pad_mask, heads, dropout_p, splits):
         scale = (w_q.shape[0] // heads) ** -0.5
@@ -445,6 +446,7 @@ class FusedAlifBlock(torch.autograd.Function):
         return torch.addcmul(v, gate_v, y_v), torch.addcmul(l, gate_l, y_l)
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, g_vnew, g_lnew):
         (v, l, x, q, k, vv, vl, out_v, out_l, lse_v, lse_l, y_v, y_l,
          w_q, w_k, w_vv, w_vl, w_ov, w_ol, gate_v, gate_l) = ctx.saved_tensors
