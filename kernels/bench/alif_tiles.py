@@ -1,93 +1,23 @@
 """Tile search for the fused ALIF attention kernels at head dim 256.
 
-Two modes:
-  `python -m rlipv2_scale.kernels.bench.alif_tiles compile` (no GPU needed): compiles every
-      candidate for sm_90 and lists shared memory and register spills (slow on a small CPU);
-  `python -m rlipv2_scale.kernels.bench.alif_tiles time --out DIR` (CUDA): times every
-      candidate of each kernel (one that cannot launch is skipped) at ALIF's two shapes (original: the coarsest level, 273 image
-      tokens; all levels: 22,223) in both directions, checks each against the fp64 reference, and
-      writes `alif_tiles_<card>.json` with the fastest tile per kernel and width.
+`python -m rlipv2_scale.kernels.bench.alif_tiles --out DIR` (CUDA) times every candidate tile of
+each kernel (one that cannot launch is skipped) at ALIF's two shapes (original: the coarsest
+level, 273 image tokens; all levels: 22,223) in both directions, checks each against the fp64
+reference, and writes `alif_tiles_<card>.json` with the fastest tile per kernel and width.
+`--device cpu` with `TRITON_INTERPRET=1` and small `--tokens` dry-runs the path without a GPU.
 """
 from __future__ import annotations
 
 import argparse
 import itertools
 import json
-import os
 import re
-import subprocess
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 CANDIDATES = [(bm, bn, w, 2) for bm, bn in itertools.product((16, 32, 64, 128), (16, 32, 64)) for w in (4, 8)]
-KERNELS = {"fwd": "_attn_fwd_kernel", "dq": "_attn_bwd_dq_kernel", "dkdv": "_attn_bwd_dkdv_kernel"}
-SHARED_LIMIT = 227 * 1024
-
-
-def _signature(kernel, dtype: str, constexprs: dict) -> dict:
-    sig = {}
-    for name in kernel.arg_names:
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name == "kmask_ptr":
-            sig[name] = "*i8"
-        elif name in ("lse_ptr", "delta_ptr"):
-            sig[name] = "*fp32"
-        elif name.endswith("_ptr"):
-            sig[name] = f"*{dtype}"
-        elif name in ("scale", "dropout_p"):
-            sig[name] = "fp32"
-        else:
-            sig[name] = "i64" if re.fullmatch(r"s[qkvdogh][bhns]", name) else "i32"
-    return sig
-
-
-def compile_report(kernel_name: str, bits: int, tile: tuple[int, int, int, int]) -> tuple[int, int]:
-    """(shared bytes, spill bytes) of one kernel/tile compiled for an H100."""
-    import triton
-    import triton.language as tl
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from rlipv2_scale.kernels import alif_triton
-
-    bm, bn, warps, stages = tile
-    dot = tl.bfloat16 if bits == 16 else tl.float32
-    consts = dict(HAS_MASK=True, DROPOUT=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=256, ACC=tl.float32, DOT=dot,
-                  PREC=alif_triton.FP32_PRECISION if bits == 32 else "ieee")
-    if kernel_name == "dq":
-        consts["MODE"] = alif_triton.ATOMIC
-    elif kernel_name == "dkdv":
-        consts.update(MODE_K=alif_triton.ADD, MODE_V=alif_triton.STORE)
-    kernel = getattr(alif_triton, KERNELS[kernel_name])
-    src = ASTSource(fn=kernel, signature=_signature(kernel, "bf16" if bits == 16 else "fp32", consts),
-                    constexprs=consts)
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                              options=dict(num_warps=warps, num_stages=stages))
-    with tempfile.TemporaryDirectory() as tmp:
-        ptx = os.path.join(tmp, "k.ptx")
-        Path(ptx).write_text(compiled.asm["ptx"])
-        log = subprocess.run([triton.knobs.nvidia.ptxas.path, "-v", "--gpu-name=sm_90a", ptx, "-o",
-                              os.path.join(tmp, "k.o")], capture_output=True, text=True, check=True).stderr
-    return compiled.metadata.shared, sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", log))
-
-
-def compile_all(bits_list=(16, 32)) -> dict:
-    table = {}
-    for kernel_name, bits, tile in itertools.product(KERNELS, bits_list, CANDIDATES):
-        try:
-            shared, spills = compile_report(kernel_name, bits, tile)
-        except Exception as exc:  # a tile the compiler rejects is simply not a candidate
-            shared, spills = -1, -1
-            print(f"{kernel_name} {bits} {tile}: {type(exc).__name__}")
-        ok = 0 <= shared <= SHARED_LIMIT and spills == 0
-        table.setdefault(f"{kernel_name}/{bits}", []).append(dict(tile=tile, shared=shared, spills=spills, ok=ok))
-        print(f"{kernel_name:5s} {bits} {tile}: shared {shared:7d} spills {spills:6d} {'ok' if ok else ''}",
-              flush=True)
-    return table
 
 
 def _timer(device: str):
@@ -172,10 +102,9 @@ def _rel(got, want) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("step", choices=("compile", "time"))
     parser.add_argument("--out", default="benchmarks/results/gpu")
     parser.add_argument("--bits", default="16,32")
-    parser.add_argument("--kernels", default="fwd,dq,dkdv")
+    parser.add_argument("--kernels", default="fwd,dq,dkdv", help="of fwd, dq, dkdv")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tokens", default="273,22223", help="image tokens of the timed shapes")
     parser.add_argument("--labels", type=int, default=200)
@@ -184,10 +113,6 @@ def main() -> None:
     bits_list = [int(b) for b in args.bits.split(",")]
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if args.step == "compile":
-        table = compile_all(bits_list)
-        (out_dir / "alif_tiles_compile.json").write_text(json.dumps(table, indent=1) + "\n")
-        return
     card = torch.cuda.get_device_name() if args.device == "cuda" else "cpu (interpreter dry run)"
     out = {"card": card, "torch": torch.__version__}
     tokens = tuple(int(t) for t in args.tokens.split(","))

@@ -17,7 +17,7 @@ echo "== correctness gate"
 timeout 150 "$PY" -c "$BOOT; import pytest; sys.exit(pytest.main(['tests/kernels_triton_cases.py', '-q', '-x',
     '-p', 'no:cacheprovider', '-o', 'addopts=']))" || { echo "gate failed: no timing"; exit 1; }
 echo "== ALIF tiles"
-timeout 300 "$PY" -c "$BOOT; sys.argv = ['alif_tiles', 'time', '--bits', '${BITS:-16}', '--out', '$OUT']
+timeout 300 "$PY" -c "$BOOT; sys.argv = ['alif_tiles', '--bits', '${BITS:-16}', '--out', '$OUT']
 runpy.run_module('rlipv2_scale.kernels.bench.alif_tiles', run_name='__main__')"
 echo "== MSDA tiles"
 timeout 90 "$PY" -c "$BOOT; sys.argv = ['msda_tiles', '--out', '$OUT']
