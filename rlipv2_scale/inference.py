@@ -1,21 +1,30 @@
-"""Run a model over a HICO-DET-format test set and score it: the path behind `eval hico-det --checkpoint`.
+"""Run a model over a benchmark's test images and score it: the path behind `eval ... --checkpoint`.
 
-`RelationImages` reads a QPIC-style annotation list (`test_hico.json`: entries with `file_name`)
-and its images, resized as in the original's evaluation (shorter side 800, longer side <= 1333 by
-default). `predict` runs the model batched over it (each rank of an initialised process group takes
-a strided slice; rank 0 gathers everything back in file order) against one fixed label list whose
-embeddings are computed once, post-processes (`models.postprocess`) and returns predictions in the
-community JSON form. `evaluate_checkpoint` loads a model directory (`rlipv2 import-checkpoint`)
-and scores the predictions with `eval.hico.evaluate_hico`. The label space and the data paths are
-parameters, so the same code scores a synthetic benchmark.
+`RelationImages` reads an annotation list (entries with `file_name`) and its images, resized as in
+the original's evaluation (shorter side 800, longer side <= 1333 by default). `predict` runs the
+model batched over it (each rank of an initialised process group takes a strided slice; rank 0
+gathers everything back in file order) against one fixed label list whose embeddings are computed
+once, post-processes (`models.postprocess`) and converts each image's triplets (the community JSON
+form by default). A model directory comes from `rlipv2 import-checkpoint`; three benchmarks:
+
+- HICO-DET (`evaluate_checkpoint`): top-100 triplets + triplet NMS, scored by `eval.hico`;
+- V-COCO (`evaluate_vcoco_checkpoint`): every query pair becomes one detection of the official
+  format (person box, per-action agent score, per action-role object box + score; an object of the
+  "missing objects" class has a NaN box), scored by `eval.vcoco` (role AP, scenarios 1 and 2);
+- Open Images v6 SGG (`evaluate_oi_checkpoint`): scene-graph triplets scored by `eval.oi_sgg`.
+
+Each finds its files under a dataset root laid out as the original's (`find_*_files`; explicit
+paths win). Label spaces and paths are parameters, so the same code scores a synthetic benchmark.
 """
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
@@ -25,7 +34,7 @@ from rlipv2_scale.data.config import TransformConfig
 from rlipv2_scale.data.transforms import EvalTransform, decode, normalize
 from rlipv2_scale.errors import DataError, UserError
 from rlipv2_scale.eval.label_space import LabelSpace, hico_label_space
-from rlipv2_scale.models.postprocess import PostProcess, to_hico_json
+from rlipv2_scale.models.postprocess import ImageTriplets, PostProcess, to_hico_json
 
 NO_OBJECT_TEXT = "no objects"
 ZERO_SHOT_SETTINGS = ("NF", "UC-RF", "UC-NF", "UO")
@@ -44,31 +53,40 @@ class HicoFiles:
     train: Path | None  # training annotations, for the rare / non-rare split
 
 
+def _find(root: Path, explicit: str | Path | None, candidates: Sequence[str], what: str, flag: str,
+          required: bool = True) -> Path | None:
+    """`explicit` when given (it must exist), else the first candidate under `root` that exists."""
+    if explicit is not None:
+        path = Path(explicit)
+        if not path.exists():
+            raise UserError(f"{what} '{path}' ({flag}) does not exist")
+        return path
+    for c in candidates:
+        if (root / c).exists():
+            return root / c
+    if required:
+        raise UserError(f"{what} not found under '{root}' (looked for {', '.join(candidates)}); "
+                        f"pass its path with {flag}")
+    return None
+
+
+def _root(root: str | Path, benchmark: str) -> Path:
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"{benchmark} root '{root}' is not a directory")
+    return root
+
+
 def find_hico_files(root: str | Path, test: str | Path | None = None, images: str | Path | None = None,
                     train: str | Path | None = None) -> HicoFiles:
     """The files of a HICO-DET root as laid out by QPIC / RLIPv2 (`annotations/test_hico.json`,
     `images/test2015/`, `annotations/trainval_hico.json`), or the flat variants; explicit paths win."""
-    root = Path(root)
-    if not root.is_dir():
-        raise UserError(f"HICO-DET root '{root}' is not a directory")
-
-    def first(candidates: list[Path], what: str, required: bool = True) -> Path | None:
-        for c in candidates:
-            if c.exists():
-                return c
-        if required:
-            raise UserError(f"{what} not found under '{root}' (looked for {', '.join(str(c) for c in candidates)}); "
-                            "pass its path explicitly")
-        return None
-
-    test_path = Path(test) if test else first([root / "annotations" / "test_hico.json", root / "test_hico.json"],
-                                              "test annotations")
-    image_dir = Path(images) if images else first([root / "images" / "test2015", root / "test2015", root / "images"],
-                                                  "test image folder")
-    train_path = Path(train) if train else first(
-        [root / "annotations" / "trainval_hico.json", root / "trainval_hico.json"], "training annotations",
-        required=False)
-    return HicoFiles(test_path, image_dir, train_path)
+    root = _root(root, "HICO-DET")
+    return HicoFiles(
+        _find(root, test, ["annotations/test_hico.json", "test_hico.json"], "test annotations", "--gt"),
+        _find(root, images, ["images/test2015", "test2015", "images"], "test image folder", "--images"),
+        _find(root, train, ["annotations/trainval_hico.json", "trainval_hico.json"], "training annotations",
+              "--train", required=False))
 
 
 class RelationImages(Dataset):
@@ -129,12 +147,18 @@ def _rank_slice(n: int) -> range:
     return range(n)
 
 
+Convert = Callable[[Sequence[ImageTriplets], Sequence[dict]], list]
+
+
 @torch.no_grad()
 def predict(model: torch.nn.Module, dataset: RelationImages, space: LabelSpace, post: PostProcess, *,
             batch_size: int = 2, num_workers: int = 0, device: str | torch.device | None = None,
-            progress: bool = True, relation_key: str = "hoi_prediction") -> list[dict] | None:
-    """Predictions of `model` on every image of `dataset`, in the community JSON form and dataset
-    order: {"file_name", "predictions", relation_key: [...]} ("rel_predictions" for Open Images).
+            progress: bool = True, relation_key: str = "hoi_prediction", convert: Convert | None = None,
+            ) -> list | None:
+    """Predictions of `model` on every image of `dataset`, one per image in dataset order: by
+    default the community JSON form {"file_name", "predictions", relation_key: [...]}
+    ("rel_predictions" for Open Images); `convert(triplets, entries)` makes any other form from a
+    batch's post-processed triplets and annotation entries.
     Distributed: every rank runs its slice; rank 0 returns all, the others None."""
     if getattr(model.cfg, "tagger", False):
         raise UserError("the Relation Tagger scores given pairs; it cannot detect relations on a test set")
@@ -152,11 +176,13 @@ def predict(model: torch.nn.Module, dataset: RelationImages, space: LabelSpace, 
     for images, mask, sizes, idx in loader:
         out = forward_eval(model, images.to(device), mask.to(device), obj_texts, rel_texts, label_embeds)
         results = post(out, sizes)
-        names = [dataset.entries[i]["file_name"] for i in idx]
-        entries = to_hico_json(results, names, space)
-        if relation_key != "hoi_prediction":
-            entries = [{"file_name": e["file_name"], "predictions": e["predictions"],
-                        relation_key: e["hoi_prediction"]} for e in entries]
+        if convert is not None:
+            entries = convert(results, [dataset.entries[i] for i in idx])
+        else:
+            entries = to_hico_json(results, [dataset.entries[i]["file_name"] for i in idx], space)
+            if relation_key != "hoi_prediction":
+                entries = [{"file_name": e["file_name"], "predictions": e["predictions"],
+                            relation_key: e["hoi_prediction"]} for e in entries]
         mine += list(zip(idx, entries))
         bar.update(min(len(idx) * world, len(dataset) - bar.n))   # ranks advance at the same pace
     bar.close()
@@ -186,6 +212,27 @@ def _zero_shot(setting: str | None, space: LabelSpace) -> tuple[bool, str | list
                     "and not a file of unseen triplets")
 
 
+def _load_model(checkpoint_dir: str | Path, device: str | None, space: LabelSpace) -> tuple[torch.nn.Module, str]:
+    """The model of a model directory on `device` (default: this rank's GPU when there is one)."""
+    from rlipv2_scale.models.original import load_model_dir
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and dist.is_available() and dist.is_initialized() and ":" not in device:
+        device = f"cuda:{torch.cuda.current_device()}"
+    model = load_model_dir(checkpoint_dir, device)
+    if getattr(model.cfg, "tagger", False):
+        raise UserError(f"'{checkpoint_dir}' is a Relation Tagger: it scores given pairs and cannot detect "
+                        f"relations on the {space.name} test set; evaluate a detection model (r50, swin_t, swin_l)")
+    return model, device
+
+
+def _write(path: str | Path | None, data: list) -> None:
+    if path is not None:
+        out = Path(path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(data))   # NaN boxes (V-COCO) are written as NaN, which json reads back
+
+
 def evaluate_checkpoint(checkpoint_dir: str | Path, data_root: str | Path | None = None, zero_shot: str | None = None,
                         *, test: str | Path | None = None, images: str | Path | None = None,
                         train: str | Path | None = None, label_space: LabelSpace | None = None,
@@ -198,7 +245,6 @@ def evaluate_checkpoint(checkpoint_dir: str | Path, data_root: str | Path | None
     from rlipv2_scale.eval.files import read_json
     from rlipv2_scale.eval.hico import evaluate_hico
     from rlipv2_scale.eval.triplet_nms import TripletNMS
-    from rlipv2_scale.models.original import load_model_dir
 
     space = label_space or hico_label_space()
     if data_root is None and (test is None or images is None):
@@ -206,10 +252,7 @@ def evaluate_checkpoint(checkpoint_dir: str | Path, data_root: str | Path | None
     files = find_hico_files(data_root, test, images, train) if data_root is not None else \
         HicoFiles(Path(test), Path(images), Path(train) if train else None)
     nf_filter, split = _zero_shot(zero_shot, space)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and dist.is_available() and dist.is_initialized():
-        device = f"cuda:{torch.cuda.current_device()}"
-    model = load_model_dir(checkpoint_dir, device)
+    model, device = _load_model(checkpoint_dir, device, space)
     gt = read_json(files.test, "test annotations")
     dataset = RelationImages(gt, files.images, eval_size=eval_size, max_size=max_size)
     post = PostProcess.for_label_space(space, zero_shot_nf=nf_filter, top_k=top_k)
@@ -217,10 +260,7 @@ def evaluate_checkpoint(checkpoint_dir: str | Path, data_root: str | Path | None
                     progress=progress)
     if preds is None:
         return None
-    if predictions_out is not None:
-        out = Path(predictions_out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(preds))
+    _write(predictions_out, preds)
     train_entries = read_json(files.train, "training annotations") if files.train else None
     res = evaluate_hico(gt, preds, train=train_entries, zero_shot=split, label_space=space,
                         nms=TripletNMS() if nms else None, top_k=top_k)
@@ -229,27 +269,249 @@ def evaluate_checkpoint(checkpoint_dir: str | Path, data_root: str | Path | None
     return res
 
 
-def evaluate_oi_checkpoint(checkpoint_dir: str | Path, test: str | Path, images: str | Path, label_space: LabelSpace,
-                           *, batch_size: int = 2, num_workers: int = 0, device: str | None = None,
-                           eval_size: int = 800, max_size: int = 1333, nms: bool = True,
+
+
+# ------------------------------------------------------------------------------------------ V-COCO
+@dataclass
+class VcocoFiles:
+    test: Path          # images to run: test_vcoco.json of the QPIC conversion (entries with file_name)
+    images: Path        # folder of those images (COCO val2014)
+    correct_mat: Path   # corre_vcoco.npy: valid (action-role, object) combinations
+    vcoco: Path         # official V-COCO annotations (vcoco_test.json)
+    coco: Path          # COCO instances of V-COCO (instances_vcoco_all_2014.json)
+    image_ids: Path     # image ids of the split (vcoco_test.ids)
+
+
+def find_vcoco_files(root: str | Path, *, test: str | Path | None = None, images: str | Path | None = None,
+                     correct_mat: str | Path | None = None, vcoco: str | Path | None = None,
+                     coco: str | Path | None = None, image_ids: str | Path | None = None) -> VcocoFiles:
+    """The files of a V-COCO root as laid out by QPIC / RLIPv2 (`annotations/test_vcoco.json`,
+    `annotations/corre_vcoco.npy`, `images/val2014/`) with the official toolkit's `data/` folder
+    (`data/vcoco/vcoco_test.json`, `data/instances_vcoco_all_2014.json`, `data/splits/vcoco_test.ids`),
+    or flat variants; explicit paths win."""
+    root = _root(root, "V-COCO")
+    return VcocoFiles(
+        _find(root, test, ["annotations/test_vcoco.json", "test_vcoco.json"], "test image list", "--test"),
+        _find(root, images, ["images/val2014", "val2014", "images"], "test image folder", "--images"),
+        _find(root, correct_mat, ["annotations/corre_vcoco.npy", "corre_vcoco.npy"],
+              "valid action-object matrix", "--correct-mat"),
+        _find(root, vcoco, ["data/vcoco/vcoco_test.json", "vcoco/vcoco_test.json", "vcoco_test.json"],
+              "official V-COCO annotations", "--vcoco"),
+        _find(root, coco, ["data/instances_vcoco_all_2014.json", "instances_vcoco_all_2014.json"],
+              "COCO instances", "--coco"),
+        _find(root, image_ids, ["data/splits/vcoco_test.ids", "splits/vcoco_test.ids", "vcoco_test.ids"],
+              "image-id list", "--image-ids"))
+
+
+def vcoco_label_space(correct_mat: np.ndarray | None = None) -> LabelSpace:
+    """V-COCO as the original evaluates it: 80 COCO objects + "missing objects" (index 80, the object
+    of role-less actions), the 29 action-role texts, person = 0. `correct_mat` ([29, 80] or [29, 81],
+    `corre_vcoco.npy`) masks invalid combinations; the original appends a column of ones, which makes
+    "missing objects" always valid for a [29, 80] file (a [29, 81] one keeps its own last column)."""
+    from rlipv2_scale.eval import metadata as md
+
+    objects = [o["name"] for o in md.vcoco_objects()["objects"]] + ["missing objects"]
+    verbs = [v["text"] for v in md.vcoco_verbs()]
+    if correct_mat is None:
+        valid = np.ones((len(verbs), len(objects)))
+    else:
+        mat = np.asarray(correct_mat, dtype=np.float64)
+        if mat.ndim != 2 or mat.shape[0] != len(verbs) or mat.shape[1] not in (len(objects) - 1, len(objects)):
+            raise UserError(f"V-COCO valid action-object matrix has shape {mat.shape}, expected "
+                            f"({len(verbs)}, {len(objects) - 1}) as corre_vcoco.npy")
+        valid = np.concatenate([mat, np.ones((len(verbs), 1))], axis=1)[:, : len(objects)]
+    return LabelSpace(objects=tuple(objects), verbs=tuple(verbs), valid=valid, subject_index=0, name="v-coco")
+
+
+def vcoco_image_id(entry: dict) -> int:
+    """COCO image id of a test entry: from the file name (COCO_val2014_000000000042.jpg -> 42), as the
+    original, else the entry's `img_id`."""
+    name = str(entry.get("file_name", ""))
+    match = re.fullmatch(r"COCO_[a-z]+\d*_0*(\d+)\.\w+", Path(name).name)
+    if match:
+        return int(match.group(1))
+    if isinstance(entry.get("img_id"), int):
+        return entry["img_id"]
+    raise DataError(f"V-COCO test entry '{name}' has neither a COCO file name (COCO_val2014_<id>.jpg) nor an "
+                    "integer 'img_id'", sample_id=name, reason="malformed_annotation")
+
+
+def vcoco_detections(triplets: ImageTriplets, image_id: int, missing_index: int = 80) -> list[dict]:
+    """One image's detections in the official format, one per query pair (no top-k, no NMS, as the
+    original's export): `person_box`, `{action}_agent` = the highest score over the action's roles
+    (role-less actions: their own score), `{action}_{role}` = object box + [score]; an object
+    classified "missing objects" has a NaN box. Scores are s_rel · s_obj · valid (post-processing
+    with `top_k=None`, no NMS: every non-zero score is among the triplets, the rest are 0)."""
+    from rlipv2_scale.eval.metadata import vcoco_verbs
+
+    verbs = vcoco_verbs()
+    n_pairs = triplets.sub_boxes.shape[0]
+    scores = torch.zeros(n_pairs, len(verbs))
+    scores[triplets.pair_index, triplets.rel_index] = triplets.scores.float()
+    nan_box = [float("nan")] * 4
+    out = []
+    for p, (person, obj, label, row) in enumerate(zip(triplets.sub_boxes.tolist(), triplets.obj_boxes.tolist(),
+                                                      triplets.obj_labels.tolist(), scores.tolist())):
+        det: dict = {"image_id": image_id, "person_box": person}
+        obj_box = nan_box if label == missing_index else obj
+        agents: dict[str, float] = {}
+        for v, s in zip(verbs, row):
+            if v["role"] == "agent":
+                det[f"{v['action']}_agent"] = s
+            else:
+                det[v["name"]] = obj_box + [s]
+                agents[v["action"]] = max(agents.get(v["action"], 0.0), s)
+        det.update({f"{a}_agent": s for a, s in agents.items()})
+        out.append(det)
+    return out
+
+
+def evaluate_vcoco_checkpoint(checkpoint_dir: str | Path, data_root: str | Path | None = None, *,
+                              test: str | Path | None = None, images: str | Path | None = None,
+                              correct_mat: str | Path | None = None, vcoco: str | Path | None = None,
+                              coco: str | Path | None = None, image_ids: str | Path | None = None,
+                              batch_size: int = 2, num_workers: int = 0, device: str | None = None,
+                              eval_size: int = 800, max_size: int = 1333,
+                              predictions_out: str | Path | None = None, progress: bool = True) -> dict | None:
+    """Load a model directory, run it over the V-COCO test images and return `evaluate_vcoco`'s role
+    AP (scenarios 1 and 2; rank 0, other ranks None). `predictions_out`: the detections as JSON."""
+    from rlipv2_scale.eval.files import read_json
+    from rlipv2_scale.eval.vcoco import evaluate_vcoco, read_image_ids
+
+    if data_root is None:
+        given = dict(test=test, images=images, correct_mat=correct_mat, vcoco=vcoco, coco=coco, image_ids=image_ids)
+        missing = [k for k, v in given.items() if v is None]
+        if missing:
+            raise UserError("give the V-COCO root (--data) or every file: missing "
+                            + ", ".join("--" + k.replace("_", "-") for k in missing))
+        files = VcocoFiles(*(Path(v) for v in given.values()))
+    else:
+        files = find_vcoco_files(data_root, test=test, images=images, correct_mat=correct_mat, vcoco=vcoco,
+                                 coco=coco, image_ids=image_ids)
+    try:
+        mat = np.load(files.correct_mat)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"valid action-object matrix '{files.correct_mat}' is not a readable .npy file ({exc})") \
+            from None
+    space = vcoco_label_space(mat)
+    entries = read_json(files.test, "V-COCO test image list")
+    if not isinstance(entries, list):
+        raise UserError(f"V-COCO test image list '{files.test}' should be a JSON list of entries with 'file_name'")
+    ids = [vcoco_image_id(e) if isinstance(e, dict) else None for e in entries]
+    split_ids = read_image_ids(files.image_ids)
+    split = set(split_ids)
+    outside = sorted({i for i in ids if i is not None and i not in split})
+    if outside:
+        raise UserError(f"{len(outside)} image(s) of '{files.test}' are not in the split '{files.image_ids}' "
+                        f"(e.g. {outside[:3]}): the test list and the official files are of different splits")
+    dataset = RelationImages(entries, files.images, eval_size=eval_size, max_size=max_size)
+    model, device = _load_model(checkpoint_dir, device, space)
+    post = PostProcess.for_label_space(space, top_k=None)   # every pair x verb, no NMS (the official export)
+    missing = space.objects.index("missing objects")
+
+    def convert(results: Sequence[ImageTriplets], batch: Sequence[dict]) -> list:
+        return [vcoco_detections(r, vcoco_image_id(e), missing) for r, e in zip(results, batch)]
+
+    per_image = predict(model, dataset, space, post, batch_size=batch_size, num_workers=num_workers, device=device,
+                        progress=progress, convert=convert)
+    if per_image is None:
+        return None
+    detections = [d for image in per_image for d in image]
+    _write(predictions_out, detections)
+    res = evaluate_vcoco(read_json(files.vcoco, "V-COCO annotations"), read_json(files.coco, "COCO instances"),
+                         split_ids, detections)
+    res["n_images"] = len(entries)
+    res["checkpoint"] = str(checkpoint_dir)
+    return res
+
+
+# ------------------------------------------------------------------------------------------ Open Images
+@dataclass
+class OiFiles:
+    test: Path                       # OI_SGG_test.json
+    images: Path                     # image folder
+    categories: Path | None          # OI_SGG_trainval_test_categories_dict.json: "obj" (288) and "rel" (30) names
+    object_categories: Path | None   # categories_dict.json: all object names, which test category_ids index
+
+
+def find_oi_files(root: str | Path, *, test: str | Path | None = None, images: str | Path | None = None,
+                  categories: str | Path | None = None, object_categories: str | Path | None = None) -> OiFiles:
+    """The files of an Open Images v6 SGG root as laid out by RLIPv2 (`annotations/OI_SGG_test.json`,
+    `annotations/OI_SGG_trainval_test_categories_dict.json`, `annotations/categories_dict.json`,
+    `images/`), or flat; explicit paths win."""
+    from rlipv2_scale.data.sources.oi_sgg import ALL_OBJECT_CATEGORIES, CATEGORIES
+
+    root = _root(root, "Open Images")
+    return OiFiles(
+        _find(root, test, ["annotations/OI_SGG_test.json", "OI_SGG_test.json"], "test annotations", "--gt"),
+        _find(root, images, ["images"], "image folder", "--images"),
+        _find(root, categories, [f"annotations/{CATEGORIES}", CATEGORIES], "category names", "--categories"),
+        _find(root, object_categories, [f"annotations/{ALL_OBJECT_CATEGORIES}", ALL_OBJECT_CATEGORIES],
+              "all object names", "--object-categories", required=False))
+
+
+def oi_label_space_from_files(categories: str | Path, object_categories: str | Path | None = None) -> LabelSpace:
+    """Open Images v6 SGG as the original reads it: the SGG "obj" / "rel" names (the model reads them);
+    object ids are positions in the full object list when `object_categories` is given (what the
+    annotation files' category_ids index), else in the SGG list; predicate ids 0..29."""
+    from rlipv2_scale.data.sources.base import load_json
+
+    def names(path: str | Path, key: str) -> list[str]:
+        data = load_json(Path(path), "Open Images categories")
+        if not isinstance(data, dict) or not isinstance(data.get(key), list) or not data[key]:
+            raise UserError(f"'{path}' needs a non-empty '{key}' list of names")
+        return [str(n) for n in data[key]]
+
+    objects, predicates = names(categories, "obj"), names(categories, "rel")
+    object_ids: list[int] = []
+    if object_categories is not None:
+        everything = {n: i for i, n in reversed(list(enumerate(names(object_categories, "obj"))))}
+        unknown = [o for o in objects if o not in everything]
+        if unknown:
+            raise UserError(f"'{categories}' names objects that '{object_categories}' lacks ({unknown[:3]}); "
+                            "the two category files must come from the same release")
+        object_ids = [everything[o] for o in objects]
+    return LabelSpace(objects=tuple(objects), verbs=tuple(predicates), valid=np.ones((len(predicates), len(objects))),
+                      object_ids=tuple(object_ids), subject_index=None, name="open-images-v6")
+
+
+def evaluate_oi_checkpoint(checkpoint_dir: str | Path, data_root: str | Path | None = None, *,
+                           test: str | Path | None = None, images: str | Path | None = None,
+                           categories: str | Path | None = None, object_categories: str | Path | None = None,
+                           label_space: LabelSpace | None = None, batch_size: int = 2, num_workers: int = 0,
+                           device: str | None = None, eval_size: int = 800, max_size: int = 1333, nms: bool = True,
                            predictions_out: str | Path | None = None, progress: bool = True) -> dict | None:
-    """Open Images v6 SGG (`OI_SGG_test.json` + images): scene-graph post-processing (the subject
-    keeps its own class, score s_rel * s_obj * s_sub) scored with `eval.oi_sgg.evaluate_oi_sgg`.
-    `label_space` carries the category *names* (the model reads them) with 0-based ids, e.g.
-    `LabelSpace(objects, predicates, numpy.ones((len(predicates), len(objects))))`."""
+    """Open Images v6 SGG: scene-graph post-processing (the subject keeps its own class, score
+    s_rel · s_obj · s_sub) scored with `eval.oi_sgg.evaluate_oi_sgg` (rank 0; other ranks None).
+    The label space comes from the category files (`oi_label_space_from_files`) unless given."""
     from rlipv2_scale.eval.files import read_json
     from rlipv2_scale.eval.oi_sgg import evaluate_oi_sgg
-    from rlipv2_scale.models.original import load_model_dir
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model_dir(checkpoint_dir, device)
-    gt = read_json(test, "test annotations")
-    dataset = RelationImages(gt, images, eval_size=eval_size, max_size=max_size)
+    if data_root is not None:
+        files = find_oi_files(data_root, test=test, images=images, categories=categories,
+                              object_categories=object_categories)
+    elif test is None or images is None or (categories is None and label_space is None):
+        raise UserError("give the Open Images root (--data) or the test annotations (--gt), the image folder "
+                        "(--images) and the category names (--categories)")
+    else:
+        files = OiFiles(Path(test), Path(images), Path(categories) if categories else None,
+                        Path(object_categories) if object_categories else None)
+    if label_space is None:
+        assert files.categories is not None
+        label_space = oi_label_space_from_files(files.categories, files.object_categories)
+    space = label_space
+    model, device = _load_model(checkpoint_dir, device, space)
+    gt = read_json(files.test, "test annotations")
+    if not isinstance(gt, list):
+        raise UserError(f"Open Images test annotations '{files.test}' should be a JSON list of images")
+    dataset = RelationImages(gt, files.images, eval_size=eval_size, max_size=max_size)
     post = PostProcess(mode="sgg", top_k=100)   # the evaluator keeps at most the top 100, then applies NMS
-    preds = predict(model, dataset, label_space, post, batch_size=batch_size, num_workers=num_workers,
+    preds = predict(model, dataset, space, post, batch_size=batch_size, num_workers=num_workers,
                     device=device, progress=progress, relation_key="rel_predictions")
     if preds is None:
         return None
-    if predictions_out is not None:
-        Path(predictions_out).write_text(json.dumps(preds))
-    return evaluate_oi_sgg(gt, preds, nms=nms, label_space=label_space)
+    _write(predictions_out, preds)
+    res = evaluate_oi_sgg(gt, preds, nms=nms, label_space=space)
+    res["n_images"] = len(gt)
+    res["checkpoint"] = str(checkpoint_dir)
+    return res

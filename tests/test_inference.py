@@ -231,8 +231,8 @@ def test_open_images_hook(hico_root, model_dir, tmp_path):
                                               {"bbox": [10, 10, 50, 40], "category_id": 2}],
            "rel_annotations": [{"subject_id": 0, "object_id": 1, "category_id": 1}]} for name in SIZES]
     (tmp_path / "oi_test.json").write_text(json.dumps(gt))
-    res = evaluate_oi_checkpoint(model_dir, tmp_path / "oi_test.json", hico_root / "images" / "test2015", space,
-                                 eval_size=64, max_size=128, device="cpu", progress=False,
+    res = evaluate_oi_checkpoint(model_dir, test=tmp_path / "oi_test.json", images=hico_root / "images" / "test2015",
+                                 label_space=space, eval_size=64, max_size=128, device="cpu", progress=False,
                                  predictions_out=tmp_path / "p.json")
     assert 0.0 <= res["recall@50"] <= 1.0 and res["score_wtd"] is not None and res["n_triplets"] == 1
     preds = json.loads((tmp_path / "p.json").read_text())

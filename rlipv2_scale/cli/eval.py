@@ -1,7 +1,9 @@
-"""`rlipv2 eval hico-det | vcoco | oi-sgg`: score prediction files with the published protocols.
+"""`rlipv2 eval hico-det | vcoco | oi-sgg`: score prediction files with the published protocols, or run
+a model directory over a benchmark's test set and score it (`--checkpoint DIR --data ROOT`).
 
 Each command prints a table and, with `--json OUT`, writes the numbers as fractions. The logic lives
-in `rlipv2_scale.eval`; the parsers are built by `add_*_arguments` so later commands can extend them.
+in `rlipv2_scale.eval` and `rlipv2_scale.inference`; the parsers are built by `add_*_arguments` so
+later commands can extend them.
 """
 from __future__ import annotations
 
@@ -17,17 +19,12 @@ from rlipv2_scale.errors import UserError
 HICO_SPLITS = ("UC-RF", "UC-NF", "UO")
 
 
-def add_hico_arguments(p: argparse.ArgumentParser) -> None:
-    files = p.add_argument_group("scoring a prediction file")
-    files.add_argument("--gt", type=Path, help="ground truth in the QPIC form (test_hico.json)")
-    files.add_argument("--pred", type=Path,
-                       help="predictions: JSON list of {file_name, predictions, hoi_prediction} (or per-query "
-                            "verb_scores / sub_ids / obj_ids)")
-    model = p.add_argument_group("running a model (instead of --pred)")
+def add_model_arguments(p: argparse.ArgumentParser, data_help: str) -> argparse._ArgumentGroup:
+    """The options of running a model (`--checkpoint DIR --data ROOT`), shared by every benchmark."""
+    model = p.add_argument_group("running a model (instead of a prediction file)")
     model.add_argument("--checkpoint", type=Path, metavar="DIR",
                        help="model directory (model.safetensors + model.yaml, e.g. from `rlipv2 import-checkpoint`)")
-    model.add_argument("--data", type=Path, metavar="ROOT",
-                       help="HICO-DET root (annotations/test_hico.json, images/test2015/)")
+    model.add_argument("--data", type=Path, metavar="ROOT", help=data_help)
     model.add_argument("--images", type=Path, help="test image folder (default: found under --data)")
     model.add_argument("--batch-size", type=int, default=2, help="images per forward pass and GPU")
     model.add_argument("--num-workers", type=int, default=2, help="image-decoding worker processes")
@@ -35,6 +32,16 @@ def add_hico_arguments(p: argparse.ArgumentParser) -> None:
     model.add_argument("--eval-size", type=int, default=800, help="shorter image side (the original: 800)")
     model.add_argument("--max-size", type=int, default=1333, help="cap on the longer side (the original: 1333)")
     model.add_argument("--save-predictions", type=Path, metavar="FILE", help="also write the predictions JSON")
+    return model
+
+
+def add_hico_arguments(p: argparse.ArgumentParser) -> None:
+    files = p.add_argument_group("scoring a prediction file")
+    files.add_argument("--gt", type=Path, help="ground truth in the QPIC form (test_hico.json)")
+    files.add_argument("--pred", type=Path,
+                       help="predictions: JSON list of {file_name, predictions, hoi_prediction} (or per-query "
+                            "verb_scores / sub_ids / obj_ids)")
+    add_model_arguments(p, "HICO-DET root (annotations/test_hico.json, images/test2015/)")
     p.add_argument("--train", type=Path, help="training annotations (trainval_hico.json) for the rare / non-rare "
                                               "split (with --data: found there by default)")
     p.add_argument("--zero-shot", metavar="SPLIT",
@@ -52,18 +59,32 @@ def add_hico_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_vcoco_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--vcoco", required=True, type=Path, help="V-COCO annotations (vcoco_test.json)")
-    p.add_argument("--coco", required=True, type=Path, help="COCO instances (instances_vcoco_all_2014.json)")
-    p.add_argument("--image-ids", required=True, type=Path, help="image ids of the split (vcoco_test.ids)")
-    p.add_argument("--detections", required=True, type=Path,
-                   help="detections in the official format (.pkl from the official export, or the same as JSON)")
+    files = p.add_argument_group("scoring a detection file (with --checkpoint: override the files under --data)")
+    files.add_argument("--vcoco", type=Path, help="V-COCO annotations (vcoco_test.json)")
+    files.add_argument("--coco", type=Path, help="COCO instances (instances_vcoco_all_2014.json)")
+    files.add_argument("--image-ids", type=Path, help="image ids of the split (vcoco_test.ids)")
+    files.add_argument("--detections", type=Path,
+                       help="detections in the official format (.pkl from the official export, or the same as JSON)")
+    model = add_model_arguments(p, "V-COCO root (annotations/test_vcoco.json, annotations/corre_vcoco.npy, "
+                                   "images/val2014/, and the official toolkit's data/: vcoco/vcoco_test.json, "
+                                   "instances_vcoco_all_2014.json, splits/vcoco_test.ids)")
+    model.add_argument("--test", type=Path, help="the test images to run, QPIC form (test_vcoco.json)")
+    model.add_argument("--correct-mat", type=Path, help="valid action-object matrix (corre_vcoco.npy)")
     p.add_argument("--json", type=Path, metavar="OUT", help="write the results as JSON (fractions)")
 
 
 def add_oi_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--gt", required=True, type=Path, help="ground truth (OI_SGG_test.json)")
-    p.add_argument("--pred", required=True, type=Path,
-                   help="predictions: JSON list of {file_name, predictions, rel_predictions} or the per-query form")
+    files = p.add_argument_group("scoring a prediction file")
+    files.add_argument("--gt", type=Path, help="ground truth (OI_SGG_test.json; with --checkpoint: found under --data)")
+    files.add_argument("--pred", type=Path,
+                       help="predictions: JSON list of {file_name, predictions, rel_predictions} or the per-query form")
+    model = add_model_arguments(p, "Open Images v6 root (annotations/OI_SGG_test.json, "
+                                   "annotations/OI_SGG_trainval_test_categories_dict.json, "
+                                   "annotations/categories_dict.json, images/)")
+    model.add_argument("--categories", type=Path,
+                       help="object and predicate names (OI_SGG_trainval_test_categories_dict.json)")
+    model.add_argument("--object-categories", type=Path,
+                       help="all object names, which the annotations' category_id index (categories_dict.json)")
     p.add_argument("--no-nms", action="store_true", help="skip the pairwise and phrase NMS the original applies")
     p.add_argument("--json", type=Path, metavar="OUT", help="write the results as JSON (fractions)")
 
@@ -127,10 +148,8 @@ def _run_hico_checkpoint(args: argparse.Namespace) -> int:
         raise UserError("rlipv2 eval hico-det: --pred and --checkpoint exclude each other")
     if args.data is None and (args.gt is None or args.images is None):
         raise UserError("give the HICO-DET root with --data ROOT (or --gt FILE and --images DIR)")
-    res = evaluate_checkpoint(
-        args.checkpoint, args.data, args.zero_shot, test=args.gt, images=args.images, train=args.train,
-        batch_size=args.batch_size, num_workers=args.num_workers, device=args.device, eval_size=args.eval_size,
-        max_size=args.max_size, nms=args.nms is not False, predictions_out=args.save_predictions)
+    res = evaluate_checkpoint(args.checkpoint, args.data, args.zero_shot, test=args.gt, images=args.images,
+                              train=args.train, nms=args.nms is not False, **_model_options(args))
     if res is None:          # not rank 0 of a distributed evaluation
         return 0
     rows = [("mAP (full)", res["mAP"]), ("mAP rare", res["mAP_rare"]), ("mAP non-rare", res["mAP_non_rare"])]
@@ -139,21 +158,68 @@ def _run_hico_checkpoint(args: argparse.Namespace) -> int:
     return _report(f"HICO-DET, {args.checkpoint} ({res['setting']})", rows, res, args.json)
 
 
+def _model_options(args: argparse.Namespace) -> dict:
+    return dict(batch_size=args.batch_size, num_workers=args.num_workers, device=args.device,
+                eval_size=args.eval_size, max_size=args.max_size, predictions_out=args.save_predictions)
+
+
+VCOCO_ROWS = (("role AP scenario 1", "AP_role_s1"), ("role AP scenario 2", "AP_role_s2"),
+              ("scenario 1 without point", "AP_role_s1_no_point"), ("scenario 2 without point", "AP_role_s2_no_point"))
+
+
 def run_vcoco(args: argparse.Namespace) -> int:
     from rlipv2_scale.eval.vcoco import evaluate_vcoco_files
 
+    if args.checkpoint is not None:
+        return _run_vcoco_checkpoint(args)
+    missing = [f"--{k.replace('_', '-')}" for k in ("vcoco", "coco", "image_ids", "detections")
+               if getattr(args, k) is None]
+    if missing:
+        raise UserError(f"rlipv2 eval vcoco: give --vcoco, --coco, --image-ids and --detections (missing "
+                        f"{', '.join(missing)}), or run a model with --checkpoint DIR --data ROOT")
     res = evaluate_vcoco_files(args.vcoco, args.coco, args.image_ids, args.detections)
-    rows = [("role AP scenario 1", res["AP_role_s1"]), ("role AP scenario 2", res["AP_role_s2"]),
-            ("scenario 1 without point", res["AP_role_s1_no_point"]),
-            ("scenario 2 without point", res["AP_role_s2_no_point"])]
-    return _report("V-COCO role AP", rows, res, args.json)
+    return _report("V-COCO role AP", [(name, res[key]) for name, key in VCOCO_ROWS], res, args.json)
+
+
+def _run_vcoco_checkpoint(args: argparse.Namespace) -> int:
+    from rlipv2_scale.inference import evaluate_vcoco_checkpoint
+
+    if args.detections is not None:
+        raise UserError("rlipv2 eval vcoco: --detections and --checkpoint exclude each other")
+    res = evaluate_vcoco_checkpoint(
+        args.checkpoint, args.data, test=args.test, images=args.images, correct_mat=args.correct_mat,
+        vcoco=args.vcoco, coco=args.coco, image_ids=args.image_ids, **_model_options(args))
+    if res is None:          # not rank 0 of a distributed evaluation
+        return 0
+    return _report(f"V-COCO role AP, {args.checkpoint}", [(name, res[key]) for name, key in VCOCO_ROWS], res,
+                   args.json)
+
+
+OI_ROWS = (("R@50", "recall@50"), ("wmAP_rel", "wmAP_rel"), ("wmAP_phr", "wmAP_phr"), ("score_wtd", "score_wtd"))
 
 
 def run_oi(args: argparse.Namespace) -> int:
     from rlipv2_scale.eval.files import read_json
     from rlipv2_scale.eval.oi_sgg import evaluate_oi_sgg
 
+    if args.checkpoint is not None:
+        return _run_oi_checkpoint(args)
+    if args.gt is None or args.pred is None:
+        raise UserError("rlipv2 eval oi-sgg: give --gt FILE and --pred FILE, or run a model with "
+                        "--checkpoint DIR --data ROOT")
     res = evaluate_oi_sgg(read_json(args.gt, "ground truth"), read_json(args.pred, "predictions"), nms=not args.no_nms)
-    rows = [("R@50", res["recall@50"]), ("wmAP_rel", res["wmAP_rel"]), ("wmAP_phr", res["wmAP_phr"]),
-            ("score_wtd", res["score_wtd"])]
-    return _report("Open Images v6 SGG", rows, res, args.json)
+    return _report("Open Images v6 SGG", [(name, res[key]) for name, key in OI_ROWS], res, args.json)
+
+
+def _run_oi_checkpoint(args: argparse.Namespace) -> int:
+    from rlipv2_scale.inference import evaluate_oi_checkpoint
+
+    if args.pred is not None:
+        raise UserError("rlipv2 eval oi-sgg: --pred and --checkpoint exclude each other")
+    res = evaluate_oi_checkpoint(
+        args.checkpoint, args.data, test=args.gt, images=args.images, categories=args.categories,
+        object_categories=args.object_categories, nms=not args.no_nms, **_model_options(args))
+    if res is None:
+        return 0
+    return _report(f"Open Images v6 SGG, {args.checkpoint}", [(name, res[key]) for name, key in OI_ROWS], res,
+                   args.json)

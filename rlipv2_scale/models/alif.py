@@ -115,7 +115,8 @@ class AlifEncoder(nn.Module):
             v_pad_mask, l_pad_mask = v_pad, lang_pad
         with record_function("alif"):
             v, lang = self.fusion_layers[k](v, lang, v_pos, v_pad_mask, l_pad_mask)
-            lang = self.roberta_layers[k](lang, attention_mask=_extended_mask(lang_pad, lang.dtype))[0]
+            out = self.roberta_layers[k](lang, attention_mask=_extended_mask(lang_pad, lang.dtype))
+            lang = out[0] if isinstance(out, tuple) else out   # transformers >= 5 returns the tensor
         src = torch.cat([src[:, :start], v], dim=1) if start > 0 else v
         return src, lang
 

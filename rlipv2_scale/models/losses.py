@@ -3,7 +3,8 @@
 Terms (each also on every auxiliary decoder layer, with its own matching, suffixed `_{i}`):
 
 - `loss_ce`: softmax cross-entropy of the subject and of the object logits over the object texts,
-  unmatched predictions target the last class ("no objects", weight `eos_coef`).
+  unmatched predictions target the last class ("no objects", weight `eos_coef`). HOI fine-tuning
+  (`hoi_person_index`) targets the person for every subject (index 1 with `compat_original`, [QUIRK]).
 - `loss_rel`: relation loss. `soft_focal` (pre-training, most fine-tuning): quality focal loss on
   soft targets `(y + u)·s`, with RQL quality `s = (min(GIoU_sub, GIoU_obj) + 1) / 2` and RPL
   pseudo-targets `u` from the similarity of the relation texts. `focal`: CornerNet hard focal loss
@@ -16,7 +17,7 @@ give NaN (probabilities are clamped before the log).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -28,6 +29,7 @@ from rlipv2_scale.data.batch import Target
 from rlipv2_scale.errors import ConfigError
 from rlipv2_scale.models.box_ops import box_cxcywh_to_xyxy, paired_generalized_box_iou
 from rlipv2_scale.models.matcher import HungarianMatcher, Indices
+from rlipv2_scale.models.original import subject_target_index
 
 _PROB_EPS = 1e-6
 OUTPUT_KEYS = ("pred_sub_boxes", "pred_obj_boxes", "pred_sub_logits", "pred_obj_logits", "pred_rel_logits")
@@ -56,7 +58,11 @@ class LossConfig:
     pseudo_targets: bool = True         # RPL: text-similarity pseudo-targets (pre-training)
     pseudo_threshold: float = 0.3
     aux_loss: bool = True
-    # Reproduce the original's quirks (RPL targets not detached).
+    # HOI fine-tuning (HICO-DET, V-COCO): the object-text index of the person class. Every subject's
+    # class target (loss and matching) becomes `subject_target_index(hoi_person_index, compat_original)`:
+    # the person, or with compat_original index 1 as the original's datasets. None: the annotated classes.
+    hoi_person_index: int | None = None
+    # Reproduce the original's quirks (RPL targets not detached, HOI subject target index 1).
     compat_original: bool = False
 
     def __post_init__(self) -> None:
@@ -69,6 +75,8 @@ class LossConfig:
             raise ConfigError(f"loss.pseudo_threshold must be in [0, 1), got {self.pseudo_threshold}")
         if self.eos_coef < 0:
             raise ConfigError(f"loss.eos_coef must be >= 0, got {self.eos_coef}")
+        if self.hoi_person_index is not None and self.hoi_person_index < 0:
+            raise ConfigError(f"loss.hoi_person_index must be an object-text index >= 0, got {self.hoi_person_index}")
 
 
 def soft_focal_loss(logits: torch.Tensor, targets: torch.Tensor, beta: float = 2.0) -> torch.Tensor:
@@ -143,6 +151,16 @@ class SetCriterion(nn.Module):
             "loss_obj_giou": c.weight_giou,
         }
 
+    def subject_targets(self, targets: list[Target], num_classes: int) -> list[Target]:
+        """The targets with every subject's class set for HOI fine-tuning (`hoi_person_index`)."""
+        if self.cfg.hoi_person_index is None:
+            return targets
+        index = subject_target_index(self.cfg.hoi_person_index, self.cfg.compat_original)
+        if index >= num_classes - 1:
+            raise ValueError(f"HOI subject class target {index} is not one of the {num_classes - 1} object texts "
+                             "(the last logit is \"no objects\")")
+        return [replace(t, sub_labels=torch.full_like(t.sub_labels, index)) for t in targets]
+
     def match(self, outputs: dict, targets: list[Target]) -> Indices:
         if self.cfg.matching == "identity":
             num_slots = outputs["pred_sub_boxes"].shape[1]
@@ -165,6 +183,7 @@ class SetCriterion(nn.Module):
         if missing:
             raise KeyError(f"model outputs lack {missing}; SetCriterion needs {list(OUTPUT_KEYS)}")
         device = outputs["pred_sub_boxes"].device
+        targets = self.subject_targets(targets, outputs["pred_sub_logits"].shape[-1])
         if num_pairs is None:
             num_pairs = _global_num_pairs(targets, device)
         num_pairs = max(float(num_pairs), 1.0)

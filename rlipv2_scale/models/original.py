@@ -307,8 +307,11 @@ def export_state_dict(ours: Mapping[str, torch.Tensor], cfg: ModelConfig, positi
 
 
 def subject_target_index(person_index: int, compat_original: bool) -> int:
-    """Subject class target of HICO-DET / V-COCO pairs. [QUIRK] the original's datasets used index 1
-    (the second object text, "bicycle" in the COCO order) instead of the person class."""
+    """Subject class target of HICO-DET / V-COCO pairs (`LossConfig.hoi_person_index`: the loss and
+    the matcher's subject-class cost). [QUIRK] the original's datasets used index 1 (the second
+    object text, "bicycle" in the COCO order) instead of the person class. Post-processing is not
+    affected: HOI post-processing fixes the subject to the person, and the NF zero-shot filter keeps
+    pairs whose subject argmax is the person (index 0) in the original too."""
     return 1 if compat_original else person_index
 
 
@@ -405,6 +408,11 @@ def read_model_dir(model_dir: str | Path) -> tuple[ModelConfig, dict[str, torch.
     from safetensors.torch import load_file
 
     d = Path(model_dir)
+    if d.is_file():
+        raise UserError(f"'{d}' is a file, not a model directory; an original RLIPv2 checkpoint is converted first: "
+                        f"`rlipv2 import-checkpoint {d} --config {{{','.join(RELEASED)}}} --out DIR`")
+    if not d.is_dir():
+        raise UserError(f"model directory '{d}' does not exist (create one with `rlipv2 import-checkpoint`)")
     for name in (WEIGHTS_FILE, CONFIG_FILE):
         if not (d / name).is_file():
             raise UserError(f"'{d}' is not a model directory: '{name}' is missing (create one with "
@@ -423,9 +431,13 @@ def load_model_dir(model_dir: str | Path, device: str | torch.device = "cpu") ->
     layout = our_layout(cfg)
     missing = [k for k in layout if k not in state]
     unexpected = [k for k in state if k not in layout]
-    if missing or unexpected:
-        first = f"missing key '{missing[0]}'" if missing else f"unexpected key '{unexpected[0]}'"
-        raise CheckpointMismatch(f"'{model_dir}': the weights do not fit its {CONFIG_FILE} ({first})")
+    wrong = [k for k in layout if k in state and tuple(state[k].shape) != layout[k][0]]
+    if missing or unexpected or wrong:
+        first = (f"missing key '{missing[0]}'" if missing else f"unexpected key '{unexpected[0]}'" if unexpected
+                 else f"key '{_describe(wrong[0], state[wrong[0]])}' should be {layout[wrong[0]][0]}")
+        raise CheckpointMismatch(f"'{model_dir}': the weights do not fit its {CONFIG_FILE} ({first}); write the "
+                                 f"config the weights were trained with into {CONFIG_FILE}, or import the original "
+                                 "checkpoint again with the right --config")
     model = build_model(cfg, pretrained=False)
     model.load_state_dict(state, strict=True)
     return model.to(device).eval()
