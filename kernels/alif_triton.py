@@ -254,18 +254,26 @@ def _config(head_dim: int, dtype: torch.dtype, kernel: str = "fwd") -> dict:
                 PREC=FP32_PRECISION if bits == 32 else "ieee", num_warps=warps, num_stages=stages)
 
 
-def _num_splits(base_programs: int, loop_blocks: int, requested: int | None) -> tuple[int, int]:
-    """(splits, blocks per split). Long loops over few programs split until about two waves of
-    132 SMs are busy, keeping at least 4 blocks per split; short loops never split (the merge
-    would cost more launches than it saves)."""
+def _num_splits(base_programs: int, loop_blocks: int, requested: int | None,
+                target_programs: int = 264, min_loop: int = 8) -> tuple[int, int]:
+    """(splits, blocks per split). Long loops over few programs split until `target_programs`
+    are running, keeping at least 4 blocks per split; loops under `min_loop` blocks never split
+    (the merge, or the zeroed fp32 buffers and casts, would cost more launches than it saves). The forward aims at two waves of 132 SMs, since its splits
+    are merged through an fp32 buffer per split; the backward's splits only add a small [Nk, D]
+    tile atomically, so it aims at eight: the H200 tile search showed the backward dominating,
+    with its long-loop kernels (dk/dv over 22k image tokens, dq of the labels) running 1-2
+    programs per SM."""
     if requested is None:
-        if _interpreting() or loop_blocks < 8:
+        if _interpreting() or loop_blocks < min_loop:
             requested = 1
         else:
-            requested = min(max(1, 264 // max(base_programs, 1)), loop_blocks // 4)
+            requested = min(max(1, target_programs // max(base_programs, 1)), loop_blocks // 4)
     splits = max(1, min(requested, loop_blocks))
     per_split = triton.cdiv(loop_blocks, splits)
     return triton.cdiv(loop_blocks, per_split), per_split
+
+
+BACKWARD_PROGRAMS = 8 * 132
 
 
 def _bhn(x: torch.Tensor) -> tuple[int, int, int]:
@@ -315,14 +323,14 @@ def _splits_dq(q, k, splits):
     cfg = _config(q.shape[3], q.dtype, "dq")
     m_blocks = triton.cdiv(q.shape[2], cfg["BLOCK_M"])
     return cfg, m_blocks, _num_splits(m_blocks * q.shape[0] * q.shape[1], triton.cdiv(k.shape[2], cfg["BLOCK_N"]),
-                                      splits)
+                                      splits, BACKWARD_PROGRAMS, 32)
 
 
 def _splits_dkdv(q, k, splits):
     cfg = _config(q.shape[3], q.dtype, "dkdv")
     n_blocks = triton.cdiv(k.shape[2], cfg["BLOCK_N"])
     return cfg, n_blocks, _num_splits(n_blocks * q.shape[0] * q.shape[1], triton.cdiv(q.shape[2], cfg["BLOCK_M"]),
-                                      splits)
+                                      splits, BACKWARD_PROGRAMS, 32)
 
 
 def _grad_buffer(like: torch.Tensor, atomic: bool) -> torch.Tensor:
