@@ -68,11 +68,11 @@ class Oracle(nn.Module):
         return out
 
 
-def hook_with(batches: list[Batch]) -> HicoValidation:
+def hook_with(batches: list[Batch], subject: str = "auto") -> HicoValidation:
     cfg = run_config_from_dict({
         "model": {"name": "tiny"}, "data": {"sources": [{"name": "x", "local": "unused"}]},
         "eval": {"data": {"sources": [{"name": "val", "local": "unused"}], "fixed_obj_labels": OBJECTS,
-                          "fixed_rel_labels": VERBS}, "nms": False}})
+                          "fixed_rel_labels": VERBS}, "nms": False, "subject": subject}})
     hook = HicoValidation(cfg, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
     hook.loader = batches
     return hook
@@ -105,3 +105,18 @@ def test_perfect_predictions_score_100_and_displaced_ones_0():
     assert result["mAP"] == pytest.approx(100.0) and result["images"] == 4.0
     data = batches()
     assert hook_with(data)(Oracle(data, shift=0.3), step=7)["mAP"] == pytest.approx(0.0)
+
+
+def test_any_subject_credits_triplets_whose_subject_is_not_a_person():
+    def dog_subjects(data):
+        for batch in data:
+            for t in batch.targets:
+                t.labels[0] = 2          # the subject box is a dog now
+                t.sub_labels[:] = 2
+        return data
+    # the HOI rule (person subjects only) cannot find these triplets; scene-graph scoring can
+    assert hook_with(dog_subjects(batches()), subject="any")(Oracle(dog_subjects(batches())), step=1)["mAP"] \
+        == pytest.approx(100.0)
+    assert hook_with(dog_subjects(batches()))(Oracle(dog_subjects(batches())), step=1)["mAP"] < 50.0
+    assert label_space_for(OBJECTS, VERBS, "any").subject_index is None
+    assert label_space_for(OBJECTS, VERBS).subject_index == 0

@@ -130,6 +130,9 @@ class EvalConfig:
     zero_shot: str | None = None
     nms: bool = True                      # triplet NMS of the fine-tuning scripts (--use_nms_filter)
     only: bool = False                    # evaluate the initial weights and stop (zero-shot NF)
+    # Who may be a subject: "auto" the person class when the object list has one (HOI benchmarks,
+    # where only person-subject triplets count), "any" every class (scene graphs, the synthetic world).
+    subject: Literal["auto", "any"] = "auto"
 
     def __post_init__(self) -> None:
         if self.data is not None and not self.data.fixed_labels:

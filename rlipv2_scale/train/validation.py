@@ -4,8 +4,9 @@ Every rank runs the model over its share of the validation shards (`eval.data`, 
 fixed label lists); the outputs are post-processed into the community prediction form
 (`models/postprocess.py`), the ground truth is rebuilt from the batch targets in the same form,
 both are gathered on rank 0 and scored by `rlipv2_scale.eval.hico.evaluate_hico`. The label space
-is HICO-DET's when the label lists are HICO-DET's, otherwise one built from the lists (any
-subject, every verb-object combination valid).
+is HICO-DET's when the label lists are HICO-DET's, otherwise one built from the lists (every
+verb-object combination valid; the subject is the person class if there is one, or any class with
+`eval.subject: any`).
 """
 from __future__ import annotations
 
@@ -27,13 +28,13 @@ from rlipv2_scale.train.launch import DistInfo
 SCALARS = ("mAP", "mAP_rare", "mAP_non_rare", "mean_max_recall", "mAP_unseen", "mAP_seen")
 
 
-def label_space_for(objects: list[str], verbs: list[str]) -> LabelSpace:
+def label_space_for(objects: list[str], verbs: list[str], subject: str = "auto") -> LabelSpace:
     hico = hico_label_space()
-    if list(hico.objects) == list(objects) and list(hico.verbs) == list(verbs):
+    if list(hico.objects) == list(objects) and list(hico.verbs) == list(verbs) and subject == "auto":
         return hico
-    subject = objects.index("person") if "person" in objects else None
+    subject_index = objects.index("person") if subject == "auto" and "person" in objects else None
     return LabelSpace(objects=tuple(objects), verbs=tuple(verbs), valid=np.ones((len(verbs), len(objects))),
-                      subject_index=subject, name="validation")
+                      subject_index=subject_index, name="validation")
 
 
 def ground_truth_entry(target: Target, space: LabelSpace) -> dict[str, Any]:
@@ -62,8 +63,10 @@ class HicoValidation:
         self.cfg, self.info = cfg.eval, info
         data = cfg.eval.data
         assert data is not None and data.fixed_obj_labels is not None and data.fixed_rel_labels is not None
-        self.space = label_space_for(data.fixed_obj_labels, data.fixed_rel_labels)
-        self.post = PostProcess.for_label_space(self.space, nms=TripletNMS() if cfg.eval.nms else None)
+        self.space = label_space_for(data.fixed_obj_labels, data.fixed_rel_labels, cfg.eval.subject)
+        # any-subject scoring ranks by subject x object x relation confidence, as scene-graph evaluators do
+        mode = "hoi" if self.space.subject_index is not None else "sgg"
+        self.post = PostProcess.for_label_space(self.space, mode=mode, nms=TripletNMS() if cfg.eval.nms else None)
         self.loader = None
 
     def _loader(self):
