@@ -42,7 +42,8 @@ from rlipv2_scale.errors import UserError
 from rlipv2_scale.eval.ap import eleven_point_ap
 from rlipv2_scale.eval.boxes import continuous_iou, pixel_iou
 from rlipv2_scale.eval.label_space import LabelSpace, hico_label_space
-from rlipv2_scale.eval.relation_json import Candidates, GroundTruth, load_candidates, load_ground_truth
+from rlipv2_scale.eval.relation_json import (Candidates, GroundTruth, flatten_relations, load_candidates,
+                                             load_ground_truth)
 from rlipv2_scale.eval.triplet_nms import TripletNMS
 
 TOP_K = 100
@@ -60,6 +61,12 @@ class Ranked:
 
 def count_training_triplets(train: list[dict], space: LabelSpace) -> dict[int, int]:
     """Triplet code -> number of training instances (the rare / non-rare split)."""
+    try:  # all images at once; anything odd goes to the per-relation loop, which names it
+        f = flatten_relations(train, space, "annotations", "hoi_annotation")
+        codes, counts = np.unique(space.triplet_code(f.box_cat[f.sub], f.box_cat[f.obj], f.verb), return_counts=True)
+        return dict(zip(codes.tolist(), counts.tolist()))
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError):
+        pass
     obj_table, verb_table = space.id_lookup("object"), space.id_lookup("verb")
     counts: dict[int, int] = {}
     for i, entry in enumerate(train):
@@ -99,28 +106,30 @@ def order_within_images(cand: Candidates, nms: TripletNMS | None, space: LabelSp
     return Candidates(cand.img[k], cand.sub[k], cand.obj[k], cand.verb[k], cand.score[k], cand.boxes, cand.box_cat)
 
 
-def _pairs(gt: GroundTruth, cand: Candidates, n_verbs: int, strict: bool):
-    """Every (candidate, ground-truth pair) of the same image and verb, with both IoUs."""
-    gt_key = gt.rel_img * n_verbs + gt.rel_verb
+def _pairs(gt: GroundTruth, gt_row: np.ndarray, cand: Candidates, cand_row: np.ndarray, n_rows: int,
+           strict: bool):
+    """Every (candidate, ground-truth pair) of the same image and triplet, with both IoUs. (Same triplet =
+    same verb and same box categories: the only pairs whose IoUs can both be nonzero.)"""
+    gt_key = gt.rel_img * n_rows + gt_row
     gt_order = np.argsort(gt_key, kind="stable")  # within a key: annotation order
     sorted_key = gt_key[gt_order]
-    c_key = cand.img * n_verbs + cand.verb
+    c_key = cand.img * n_rows + cand_row
     lo = np.searchsorted(sorted_key, c_key, "left")
     n = np.searchsorted(sorted_key, c_key, "right") - lo
     pair_c = np.repeat(np.arange(len(c_key)), n)
     start = np.cumsum(n) - n
     pair_h = gt_order[lo[pair_c] + np.arange(len(pair_c)) - start[pair_c]]
     iou = continuous_iou if strict else pixel_iou
-    ious = []
-    for gt_box, c_box in ((gt.rel_sub[pair_h], cand.sub[pair_c]), (gt.rel_obj[pair_h], cand.obj[pair_c])):
-        same = gt.box_cat[gt_box] == cand.box_cat[c_box]
-        ious.append(np.where(same, iou(gt.boxes[gt_box], cand.boxes[c_box]), 0.0))
-    return pair_c, pair_h, ious[0], ious[1]
+    iou_s = iou(gt.boxes[gt.rel_sub[pair_h]], cand.boxes[cand.sub[pair_c]])
+    iou_o = iou(gt.boxes[gt.rel_obj[pair_h]], cand.boxes[cand.obj[pair_c]])
+    return pair_c, pair_h, iou_s, iou_o
 
 
-def _match(gt: GroundTruth, cand: Candidates, n_verbs: int, strict: bool) -> np.ndarray:
-    """True-positive flag per candidate (candidates in processing order, image-major)."""
-    pair_c, pair_h, iou_s, iou_o = _pairs(gt, cand, n_verbs, strict)
+def _match(gt: GroundTruth, gt_row: np.ndarray, cand: Candidates, cand_row: np.ndarray, n_rows: int,
+           strict: bool) -> np.ndarray:
+    """True-positive flag per candidate (candidates in processing order, image-major); `*_row` is the
+    triplet (row of the ground-truth triplets) of each relation and candidate."""
+    pair_c, pair_h, iou_s, iou_o = _pairs(gt, gt_row, cand, cand_row, n_rows, strict)
     elig = (iou_s >= IOU_THRESHOLD) & (iou_o >= IOU_THRESHOLD)
     pair_c, pair_h, quality = pair_c[elig], pair_h[elig], np.minimum(iou_s, iou_o)[elig]
     tp = np.zeros(len(cand.img), dtype=bool)
@@ -175,7 +184,7 @@ def rank_candidates(g: GroundTruth, cand: Candidates, space: LabelSpace, strict:
     """Match the candidates; return ground-truth triplet codes and counts in order of appearance,
     and each kept candidate's triplet row, score and true-positive flag."""
     gt_code = space.triplet_code(g.box_cat[g.rel_sub], g.box_cat[g.rel_obj], g.rel_verb)
-    codes, first, n_gt = np.unique(gt_code, return_index=True, return_counts=True)
+    codes, first, gt_row, n_gt = np.unique(gt_code, return_index=True, return_inverse=True, return_counts=True)
     appearance = np.argsort(first, kind="stable")  # the reference lists triplets in order of appearance
     c_code = space.triplet_code(cand.box_cat[cand.sub], cand.box_cat[cand.obj], cand.verb)
     row = np.searchsorted(codes, c_code)
@@ -188,7 +197,7 @@ def rank_candidates(g: GroundTruth, cand: Candidates, space: LabelSpace, strict:
         keep = known & has_boxes[cand.img]
     sub = Candidates(cand.img[keep], cand.sub[keep], cand.obj[keep], cand.verb[keep], cand.score[keep],
                      cand.boxes, cand.box_cat)
-    tp = _match(g, sub, space.n_verbs, strict)
+    tp = _match(g, gt_row.reshape(-1), sub, row[keep], len(codes), strict)
     return codes[appearance], n_gt[appearance], Ranked(np.argsort(appearance)[row[keep]], sub.score, tp)
 
 

@@ -120,19 +120,77 @@ def _check_range(ids: np.ndarray, n: int, file_name: str, role: str, field_name:
                         f"(the image has {n} boxes)")
 
 
-def _column(items: list, key: str, n: int) -> np.ndarray:
-    return np.fromiter(map(itemgetter(key), items), dtype=np.float64, count=n)
+def _columns(items, keys: tuple[str, ...], n: int) -> np.ndarray:
+    """[n, len(keys)] float64 of the listed dicts' fields, in one pass at C speed (raises KeyError /
+    TypeError / ValueError on anything malformed; the slow checks then name the culprit)."""
+    get = itemgetter(*keys)
+    values = map(get, items) if len(keys) == 1 else chain.from_iterable(map(get, items))
+    return np.fromiter(values, dtype=np.float64, count=n * len(keys)).reshape(n, len(keys))
 
 
-def _box_column(items: list, n: int) -> np.ndarray:
+def _box_column(items, n: int) -> np.ndarray:
     bboxes = list(map(itemgetter("bbox"), items))
-    if n and (np.fromiter(map(len, bboxes), dtype=np.int64, count=n) != 4).any():
+    if n and set(map(len, bboxes)) != {4}:  # (a set is the cheapest all-equal test here)
         raise ValueError("a bbox is not 4 numbers")
     return np.fromiter(chain.from_iterable(bboxes), dtype=np.float64, count=4 * n).reshape(n, 4)
 
 
-def _integral(x: np.ndarray) -> bool:
-    return bool(np.isfinite(x).all() and (x == np.round(x)).all())
+def _whole(x: np.ndarray) -> np.ndarray | None:
+    """`x` as int64 if it holds only whole numbers within int64, else None (NaN, inf and huge values
+    fail the round trip)."""
+    with np.errstate(invalid="ignore"):  # (the cast warns on NaN / inf)
+        ints = x.astype(np.int64)
+    return ints if (ints == x).all() else None
+
+
+@dataclass
+class FlatRelations:
+    """Boxes and relations of many images as flat arrays (relation box ids made global)."""
+    n_box: np.ndarray  # [n_entries]
+    n_rel: np.ndarray  # [n_entries]
+    boxes: np.ndarray  # [N, 4]
+    box_cat: np.ndarray  # [N] object index
+    sub: np.ndarray  # [R] global box index
+    obj: np.ndarray
+    verb: np.ndarray  # [R] verb index
+    score: np.ndarray | None  # [R]
+
+
+def _flatten(boxes_of: list, rels_of: list, space: LabelSpace, with_score: bool) -> FlatRelations:
+    """One pass per field over every image's dicts, then one vectorised validation. Raises KeyError /
+    TypeError / ValueError / AttributeError on anything malformed; the slow per-entry checks then name
+    the culprit. (The listed dicts are read once each: that reading is most of the evaluator's time.)"""
+    n_box = np.fromiter(map(len, boxes_of), dtype=np.int64, count=len(boxes_of))
+    n_rel = np.fromiter(map(len, rels_of), dtype=np.int64, count=len(rels_of))
+    n, r = int(n_box.sum()), int(n_rel.sum())
+    boxes = _box_column(chain.from_iterable(boxes_of), n)
+    cat_ids = _columns(chain.from_iterable(boxes_of), ("category_id",), n)[:, 0]
+    keys = ("subject_id", "object_id", "category_id") + (("score",) if with_score else ())
+    rel = _columns(chain.from_iterable(rels_of), keys, r)
+    cat_ids, ids = _whole(cat_ids), _whole(rel[:, :3])
+    obj_table, verb_table = space.id_lookup("object"), space.id_lookup("verb")
+    if cat_ids is None or ids is None or not (np.isfinite(boxes).all() and np.isfinite(rel[:, 3:]).all()):
+        raise ValueError("invalid value")
+    sub, obj, verb_ids = ids.T
+    rel_boxes = np.repeat(n_box, n_rel)  # boxes of each relation's image
+    if not (((cat_ids >= 0) & (cat_ids < len(obj_table))).all()
+            and ((verb_ids >= 0) & (verb_ids < len(verb_table))).all()
+            and ((sub >= 0) & (sub < rel_boxes) & (obj >= 0) & (obj < rel_boxes)).all()):
+        raise ValueError("id out of range")
+    box_cat, verb = obj_table[cat_ids], verb_table[verb_ids]
+    if (box_cat < 0).any() or (verb < 0).any():
+        raise ValueError("unknown id")
+    start = np.repeat(np.cumsum(n_box) - n_box, n_rel)
+    return FlatRelations(n_box, n_rel, boxes, box_cat, sub + start, obj + start, verb,
+                         rel[:, 3].copy() if with_score else None)
+
+
+def flatten_relations(entries: list[dict], space: LabelSpace, box_key: str, rel_key: str) -> FlatRelations:
+    """Fast path for a whole annotation file: raises KeyError / TypeError / ValueError / AttributeError
+    on anything malformed, for the caller's slow path to name it."""
+    if not isinstance(entries, list):
+        raise TypeError("not a list of images")
+    return _flatten([e[box_key] for e in entries], [e[rel_key] for e in entries], space, with_score=False)
 
 
 def _validate_relations(entry: dict, name: str, role: str, rel_key: str, n_boxes: int, space: LabelSpace) -> list:
@@ -178,29 +236,11 @@ def _load_ground_truth_fast(entries: list[dict], space: LabelSpace, rel_key: str
     if len(set(names)) != len(names):
         dup = next(n for n, c in Counter(names).items() if c > 1)
         raise UserError(f"ground truth lists image {dup!r} twice")
-    anns = [e.get("annotations", []) for e in entries]
-    rels = [e.get(rel_key, []) for e in entries]
-    n_box = np.fromiter(map(len, anns), dtype=np.int64, count=len(entries))
-    n_rel = np.fromiter(map(len, rels), dtype=np.int64, count=len(entries))
-    flat_anns, flat_rels = list(chain.from_iterable(anns)), list(chain.from_iterable(rels))
-    boxes = _box_column(flat_anns, len(flat_anns))
-    cat_ids = _column(flat_anns, "category_id", len(flat_anns))
-    sub, obj, verb_ids = (_column(flat_rels, k, len(flat_rels)) for k in ("subject_id", "object_id", "category_id"))
-    box_offset = np.concatenate([[0], np.cumsum(n_box)])
-    rel_img = np.repeat(np.arange(len(entries)), n_rel)
-    obj_table, verb_table = space.id_lookup("object"), space.id_lookup("verb")
-    ok = np.isfinite(boxes).all() and all(_integral(x) for x in (cat_ids, sub, obj, verb_ids))
-    ok = ok and ((cat_ids >= 0) & (cat_ids < len(obj_table))).all() and ((verb_ids >= 0) & (verb_ids < len(verb_table))).all()
-    ok = ok and ((sub >= 0) & (sub < n_box[rel_img]) & (obj >= 0) & (obj < n_box[rel_img])).all()
-    if not ok:
-        raise ValueError("invalid value")
-    box_cat = obj_table[cat_ids.astype(np.int64)]
-    rel_verb = verb_table[verb_ids.astype(np.int64)]
-    if (box_cat < 0).any() or (rel_verb < 0).any():
-        raise ValueError("unknown id")
-    start = box_offset[rel_img]
-    return GroundTruth(names, box_offset, boxes, box_cat, rel_img, sub.astype(np.int64) + start,
-                       obj.astype(np.int64) + start, rel_verb)
+    f = _flatten([e.get("annotations", []) for e in entries], [e.get(rel_key, []) for e in entries], space,
+                 with_score=False)
+    box_offset = np.concatenate([[0], np.cumsum(f.n_box)])
+    rel_img = np.repeat(np.arange(len(entries)), f.n_rel)
+    return GroundTruth(names, box_offset, f.boxes, f.box_cat, rel_img, f.sub, f.obj, f.verb)
 
 
 def _pred_boxes(entry: dict, name: str, space: LabelSpace) -> tuple[np.ndarray, np.ndarray]:
@@ -266,31 +306,37 @@ def _validate_pred_entry(entry: dict, name: str, space: LabelSpace, rel_key: str
 
 def _community_candidates(entries: list[dict], img: list[int], space: LabelSpace, rel_key: str):
     """All community-form entries at once: flat columns, one vectorised validation."""
-    boxes_of = [e["predictions"] for e in entries]
-    rels_of = [e.get(rel_key, []) for e in entries]
-    n_box = np.fromiter(map(len, boxes_of), dtype=np.int64, count=len(entries))
-    n_rel = np.fromiter(map(len, rels_of), dtype=np.int64, count=len(entries))
-    flat_boxes, flat_rels = list(chain.from_iterable(boxes_of)), list(chain.from_iterable(rels_of))
-    boxes = _box_column(flat_boxes, len(flat_boxes))
-    cat_ids = _column(flat_boxes, "category_id", len(flat_boxes))
-    sub, obj, verb_ids, score = (_column(flat_rels, k, len(flat_rels))
-                                 for k in ("subject_id", "object_id", "category_id", "score"))
-    rel_entry = np.repeat(np.arange(len(entries)), n_rel)
-    obj_table, verb_table = space.id_lookup("object"), space.id_lookup("verb")
-    ok = (np.isfinite(boxes).all() and np.isfinite(score).all()
-          and all(_integral(x) for x in (cat_ids, sub, obj, verb_ids))
-          and ((cat_ids >= 0) & (cat_ids < len(obj_table))).all()
-          and ((verb_ids >= 0) & (verb_ids < len(verb_table))).all()
-          and ((sub >= 0) & (sub < n_box[rel_entry]) & (obj >= 0) & (obj < n_box[rel_entry])).all())
-    if not ok:
-        raise ValueError("invalid value")
-    box_cat = obj_table[cat_ids.astype(np.int64)]
-    verb = verb_table[verb_ids.astype(np.int64)]
-    if (box_cat < 0).any() or (verb < 0).any():
-        raise ValueError("unknown id")
-    start = np.concatenate([[0], np.cumsum(n_box)])[rel_entry]
-    return (np.asarray(img, np.int64)[rel_entry], sub.astype(np.int64) + start, obj.astype(np.int64) + start,
-            verb, score, boxes, box_cat)
+    f = _flatten([e["predictions"] for e in entries], [e.get(rel_key, []) for e in entries], space,
+                 with_score=True)
+    return np.asarray(img, np.int64), f.n_rel, f.sub, f.obj, f.verb, f.score, f.boxes, f.box_cat
+
+
+def rank_within_images(seg_img: np.ndarray, seg_len: np.ndarray, score: np.ndarray,
+                       top_k: int | None) -> np.ndarray:
+    """Candidates come in contiguous segments, one per image (`seg_len` each, image `seg_img`, each
+    image at most once). Return the indices of each image's `top_k` best by descending score, stable
+    (equal scores keep their listed order), images in ascending order."""
+    n_seg, total = len(seg_len), len(score)
+    width = int(seg_len.max()) if n_seg else 0
+    starts = np.cumsum(seg_len) - seg_len
+    rows = np.argsort(seg_img, kind="stable")
+    if n_seg * width <= 2 * total:  # (nearly) equal lengths: sort the rows of a padded matrix
+        seg = np.repeat(np.arange(n_seg), seg_len)
+        m = np.full((n_seg, width), np.inf)
+        m[seg, np.arange(total) - starts[seg]] = -score
+        k = width if top_k is None else min(top_k, width)
+        rank = np.argsort(m[rows], axis=1, kind="stable")[:, :k]  # the +inf padding sorts last
+        kept = np.arange(k) < np.minimum(seg_len[rows], k)[:, None]
+        return (starts[rows][:, None] + rank)[kept]
+    # very uneven lengths: one global sort by score, then a stable one by image
+    order = np.argsort(-score, kind="stable")
+    seg_rank = np.empty(n_seg, np.int64)
+    seg_rank[rows] = np.arange(n_seg)
+    cand_rank = np.repeat(seg_rank, seg_len)[order]
+    by_image = np.argsort(cand_rank, kind="stable")
+    order, cand_rank = order[by_image], cand_rank[by_image]
+    within = np.arange(total) - np.searchsorted(cand_rank, cand_rank, "left")
+    return order if top_k is None else order[within < top_k]
 
 
 def load_candidates(preds: list[dict], gt: GroundTruth, space: LabelSpace, *, top_k: int | None,
@@ -316,7 +362,7 @@ def load_candidates(preds: list[dict], gt: GroundTruth, space: LabelSpace, *, to
         else:
             community.append(entry)
             community_img.append(index[name])
-    parts = []
+    parts = []  # (segment images, segment lengths, sub, obj, verb, score, boxes, box_cat)
     if community:
         try:
             parts.append(_community_candidates(community, community_img, space, rel_key))
@@ -329,25 +375,21 @@ def load_candidates(preds: list[dict], gt: GroundTruth, space: LabelSpace, *, to
         if "verb_scores" not in entry:
             raise UserError(f"predictions for image {name!r}: need {rel_key!r} or 'verb_scores'")
         sub, obj, verb, score = _raw_candidates(entry, name, cats, space, use_valid, top_k)
-        parts.append((np.full(len(score), i, np.int64), sub, obj, verb, score, boxes, cats))
+        parts.append((np.array([i]), np.array([len(score)]), sub, obj, verb, score, boxes, cats))
     if not parts:
         z = np.zeros(0, np.int64)
         return Candidates(z, z, z, z, np.zeros(0), np.zeros((0, 4)), z)
-    box_offsets = np.cumsum([0] + [len(p[5]) for p in parts[:-1]])
-    img = np.concatenate([p[0] for p in parts])
-    sub = np.concatenate([p[1] + off for p, off in zip(parts, box_offsets)])
-    obj = np.concatenate([p[2] + off for p, off in zip(parts, box_offsets)])
-    verb = np.concatenate([p[3] for p in parts])
-    score = np.concatenate([p[4] for p in parts])
-    boxes = np.concatenate([p[5] for p in parts]).reshape(-1, 4)
-    box_cat = np.concatenate([p[6] for p in parts]).astype(np.int64)
+    if len(parts) == 1:  # (a whole community file: no copies of its large arrays)
+        seg_img, seg_len, sub, obj, verb, score, boxes, box_cat = parts[0]
+    else:
+        box_offsets = np.cumsum([0] + [len(p[6]) for p in parts[:-1]])
+        seg_img, seg_len, verb, score, boxes, box_cat = (np.concatenate([p[k] for p in parts])
+                                                         for k in (0, 1, 4, 5, 6, 7))
+        sub = np.concatenate([p[2] + off for p, off in zip(parts, box_offsets)])
+        obj = np.concatenate([p[3] + off for p, off in zip(parts, box_offsets)])
     if use_valid:
         score = score * space.valid[verb, box_cat[obj]]
-    # per image (in ground-truth order), descending score, stable: equal scores keep listed order
-    order = np.argsort(-score, kind="stable")
-    order = order[np.argsort(img[order], kind="stable")]
-    img = img[order]
-    within = np.arange(len(img)) - np.searchsorted(img, img, "left")  # rank inside its image
-    kept = within < top_k if top_k is not None else np.ones(len(img), bool)
-    keep = order[kept]
-    return Candidates(img[kept], sub[keep], obj[keep], verb[keep], score[keep], boxes, box_cat)
+    keep = rank_within_images(seg_img, seg_len, score, top_k)
+    img = np.repeat(seg_img.astype(np.int64, copy=False), seg_len)
+    return Candidates(img[keep], sub[keep], obj[keep], verb[keep], score[keep], boxes.reshape(-1, 4),
+                      box_cat.astype(np.int64, copy=False))

@@ -14,8 +14,9 @@ from rlipv2_scale.eval.ap import eleven_point_ap
 from rlipv2_scale.eval.files import read_unseen_triplets
 from rlipv2_scale.eval.hico import evaluate_hico
 from rlipv2_scale.eval.label_space import LabelSpace, hico_label_space
-from rlipv2_scale.eval.reference_loops import evaluate_hico_loops
-from rlipv2_scale.eval.synthetic import random_relation_data, toy_label_space
+from rlipv2_scale.eval.reference_loops import evaluate_hico_loops, expand_per_query
+from rlipv2_scale.eval.relation_json import _whole, rank_within_images
+from rlipv2_scale.eval.synthetic import random_relation_data, to_per_query, toy_label_space
 from rlipv2_scale.eval.triplet_nms import TripletNMS
 
 # objects: 0 person, 1 cup, 2 ball; verbs: 0 hold, 1 throw, 2 look; "throw cup" is not a valid pair
@@ -228,6 +229,18 @@ def test_per_query_form_equals_the_listed_form(top_k):
     assert a["mAP"] == b["mAP"] and a["per_triplet"] == b["per_triplet"]
 
 
+def test_listed_and_per_query_entries_mix_in_one_file():
+    space = toy_label_space(seed=1)
+    gt, pred = random_relation_data(space, 6, 20, n_queries=5, seed=7, empty_fraction=0.0)
+    per_query = to_per_query(pred, space, seed=3)  # some images per query, the others listed
+    listed = [expand_per_query(p, space) for p in per_query]
+    mixed = [per_query[k] if k % 2 else listed[k] for k in range(len(pred))]
+    a, b = evaluate_hico(gt, listed, label_space=space), evaluate_hico(gt, mixed[::-1], label_space=space)
+    assert a["per_triplet"] == b["per_triplet"] and a["mAP"] == b["mAP"]
+    loop = evaluate_hico_loops(gt, listed, label_space=space)
+    assert a["mAP"] > 0 and a["mAP"] == pytest.approx(loop["mAP"], abs=1e-9)
+
+
 def test_triplet_nms_is_an_option():
     off = shifted(C0, 34)  # IoU with C0 = 66 / 134 = 0.4925: no match, but sqrt(0.4925) > 0.7 suppresses
     gt = [gt_image("a", [(P0, PERSON), (C0, CUP)], [(0, 1, HOLD)])]
@@ -347,3 +360,27 @@ def test_malformed_training_file():
     gt, pred = _ok()
     with pytest.raises(UserError, match="training annotations for image 't'.*out of range"):
         ev(gt, pred, train=[gt_image("t", [(P0, PERSON)], [(0, 3, HOLD)])])
+
+
+# ------------------------------------------------------------------------------ per-image ranking
+
+@pytest.mark.parametrize("lengths", [[3, 0, 5, 5, 1], [1] * 30 + [400], [7]])  # padded rows; uneven: one global sort
+@pytest.mark.parametrize("top_k", [None, 1, 4])
+def test_rank_within_images_is_a_stable_descending_sort_per_image(lengths, top_k):
+    rng = np.random.default_rng(len(lengths))
+    seg_len = np.array(lengths)
+    seg_img = rng.permutation(len(lengths)) * 2  # images listed out of order, not contiguous ids
+    score = rng.integers(0, 4, seg_len.sum()).astype(np.float64)  # many ties
+    got = rank_within_images(seg_img, seg_len, score, top_k)
+    starts = np.cumsum(seg_len) - seg_len
+    expected = []
+    for s in np.argsort(seg_img):
+        idx = sorted(range(starts[s], starts[s] + seg_len[s]), key=lambda i: -score[i])  # Python's sort is stable
+        expected += idx[:top_k]
+    assert got.tolist() == expected
+
+
+def test_whole_numbers_are_checked_by_a_round_trip():
+    assert _whole(np.array([0.0, -3.0, 2.0 ** 62])).tolist() == [0, -3, 2 ** 62]
+    for bad in (0.5, np.nan, np.inf, -np.inf, 1e30):
+        assert _whole(np.array([1.0, bad])) is None
