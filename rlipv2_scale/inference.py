@@ -137,7 +137,8 @@ def collate_images(items: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
 @torch.no_grad()
 def forward_eval(model: torch.nn.Module, images: torch.Tensor, pixel_mask: torch.Tensor, obj_texts: list[str],
                  rel_texts: list[str], label_embeds: torch.Tensor | None = None) -> dict:
-    """One evaluation forward (eval mode: no label padding mask, as the original evaluates)."""
+    """One evaluation forward. Pass `label_embeds` (encoded once per label list) to match the
+    original's evaluation engines exactly: pre-encoded labels carry no label padding mask."""
     return model.decode(model.encode(images, pixel_mask, obj_texts, rel_texts, label_embeds))
 
 

@@ -145,7 +145,7 @@ def test_resize_query_rows_pairs_subjects_and_objects():
         resize_query_rows(weight, 12)
 
 
-def test_compat_label_padding_mask_follows_the_embedding_sign_in_training_only():
+def test_compat_label_padding_mask_follows_the_embedding_sign_in_training_not_on_given_embeds_in_eval():
     images, mask = _inputs()
     embeds = torch.randn(len(OBJ) + len(REL), 64)
     embeds[1] = -embeds[1].abs()

@@ -123,7 +123,8 @@ class RLIPv2(nn.Module):
         if num_obj < 1 or num_rel < 1:
             raise UserError(f"the model needs at least one object text and one relation text, got {num_obj} "
                             f"and {num_rel}")
-        if label_embeds is None:
+        self_encoded = label_embeds is None
+        if self_encoded:
             with record_function("text_encoder"):
                 label_embeds = self.encode_labels(obj_texts, rel_texts)
         elif label_embeds.shape[0] != num_obj + num_rel:
@@ -150,9 +151,12 @@ class RLIPv2(nn.Module):
         valid_ratios = torch.stack([_valid_ratio(m) for m in masks], 1)   # fp32: reference points stay exact
 
         lang = label_embeds.to(src.dtype)[None].expand(src.shape[0], -1, -1)
-        # Default: the label list is shared and unpadded. Original [QUIRK]: in training, labels whose
-        # pooled vector sums to <= 0 were treated as padding in the in-encoder language layers.
-        lang_pad = (lang.sum(-1) <= 0) if self.cfg.compat_original and self.training else None
+        # Default: the label list is shared and unpadded. Original [QUIRK]: whenever it encoded the label
+        # texts itself (its training input; also any eval-mode call given raw texts), labels whose pooled
+        # vector sums to <= 0 were treated as padding in the in-encoder language layers; its evaluation
+        # engines passed pre-encoded embeddings with an all-False mask (here: `label_embeds` in eval mode).
+        quirk_mask = self.cfg.compat_original and (self.training or self_encoded)
+        lang_pad = (lang.sum(-1) <= 0) if quirk_mask else None
         last_start = int(shapes[-1][0] * shapes[-1][1])
         memory, states = self.encoder(src, pos, pad, spatial_shapes, level_start_index, valid_ratios, lang,
                                       lang_pad, src.shape[1] - last_start)

@@ -235,7 +235,8 @@ class RelationTagger(RLIPv2):
         was_training = self.training
         self.eval()
         try:
-            enc = self.encode(images, pixel_mask, obj_texts, rel_texts)
+            # pre-encoded labels, as the original's tagger inference: no label padding mask under compat
+            enc = self.encode(images, pixel_mask, obj_texts, rel_texts, self.encode_labels(obj_texts, rel_texts))
             groups: list[tuple[int, Pairs]] = []
             for b, (p, bx, lb) in enumerate(zip(pairs, boxes, labels)):
                 p = torch.as_tensor(p, dtype=torch.long).reshape(-1, 2)
