@@ -108,3 +108,45 @@ def test_compat_tagger_inference_uses_pre_encoded_labels():
     scores = tagger.score_candidates(images, mask, OBJ, REL, pairs, boxes, labels)
     assert scores.shape == (2, len(REL))
     assert seen == [None]
+
+
+def _all_negative_labels(model) -> None:
+    """Shift the pooler bias until every label's pooled sum is <= 0 (the original masks them all)."""
+    enc = model.text_encoder
+    tok = enc.tokenizer(OBJ + REL, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        first = enc(**tok).last_hidden_state[:, 0]
+        enc.pooler.dense.bias -= enc.pooler.dense(first).mean(0)
+        for _ in range(100):
+            enc.clear_cache()
+            if (model.encode_labels(OBJ, REL).sum(-1) <= 0).all():
+                return
+            enc.pooler.dense.bias -= 0.05
+    raise AssertionError("could not make every pooled label sum negative")
+
+
+def test_compat_language_layers_with_every_label_masked_attend_as_unmasked(monkeypatch):
+    """The original's RoBERTa layers add transformers-4.5.1's -10000 to masked keys: when every label of an
+    image is masked (all pooled sums <= 0) the constant shift cancels in the softmax and the layer attends as
+    without a mask. finfo.min (newer transformers) would swamp the scores into uniform attention instead."""
+    from rlipv2_scale.models import alif
+
+    pad = torch.tensor([[True, False, True]])
+    assert alif._extended_mask(pad, torch.float32, compat=True)[0, 0, 0].tolist() == [-10000.0, 0.0, -10000.0]
+    assert alif._extended_mask(pad, torch.float32)[0, 0, 0, 0] == torch.finfo(torch.float32).min
+
+    images, mask = _inputs()
+    model = _tiny(True)
+    _all_negative_labels(model)
+    seen: list = []
+    _record_label_mask(model, seen)
+    with torch.no_grad():
+        masked = model(images, mask, OBJ, REL)["pred_rel_logits"]      # raw texts: every label masked
+        embeds = model.encode_labels(OBJ, REL)
+        unmasked = model(images, mask, OBJ, REL, label_embeds=embeds)["pred_rel_logits"]   # no label mask
+        assert seen[0].all() and seen[1] is None
+        # equal up to the rounding of scores shifted by -10000 (float32 spacing ~1e-3 there)
+        assert (masked - unmasked).abs().max() < 1e-3
+        monkeypatch.setattr(alif, "ORIGINAL_MASK_VALUE", torch.finfo(torch.float32).min)
+        swamped = model(images, mask, OBJ, REL)["pred_rel_logits"]
+    assert (swamped - unmasked).abs().max() > 1e-2

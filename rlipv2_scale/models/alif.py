@@ -73,11 +73,18 @@ class AlifBlock(nn.Module):
             dropout_p=self.attn_dropout, training=self.training)
 
 
-def _extended_mask(pad_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+# The additive pad value of transformers 4.5.1 (the original's), where newer versions use finfo.min.
+# They differ only when every label of an image is masked: -10000 shifts all scores alike and the
+# layer attends as if unmasked, finfo.min swamps the scores and gives uniform attention.
+ORIGINAL_MASK_VALUE = -10000.0
+
+
+def _extended_mask(pad_mask: torch.Tensor | None, dtype: torch.dtype, compat: bool = False) -> torch.Tensor | None:
     """[B, Lt] bool (True = pad) -> HF additive mask [B, 1, 1, Lt]."""
     if pad_mask is None:
         return None
-    return pad_mask[:, None, None, :].to(dtype) * torch.finfo(dtype).min
+    fill = ORIGINAL_MASK_VALUE if compat else torch.finfo(dtype).min
+    return pad_mask[:, None, None, :].to(dtype) * fill
 
 
 class AlifEncoder(nn.Module):
@@ -115,7 +122,7 @@ class AlifEncoder(nn.Module):
             v_pad_mask, l_pad_mask = v_pad, lang_pad
         with record_function("alif"):
             v, lang = self.fusion_layers[k](v, lang, v_pos, v_pad_mask, l_pad_mask)
-            out = self.roberta_layers[k](lang, attention_mask=_extended_mask(lang_pad, lang.dtype))
+            out = self.roberta_layers[k](lang, attention_mask=_extended_mask(lang_pad, lang.dtype, self.compat))
             lang = out[0] if isinstance(out, tuple) else out   # transformers >= 5 returns the tensor
         src = torch.cat([src[:, :start], v], dim=1) if start > 0 else v
         return src, lang
