@@ -1,4 +1,5 @@
-"""`rlipv2 scale plan | sweep | report`: plan a run from a measured model, sweep recipe keys, report the curves."""
+"""`rlipv2 scale calibrate | plan | sweep | report`: measure the machine, plan a run from a measured model,
+sweep recipe keys, report the curves."""
 from __future__ import annotations
 
 import argparse
@@ -25,15 +26,40 @@ def _plan(args: argparse.Namespace) -> int:
         raise UserError(f"--gpu '{args.gpu}' is unknown; choose one of {', '.join(GPUS)}")
     cfg = load_run_config(args.recipe, args.overrides)
     h, w = (int(v) for v in args.resolution.split("x"))
+    machine = None
+    if args.machine:
+        from rlipv2_scale.scale.calibrate import load_constants
+
+        machine = load_constants(args.machine)
     rep = build_plan(cfg, args.recipe, _ints(args.gpus), gpu=args.gpu, inter_node_gbps=args.interconnect,
                      mfu=args.mfu, resolution=(h, w), images_per_epoch=args.images_per_epoch,
-                     measure_at=args.measure_at)
+                     measure_at=args.measure_at, machine=machine)
     print(format_table(rep))
     if len(rep.measurements) > 1:
         print("measured at " + ", ".join(f"{m.height}x{m.width}: {m.flops / 1e9:.1f} GFLOP" for m in rep.measurements)
               + f"; extrapolated linearly in pixels to {h}x{w}")
     paths = write_outputs(rep, args.out or cfg.run.path / "plan")
     print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from rlipv2_scale.scale.calibrate import calibrate
+
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {args.device}: no CUDA device is visible here; calibrate on the GPU machine")
+    deepspeed = not args.no_deepspeed
+    if deepspeed:
+        try:
+            import deepspeed as _  # noqa: F401
+        except ImportError:
+            raise UserError("DeepSpeed is not installed: pass --no-deepspeed to measure plain PyTorch only") from None
+    c = calibrate(args.device, threads=args.threads, deepspeed=deepspeed, collectives=not args.no_collectives,
+                  repeat=args.repeat, log=print)
+    print(f"wrote {c.save(args.out)}")
     return 0
 
 
@@ -79,6 +105,15 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def register(tree) -> None:
+    p = tree.group_command("scale", "calibrate", "measure this machine's constants for the cost model: collective "
+                                                 "latency and bandwidth, the optimiser's and DeepSpeed's costs", _calibrate)
+    p.add_argument("--out", default="machine.json", help="JSON file for the constants (plan --machine reads it)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    p.add_argument("--repeat", type=int, default=5, help="timed repetitions per probe (the fastest counts)")
+    p.add_argument("--no-deepspeed", action="store_true", help="skip the DeepSpeed probe (plain PyTorch)")
+    p.add_argument("--no-collectives", action="store_true", help="skip the 2-process collective ping")
+
     p = tree.group_command("scale", "plan", "project memory, step time, throughput and GPU-hours of a recipe", _plan)
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*", metavar="key=value")
@@ -89,6 +124,7 @@ def register(tree) -> None:
     p.add_argument("--resolution", default="800x1333", help="HxW of a training image")
     p.add_argument("--images-per-epoch", type=int, help="default: the recipe's data.epoch_size")
     p.add_argument("--measure-at", choices=["extrapolate", "full"], default="extrapolate")
+    p.add_argument("--machine", help="constants of `rlipv2 scale calibrate` measured on the GPU kind planned for")
     p.add_argument("--out", help="folder for plan.json and the PNGs (default: RUN_DIR/plan)")
 
     p = tree.group_command("scale", "sweep", "one training run per combination of recipe values, locally or as a "

@@ -9,13 +9,25 @@ Inputs are measured on the real model (FLOPs and activation bytes per image, par
 - communication per step and rank (ring collectives move (N−1)/N of the buffer twice for an
   all-reduce): DDP all-reduce ≈ 2Ψ, ZeRO-1/2 reduce-scatter + all-gather ≈ 2Ψ, ZeRO-3 ≈ 3Ψ
   (weights gathered for the forward and again for the backward, gradients reduce-scattered);
-- step time = compute + the part of communication that does not overlap it.
+- step time = compute + the part of communication that does not overlap it, plus a fixed latency
+  per collective times the collectives a step issues.
+
+Compute is charged per micro-batch, not per image: the label-text encoder runs once per batch over
+the label list (`ModelCost.flops_per_step`), the image path once per image (`flops_per_image`).
+
+`rank_memory` and `step_time` are the detailed model that `benchmarks/scale_validation.py` checks
+against the real trainer: DeepSpeed's own buffers per stage (flattened weights, the fp32 master
+partition, gradient buckets, ZeRO-3's gathered weights) and the machine's measured constants
+(`rlipv2_scale.scale.calibrate`): collective latency and bandwidth, the optimiser's cost per
+parameter and per tensor, DeepSpeed's per-stage work.
 
 Frozen parameters (the R50 stem, Swin norms) take no gradient or optimiser state.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -44,9 +56,19 @@ class ModelCost:
 
     params: int                   # Ψ, all parameters
     trainable_params: int
-    flops_per_image: float        # forward + backward
+    flops_per_image: float        # forward + backward, per image of a micro-batch
     activation_bytes_per_image: float
     precision: str = "bf16"       # "bf16" (mixed) or "fp32"
+    flops_per_step: float = 0.0   # once per micro-batch whatever its size (the label-text encoder)
+    activation_bytes_per_step: float = 0.0
+    tensors: int = 0              # trainable parameter tensors
+    modules: int = 0              # modules holding parameters (ZeRO-3 gathers each)
+
+    def flops(self, micro_batch: float) -> float:
+        return self.flops_per_step + micro_batch * self.flops_per_image
+
+    def activation_bytes(self, micro_batch: float) -> float:
+        return self.activation_bytes_per_step + micro_batch * self.activation_bytes_per_image
 
 
 @dataclass
@@ -59,6 +81,10 @@ class PlanAssumptions:
     micro_batch: int = 4
     grad_accum: int = 1
     memory_headroom_gib: float = 6.0  # CUDA context, allocator fragmentation, workspace
+    collective_latency_s: float = 30e-6   # one NCCL collective (launch + synchronisation)
+    # Measured constants (`rlipv2 scale calibrate` on a GPU of the kind planned for): the optimiser's
+    # and DeepSpeed's own time per step, and the measured collective latency, join the projection.
+    machine: Any = None
 
 
 def state_bytes(cost: ModelCost, stage: int, world: int) -> dict[str, float]:
@@ -124,31 +150,191 @@ def plan(cost: ModelCost, gpus: list[int], a: PlanAssumptions, images_per_epoch:
     base_gpus = min(gpus)
     global_batch = global_batch or base_gpus * a.micro_batch * a.grad_accum
     peak = a.gpu.peak_tflops * 1e12 * (a.mfu if cost.precision == "bf16" else a.mfu / 8)
-    t_image = cost.flops_per_image / peak
+    buckets = DeepSpeedBuckets()
+
+    def compute_s(images: float) -> float:      # one optimizer step of `images` per GPU in micro-batches
+        micro = min(a.micro_batch, images)
+        return cost.flops(micro) / peak * images / micro
+
     for stage in ZERO_STAGES:
         base_rate = None
         base_strong_step = None
         for n in sorted(gpus):
             state = state_bytes(cost, stage, n)["total"]
-            act = cost.activation_bytes_per_image * a.micro_batch
+            act = cost.activation_bytes(a.micro_batch)
             budget = a.gpu.memory_gib * gib - a.memory_headroom_gib * gib
             total = state + act
-            max_mb = max(0, int((budget - state) // cost.activation_bytes_per_image)) if budget > state else 0
-            compute = t_image * a.micro_batch * a.grad_accum
-            comm = comm_bytes(cost, stage, n) / bandwidth(a, n)
+            free = budget - state - cost.activation_bytes_per_step
+            max_mb = max(0, int(free // cost.activation_bytes_per_image)) if free > 0 else 0
+            compute = compute_s(a.micro_batch * a.grad_accum)
+            latency = a.machine.collective_latency_s if a.machine is not None else a.collective_latency_s
+            comm = (comm_bytes(cost, stage, n) / bandwidth(a, n)
+                    + collectives_per_step(cost, stage, n, buckets) * latency)
             exposed = max(comm - a.overlap * compute, (1 - a.overlap) * comm)
-            step = compute + exposed
+            local = 0.0           # optimiser and DeepSpeed bookkeeping, once per optimizer step
+            if a.machine is not None:
+                parts = step_time(cost, a.machine, stage, n, a.micro_batch, 0.0, b=buckets, communication=False)
+                local = parts["optimizer"] + parts["deepspeed"]
+            step = compute + exposed + local
             rate = n * a.micro_batch * a.grad_accum / step
             base_rate = base_rate or rate / n * base_gpus
             weak = rate / (base_rate * n / base_gpus)
             per_gpu = max(global_batch / n, 1e-9)
-            strong_step = t_image * per_gpu + max(comm - a.overlap * t_image * per_gpu, (1 - a.overlap) * comm)
+            strong_compute = compute_s(per_gpu)
+            strong_step = strong_compute + max(comm - a.overlap * strong_compute, (1 - a.overlap) * comm) + local
             base_strong_step = base_strong_step or strong_step
             strong = base_strong_step / strong_step / (n / base_gpus)
             hours = images_per_epoch * epochs / rate / 3600 * n
             rows.append(PlanRow(n, stage, state / gib, act / gib, total / gib, total <= budget, max_mb,
                                 compute, exposed, step, rate, weak, strong, hours))
     return rows
+
+
+# ---------------------------------------------------------------------------------- DeepSpeed, in detail
+@dataclass(frozen=True)
+class DeepSpeedBuckets:
+    """What sets the number and size of DeepSpeed's collectives and buffers (its defaults, which the
+    trainer's DeepSpeed configuration keeps)."""
+
+    reduce_bucket: float = 5e8        # elements per gradient bucket (reduce_bucket_size)
+    param_groups: int = 1             # optimiser parameter groups (a flat partition each)
+    trainer_collectives: int = 3      # per step outside DeepSpeed: the loss's pair count, the trainer's
+    #                                   stop / non-finite agreement and its logged-metrics reduction
+    multi_rank_allreduce: bool = True  # ZeRO-1/2 reduce a bucket by all-reduce (DeepSpeed's default), not
+    #                                    reduce-scatter: 2Ψ, then the all-gather of updated weights Ψ
+
+
+def deepspeed_comm_bytes(cost: ModelCost, stage: int, world: int, b: DeepSpeedBuckets = DeepSpeedBuckets()) -> float:
+    """Bytes one rank sends per step as DeepSpeed does it: like `comm_bytes`, except that ZeRO-1/2
+    all-reduce whole gradient buckets by default (then all-gather the updated weights): 3Ψ."""
+    if world <= 1:
+        return 0.0
+    if stage in (1, 2) and b.multi_rank_allreduce:
+        ring = (world - 1) / world
+        g = cost.trainable_params * (2 if cost.precision == "bf16" else 4)
+        w = cost.params * (2 if cost.precision == "bf16" else 4)
+        return (2 * g + w) * ring
+    return comm_bytes(cost, stage, world)
+
+
+def collectives_per_step(cost: ModelCost, stage: int, world: int, b: DeepSpeedBuckets = DeepSpeedBuckets()) -> int:
+    """Collectives one rank issues per optimizer step (each pays the backend's latency once).
+
+    ZeRO-0: one all-reduce per gradient bucket. ZeRO-1/2: one all-reduce per bucket (DeepSpeed's
+    multi-rank bucket reduction), the gradient-norm all-reduce of clipping, an overflow check and
+    one all-gather (into a flat tensor) of updated weights per parameter group. ZeRO-3: a gather
+    of each parameter-holding module's weights in the forward and again in the backward, one
+    reduce-scatter per bucket, the gradient norm and overflow check.
+    """
+    if world <= 1:
+        return 0
+    buckets = math.ceil(cost.trainable_params / b.reduce_bucket) if cost.trainable_params else 0
+    gathers = b.param_groups
+    if stage == 0:
+        n = buckets
+    elif stage in (1, 2):
+        n = buckets + 2 + gathers
+    else:
+        n = 2 * cost.modules + buckets + 2
+    return n + b.trainer_collectives
+
+
+def rank_memory(cost: ModelCost, stage: int | None, world: int, micro_batch: int,
+                b: DeepSpeedBuckets = DeepSpeedBuckets()) -> dict[str, float]:
+    """Peak bytes one rank holds for the model under DeepSpeed, by buffer (add the process's own
+    baseline for its resident memory).
+
+    Persistent: the model's weights (partitioned under ZeRO-3), AdamW's two moments, DeepSpeed's
+    fp32 master partition (ZeRO ≥ 1 keeps one even when the model is fp32; ZeRO-0 only under
+    bf16). At the step: the gradients (full under ZeRO-0/1, a partition under ZeRO-2/3) and what
+    DeepSpeed flattens them into: ZeRO-0 a flat all-reduce bucket; ZeRO-1 a gradient bucket plus the
+    averaged partition and its flat copy for the optimizer; ZeRO-2 a gradient bucket, the gradient
+    partition and its flat copy; ZeRO-3 additionally the gathered full weights (every module stays
+    gathered within DeepSpeed's live-parameter limit), a reduce-scatter staging buffer and a flat
+    all-gather buffer for the updated partition. Activations live in the forward/backward; the
+    peak is the larger of that phase and the step's. `stage=None`: plain PyTorch (no DeepSpeed).
+    """
+    if stage is not None and stage not in ZERO_STAGES:
+        raise ValueError(f"ZeRO stage must be one of {ZERO_STAGES}, got {stage}")
+    n = max(world, 1)
+    psi, tr = cost.params, cost.trainable_params
+    w = 2 if cost.precision == "bf16" else 4                 # bytes of a weight / gradient in the model's dtype
+    bucket = w * min(tr, b.reduce_bucket)
+    act = cost.activation_bytes(micro_batch)
+    if stage is None:
+        persistent = {"weights": w * psi, "optimizer": 8 * tr, "master": 4 * tr if w == 2 else 0.0}
+        step = {"gradients": w * tr}
+    elif stage == 0:
+        persistent = {"weights": w * psi, "optimizer": 8 * tr, "master": 4 * tr if w == 2 else 0.0}
+        step = {"gradients": w * tr, "buckets": bucket}
+    elif stage == 1:
+        persistent = {"weights": w * psi, "optimizer": 8 * tr / n, "master": 4 * tr / n}
+        step = {"gradients": w * tr, "buckets": bucket + 8 * tr / n}
+    elif stage == 2:
+        persistent = {"weights": w * psi, "optimizer": 8 * tr / n, "master": 4 * tr / n, "buckets": bucket}
+        step = {"gradients": 4 * tr / n, "buckets": 4 * tr / n}
+    else:
+        persistent = {"weights": w * psi / n, "optimizer": 8 * tr / n, "master": 4 * tr / n,
+                      "gradients": 4 * tr / n, "buckets": bucket + 8 * tr / n}
+        # the gathered weights and the reduce-scatter staging coexist with the activations
+        step = {"gathered": w * psi + w * min(tr, b.reduce_bucket)}
+    held = sum(persistent.values())
+    train_phase = held + act + (step.get("gathered", 0.0))
+    step_phase = held + sum(step.values())
+    out = {k: float(v) for k, v in persistent.items()}
+    for k, v in step.items():
+        out[k] = out.get(k, 0.0) + float(v)
+    out["activations"] = float(act)
+    out["peak"] = float(max(train_phase, step_phase))
+    return out
+
+
+# Share of DeepSpeed's per-parameter copying that works on the rank's partition, by the bytes of
+# `rank_memory`'s step buffers: ZeRO-1/2 copy the whole gradient into a bucket and gather the whole
+# weights (12 bytes/param) but flatten, average and write back only the partition (24/N); ZeRO-3
+# gathers whole weights twice and buckets whole gradients (24) against 24/N of partition copies.
+PARTITIONED_COPIES = {0: 0.0, 1: 2 / 3, 2: 2 / 3, 3: 1 / 2}
+
+
+def step_time(cost: ModelCost, machine, stage: int | None, world: int, micro_batch: int, forward_backward_s: float,
+              contention: float = 1.0, data_s: float = 0.0, b: DeepSpeedBuckets = DeepSpeedBuckets(),
+              communication: bool = True) -> dict[str, float]:
+    """Seconds of one optimizer step (one micro-batch) on one rank, by part.
+
+    `forward_backward_s`: the model's forward, loss and backward at this micro-batch (measured FLOP
+    rate); `data_s`: the loader's time per batch (in the training process: num_workers=0); `machine`: `calibrate.MachineConstants`; `contention`: how much slower a rank's local
+    work runs when `world` ranks share the host (1 on separate GPUs); `stage=None`: plain PyTorch,
+    no DeepSpeed. Optimiser: AdamW with clipping on the rank's share of the parameters (the whole
+    model under ZeRO-0, a 1/N partition under ZeRO ≥ 1). DeepSpeed: its per-stage cost per
+    trainable parameter (measured on one rank, the partition's share of it divided by N), per
+    tensor (per module under ZeRO-3) and per step. Communication: bytes / bandwidth plus
+    latency × collectives, not overlapped (gloo and DeepSpeed on a CPU do not overlap); left out
+    with `communication=False` (the GPU plan models it with the interconnect's bandwidth).
+    """
+    n = max(world, 1)
+    tr = cost.trainable_params
+    # The probes time DeepSpeed's step against the plain one (AdamW per tensor over every
+    # parameter): the optimiser term is that plain step on the rank's share of the parameters,
+    # DeepSpeed's term what its stage adds or saves on top (flat groups, copies, hooks).
+    share = tr if stage in (None, 0) else tr / n
+    optimizer = (machine.adam_s_per_param * share + machine.adam_s_per_tensor * cost.tensors
+                 + machine.adam_s_per_step)
+    deepspeed = 0.0
+    if stage is not None and str(stage) in machine.deepspeed_s:
+        per_param, per_item, per_step = (list(machine.deepspeed_s[str(stage)]) + [0.0])[:3]   # older files: 2 terms
+        # Measured on one rank; on N ranks the copies into and out of the rank's partition shrink.
+        share = 1 - PARTITIONED_COPIES[stage] + PARTITIONED_COPIES[stage] / n
+        deepspeed = (per_param * tr * share + per_item * (cost.modules if stage == 3 else cost.tensors)
+                     + per_step)
+    comm = 0.0
+    if communication and stage is not None and n > 1:
+        if machine.collective_bytes_per_s <= 0:
+            raise ValueError("machine constants without a collective bandwidth cannot predict a multi-rank step")
+        comm = (deepspeed_comm_bytes(cost, stage, n, b) / machine.collective_bytes_per_s
+                + collectives_per_step(cost, stage, n, b) * machine.collective_latency_s)
+    local = contention * (forward_backward_s + data_s + optimizer + deepspeed)
+    return {"compute": contention * forward_backward_s, "data": contention * data_s, "optimizer": contention * optimizer,
+            "deepspeed": contention * deepspeed, "communication": comm, "total": local + comm}
 
 
 def fmt_bytes(n: float) -> str:

@@ -1,7 +1,9 @@
 """`rlipv2 scale plan`: measure the configured model, then project a run on N GPUs.
 
-FLOPs and activation bytes per image are measured on a real forward/backward of the recipe's
-model (random weights, no download) with the recipe's label-sequence length. Big models at full
+FLOPs and activation bytes are measured on a real forward/backward of the recipe's model (random
+weights, no download) with the recipe's label-sequence length, at micro-batches of 1 and 2: the
+difference is the cost per image (backbone, encoder, decoders), the rest the cost per step (the
+label-text encoder runs once per batch over the label list, whatever the batch size). Big models at full
 resolution are slow on a CPU, so by default the measurement is taken at two smaller square
 resolutions and extrapolated linearly in the pixel count (backbone, encoder and deformable
 attention grow with pixels; the text encoder and decoders do not): the fit is reported with the
@@ -10,7 +12,6 @@ plan. On a GPU, or with `--measure-at full`, the recipe's resolution is measured
 from __future__ import annotations
 
 import json
-import random
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -23,48 +24,64 @@ from rlipv2_scale.scale.cost import GPUS, ModelCost, PlanAssumptions, PlanRow, f
 class Measurement:
     height: int
     width: int
-    flops: float
-    activation_bytes: float
+    flops: float                  # per image
+    activation_bytes: float       # per image
+    flops_per_step: float = 0.0
+    activation_bytes_per_step: float = 0.0
 
 
-def _labels(n: int, prefix: str) -> list[str]:
-    rng = random.Random(n)
-    words = ["red", "small", "person", "holding", "next", "to", "on", "top", "of", "riding", "cup", "table"]
-    return [f"{prefix} {i} " + " ".join(rng.choice(words) for _ in range(rng.randint(0, 2))) for i in range(n)]
+def measure_total(model: torch.nn.Module, height: int, width: int, num_obj: int, num_rel: int,
+                  batch: int, device: torch.device | str = "cpu",
+                  texts: tuple[list[str], list[str]] | None = None) -> tuple[float, float]:
+    """(FLOPs, activation bytes) of a forward/backward of a whole micro-batch of `batch` images."""
+    from rlipv2_scale.scale.measure import activation_bytes, calibration_step, count_flops
 
-
-def measure_once(model: torch.nn.Module, height: int, width: int, num_obj: int, num_rel: int,
-                 batch: int = 1) -> Measurement:
-    from rlipv2_scale.scale.measure import activation_bytes, count_flops
-
-    torch.manual_seed(0)
-    images = torch.randn(batch, 3, height, width)
-    mask = torch.zeros(batch, height, width, dtype=torch.bool)
-    obj, rel = _labels(num_obj, "object") + ["no objects"], _labels(num_rel, "relation")
-
-    def step() -> torch.Tensor:
-        out = model(images, mask, obj, rel)
-        # Every output feeds the loss; the matcher and loss terms are negligible in FLOPs.
-        return sum(out[k].float().sum() for k in ("pred_sub_boxes", "pred_obj_boxes", "pred_sub_logits",
-                                                  "pred_obj_logits", "pred_rel_logits"))
-
+    # Every output feeds the loss; the matcher and loss terms are negligible in FLOPs.
+    step = calibration_step(model, None, batch, height, width, num_obj, num_rel, device, texts)
     model.train()
     flops = count_flops(step)
     model.zero_grad(set_to_none=True)
     act = activation_bytes(step, exclude=list(model.parameters()))
     model.zero_grad(set_to_none=True)
-    return Measurement(height, width, flops / batch, act / batch)
+    return float(flops), float(act)
 
 
-def extrapolate(a: Measurement, b: Measurement, height: int, width: int) -> tuple[float, float]:
-    """Linear in the pixel count through two measurements → (FLOPs, activation bytes) at H×W."""
+def measure_once(model: torch.nn.Module, height: int, width: int, num_obj: int, num_rel: int,
+                 device: torch.device | str = "cpu", texts: tuple[list[str], list[str]] | None = None) -> Measurement:
+    """Per-image and per-step cost from micro-batches of 1 and 2 images."""
+    f1, a1 = measure_total(model, height, width, num_obj, num_rel, 1, device, texts)
+    f2, a2 = measure_total(model, height, width, num_obj, num_rel, 2, device, texts)
+    # Activations are counted by storage, which can make the split slightly noisy: keep both ≥ 0.
+    per_image_act = max(a2 - a1, 0.0)
+    return Measurement(height, width, f2 - f1, per_image_act, max(2 * f1 - f2, 0.0), max(a1 - per_image_act, 0.0))
+
+
+def extrapolate(a: Measurement, b: Measurement, height: int, width: int) -> Measurement:
+    """Per-image cost linear in the pixel count through two measurements; the per-step cost (the
+    label-text encoder) does not depend on the resolution: their mean."""
     pa, pb, p = a.height * a.width, b.height * b.width, height * width
 
     def line(ya: float, yb: float) -> float:
         slope = (yb - ya) / (pb - pa)
         return ya + slope * (p - pa)
 
-    return line(a.flops, b.flops), line(a.activation_bytes, b.activation_bytes)
+    return Measurement(height, width, line(a.flops, b.flops), line(a.activation_bytes, b.activation_bytes),
+                       (a.flops_per_step + b.flops_per_step) / 2,
+                       (a.activation_bytes_per_step + b.activation_bytes_per_step) / 2)
+
+
+def model_counts(model: torch.nn.Module) -> dict[str, int]:
+    """Parameters, trainable parameters and tensors, and the modules that hold parameters."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return {"params": sum(p.numel() for p in model.parameters()), "trainable_params": sum(p.numel() for p in trainable),
+            "tensors": len(trainable),
+            "modules": sum(1 for m in model.modules() if any(True for _ in m.parameters(recurse=False)))}
+
+
+def model_cost(model: torch.nn.Module, m: Measurement, precision: str) -> ModelCost:
+    return ModelCost(flops_per_image=m.flops, activation_bytes_per_image=m.activation_bytes, precision=precision,
+                     flops_per_step=m.flops_per_step, activation_bytes_per_step=m.activation_bytes_per_step,
+                     **model_counts(model))
 
 
 @dataclass
@@ -90,32 +107,34 @@ class PlanReport:
 
 def build_plan(cfg, recipe_name: str, gpus: list[int], gpu: str = "h100", inter_node_gbps: float = 50.0,
                mfu: float = 0.35, resolution: tuple[int, int] = (800, 1333), images_per_epoch: int | None = None,
-               measure_at: str = "extrapolate", probe_sizes: tuple[int, int] = (256, 384)) -> PlanReport:
-    """`cfg` is a RunConfig: its model, its label-sequence sizes, micro-batch and schedule."""
+               measure_at: str = "extrapolate", probe_sizes: tuple[int, int] = (256, 384),
+               machine=None) -> PlanReport:
+    """`cfg` is a RunConfig: its model, its label-sequence sizes, micro-batch and schedule;
+    `machine`: measured constants (`rlipv2 scale calibrate`) to add the optimiser's and DeepSpeed's
+    time and the measured collective latency."""
     from rlipv2_scale.models.rlipv2 import build_model
 
     model_cfg = replace(cfg.model, text=replace(cfg.model.text, pretrained=None, tokenizer=None))
     model = build_model(model_cfg, pretrained=False)
-    params = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_obj, n_rel = cfg.data.num_obj_labels, cfg.data.num_rel_labels
     if cfg.data.fixed_labels:
         n_obj, n_rel = len(cfg.data.fixed_obj_labels), len(cfg.data.fixed_rel_labels)
     h, w = resolution
     if measure_at == "full":
         m = measure_once(model, h, w, n_obj, n_rel)
-        measurements, (flops, act) = [m], (m.flops, m.activation_bytes)
+        measurements = [m]
     else:
         measurements = [measure_once(model, s, s, n_obj, n_rel) for s in probe_sizes]
-        flops, act = extrapolate(*measurements, h, w)
+        m = extrapolate(*measurements, h, w)
     precision = "bf16" if cfg.train.precision in ("bf16", "auto") else "fp32"
-    cost = ModelCost(params, trainable, flops, act, precision)
+    cost = model_cost(model, m, precision)
     a = PlanAssumptions(gpu=GPUS[gpu], inter_node_gbps=inter_node_gbps, mfu=mfu, micro_batch=cfg.data.batch_size,
-                        grad_accum=cfg.train.grad_accum)
+                        grad_accum=cfg.train.grad_accum, machine=machine)
     ipe = images_per_epoch or cfg.data.epoch_size or 1_000_000
     rows = plan(cost, gpus, a, ipe, cfg.train.epochs)
     assumptions = asdict(a)
     assumptions["gpu"] = asdict(a.gpu)
+    assumptions["machine"] = machine.to_dict() if machine is not None else None
     return PlanReport(recipe_name, cfg.model.name, resolution, (n_obj, n_rel), cost, measurements, assumptions,
                       rows, ipe, cfg.train.epochs)
 
@@ -125,7 +144,8 @@ def format_table(rep: PlanReport) -> str:
     lines = [f"{rep.model} at {rep.resolution[0]}x{rep.resolution[1]}, {rep.num_labels[0]}+{rep.num_labels[1]} labels: "
              f"{c.params / 1e6:.1f} M params ({c.trainable_params / 1e6:.1f} M trainable), "
              f"{c.flops_per_image / 1e12:.2f} TFLOP and {fmt_bytes(c.activation_bytes_per_image)} of activations "
-             f"per image (fwd+bwd)",
+             f"per image + {c.flops_per_step / 1e12:.2f} TFLOP and {fmt_bytes(c.activation_bytes_per_step)} per step "
+             f"(label-text encoder) (fwd+bwd)",
              f"{'GPUs':>6} {'ZeRO':>4} {'state/GPU':>10} {'act/GPU':>10} {'fits':>4} {'max mb':>6} {'step s':>8} "
              f"{'img/s':>9} {'weak':>6} {'strong':>6} {'GPU-h':>9}"]
     for r in rep.rows:

@@ -1,0 +1,382 @@
+"""Machine constants of the cost model, measured once on the machine that trains.
+
+The cost model (`rlipv2_scale.scale.cost`) turns a model's measured FLOPs, bytes and tensor counts
+into step time and memory; these probes give it the machine's rates, each measured on a workload
+of its own (never on the run being predicted):
+
+- collective latency and bandwidth: a 2-process ping of the backend (gloo on CPU, NCCL on GPUs):
+  a 4-byte all-reduce (latency) and a 16 MiB one (bandwidth per rank, ring all-reduce);
+- the optimiser: torch AdamW with gradient clipping, timed on a few large tensors, many small ones
+  and a few small ones, which separates its cost per parameter, per tensor and per step;
+- DeepSpeed's own work per ZeRO stage beyond that (flattening gradients into buckets, copies
+  between the fp32 partition and the model's weights, ZeRO-3's per-module fetch and release
+  hooks): the same three synthetic models trained through `deepspeed.initialize` with the trainer's
+  DeepSpeed configuration on one rank, minus the plain step: a cost per parameter, one per tensor
+  (per module under ZeRO-3) and one per step;
+- the process's memory besides the model (interpreter, torch, DeepSpeed, Accelerate, the data
+  loader): the peak resident memory of a process that imports the trainer and does nothing else.
+
+The model's own compute rate (FLOP/s of its forward, loss and backward) is measured by
+`rlipv2_scale.scale.measure.time_forward_backward` on the model itself: it depends on the mix of
+operations (convolutions, attention, small ops) as much as on the machine.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from rlipv2_scale.errors import UserError
+
+ZERO_STAGES = (0, 1, 2, 3)
+
+
+@dataclass
+class MachineConstants:
+    device: str                                  # "cpu" or a GPU's name
+    threads: int                                 # torch threads per rank during the probes
+    collective_latency_s: float = 0.0            # one small collective between 2 ranks
+    collective_bytes_per_s: float = 0.0          # bytes one rank sends per second in a large all-reduce (0: not measured)
+    adam_s_per_param: float = 0.0                # AdamW + clipping, per trainable parameter
+    adam_s_per_tensor: float = 0.0               # ... per trainable tensor (dispatch, Python)
+    adam_s_per_step: float = 0.0                 # ... once per step
+    # DeepSpeed's work beyond the plain optimiser step, per ZeRO stage: [per parameter, per tensor
+    # (per module under ZeRO-3), per step], on one rank.
+    deepspeed_s: dict[str, list[float]] = field(default_factory=dict)
+    baseline_bytes: float = 0.0                  # resident memory of a trainer process without a model
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "MachineConstants":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise UserError(f"machine constants: unknown key(s) {', '.join(unknown)}; write them with "
+                            f"`rlipv2 scale calibrate`")
+        return cls(**data)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        return path
+
+
+def load_constants(path: str | os.PathLike) -> MachineConstants:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"machine constants '{path}' do not exist: measure them with `rlipv2 scale calibrate`")
+    try:
+        return MachineConstants.from_dict(json.loads(path.read_text()))
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise UserError(f"'{path}' is not a machine-constants file of `rlipv2 scale calibrate`: {exc}") from exc
+
+
+def best_time(fn: Callable[[], object], repeat: int = 5, warmup: int = 2, sync: Callable[[], None] = lambda: None) -> float:
+    """Fastest of `repeat` timed calls after `warmup` (timeit's convention: on a shared machine the
+    least disturbed call estimates the undisturbed cost)."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def fit_costs(rows: list[tuple[float, float, float]]) -> list[float]:
+    """[per parameter, per item, per step] ≥ 0 from (parameters, items, seconds) of the probe
+    workloads: non-negative least squares (a cost is never negative; noise on a shared machine can
+    push an unconstrained fit below 0). Three workloads that differ in both counts pin all three."""
+    import numpy as np
+    from scipy.optimize import nnls
+
+    a = np.array([[p, n, 1.0] for p, n, _ in rows])
+    b = np.array([t for _, _, t in rows])
+    scale = np.abs(a).max(axis=0)            # columns of very different magnitudes: solve in units
+    x, _ = nnls(a / scale, b)
+    return [float(v) for v in x / scale]
+
+
+# ------------------------------------------------------------------------------------------ probe models
+PROBES = ("large", "small", "few")
+
+
+def probe_models() -> dict[str, torch.nn.Module]:
+    """A few large tensors, many small ones and a few small ones: the workloads that separate the
+    costs per parameter, per tensor (or module) and per step."""
+    torch.manual_seed(0)
+    return {"large": torch.nn.Sequential(*[torch.nn.Linear(2048, 2048) for _ in range(6)]),
+            "small": torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(160)]),
+            "few": torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(20)])}
+
+
+def _probe_input(name: str, device: torch.device) -> torch.Tensor:
+    return torch.randn(4, 2048 if name == "large" else 8, device=device)
+
+
+def _counts(model: torch.nn.Module) -> tuple[int, int, int]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    modules = sum(1 for m in model.modules() if any(True for _ in m.parameters(recurse=False)))
+    return sum(p.numel() for p in params), len(params), modules
+
+
+def optimizer_probe(device: torch.device, repeat: int = 5) -> tuple[list[float], dict]:
+    """AdamW + clipping: seconds [per parameter, per tensor, per step]."""
+    times = {}
+    for name, model in probe_models().items():
+        model = model.to(device)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-4)
+        model(_probe_input(name, device)).sum().backward()
+
+        def step() -> None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+            opt.step()
+
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        times[name] = (*_counts(model)[:2], best_time(step, repeat, sync=sync))
+    return fit_costs(list(times.values())), {k: v[2] for k, v in times.items()}
+
+
+# ------------------------------------------------------------------------------------------ subprocesses
+def _spawn(target: str, world: int, payload: dict, timeout: float = 600) -> list[dict]:
+    """Run `python -m rlipv2_scale.scale.calibrate TARGET` on `world` local ranks (a process group of
+    their own through a file store); returns each rank's JSON answer."""
+    with tempfile.TemporaryDirectory(prefix="rlipv2_calibrate_") as tmp:
+        procs = []
+        for rank in range(world):
+            env = {**os.environ, "RLIPV2_CAL_RANK": str(rank), "RLIPV2_CAL_WORLD": str(world),
+                   "RLIPV2_CAL_STORE": str(Path(tmp) / "store"), "RLIPV2_CAL_OUT": str(Path(tmp) / f"{rank}.json"),
+                   "RLIPV2_CAL_PAYLOAD": json.dumps(payload)}
+            procs.append(subprocess.Popen([sys.executable, "-m", "rlipv2_scale.scale.calibrate", target], env=env,
+                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        outs = []
+        for p in procs:
+            try:
+                out, _ = p.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                for q in procs:
+                    q.kill()
+                raise UserError(f"calibration probe '{target}' did not finish in {timeout:.0f} s")
+            outs.append(out)
+        if any(p.returncode for p in procs):
+            raise UserError(f"calibration probe '{target}' failed:\n" + "\n".join(o[-2000:] for o in outs))
+        return [json.loads((Path(tmp) / f"{r}.json").read_text()) for r in range(world)]
+
+
+def _init_group(backend: str) -> tuple[int, int]:
+    import torch.distributed as dist
+
+    rank, world = int(os.environ["RLIPV2_CAL_RANK"]), int(os.environ["RLIPV2_CAL_WORLD"])
+    dist.init_process_group(backend, init_method=f"file://{os.environ['RLIPV2_CAL_STORE']}", rank=rank,
+                            world_size=world)
+    return rank, world
+
+
+def _collectives_worker(payload: dict) -> dict:
+    import torch.distributed as dist
+
+    device = torch.device(payload["device"])
+    rank, world = _init_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(rank)
+        device = torch.device("cuda", rank)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    small = torch.ones(1, device=device)
+    large = torch.ones(payload["nbytes"] // 4, device=device)
+    res = {"latency_s": best_time(lambda: [dist.all_reduce(small) for _ in range(20)], repeat=5, sync=sync) / 20,
+           "large_s": best_time(lambda: dist.all_reduce(large), repeat=5, sync=sync)}
+    dist.destroy_process_group()
+    return res
+
+
+def _deepspeed_worker(payload: dict) -> dict:
+    """Per ZeRO stage: the time of a DeepSpeed step minus the plain one, for each probe model."""
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(payload["port"]))
+    os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
+    import deepspeed
+
+    from rlipv2_scale.train.launch import deepspeed_config
+
+    device = torch.device(payload["device"])
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    out: dict = {"counts": {}, "plain": {}, "deepspeed": {}}
+    for name in PROBES:
+        model = probe_models()[name].to(device)
+        out["counts"][name] = _counts(model)
+        x = _probe_input(name, device)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-4)
+
+        def plain() -> None:
+            model(x).sum().backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        out["plain"][name] = best_time(plain, payload["repeat"], sync=sync)
+        for stage in payload["stages"]:
+            cfg = deepspeed_config(micro_batch_size=4, grad_accum=1, world_size=1, zero_stage=stage, bf16=False,
+                                   grad_clip=0.1, zero3_persistence_threshold=0)
+            m = probe_models()[name].to(device)
+            engine, *_ = deepspeed.initialize(model=m, optimizer=torch.optim.AdamW(m.parameters(), lr=1e-4,
+                                                                                  weight_decay=1e-4), config=cfg)
+
+            def ds_step() -> None:
+                loss = engine(x).sum()
+                engine.backward(loss)
+                engine.step()
+
+            out["deepspeed"][f"{name}/{stage}"] = best_time(ds_step, payload["repeat"], warmup=3, sync=sync)
+            engine.destroy()
+    return out
+
+
+def _baseline_worker(payload: dict) -> dict:
+    import resource
+
+    # What every trainer process imports besides the model it builds.
+    import accelerate  # noqa: F401
+    import transformers  # noqa: F401
+
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        pass
+    try:
+        from rlipv2_scale.data import streaming  # noqa: F401
+    except ImportError:
+        pass
+    from rlipv2_scale.models import rlipv2  # noqa: F401
+    from rlipv2_scale.models.losses import SetCriterion  # noqa: F401
+    from rlipv2_scale.train import launch  # noqa: F401
+
+    return {"maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def _forward_backward_worker(payload: dict) -> dict:
+    """The model of a recipe: forward, set criterion and backward on a synthetic micro-batch, timed
+    on every rank at once (ranks that share a host slow each other down)."""
+    from rlipv2_scale.models.losses import SetCriterion
+    from rlipv2_scale.models.rlipv2 import build_model
+    from rlipv2_scale.scale.measure import calibration_step, time_forward_backward
+    from rlipv2_scale.train.config import load_run_config
+
+    world = int(os.environ["RLIPV2_CAL_WORLD"])
+    if world > 1:
+        import torch.distributed as dist
+
+        _init_group("gloo")
+    cfg = load_run_config(payload["recipe"], payload["overrides"])
+    device = torch.device(payload["device"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, pretrained=False).to(device).train()
+    step = calibration_step(model, SetCriterion(cfg.loss).to(device), payload["batch"], payload["height"],
+                            payload["width"], cfg.data.num_obj_labels, cfg.data.num_rel_labels, device,
+                            payload.get("texts"))
+    if world > 1:
+        dist.barrier()       # time the ranks together
+    seconds = time_forward_backward(step, model, repeat=payload["repeat"])
+    if world > 1:
+        dist.destroy_process_group()
+    data = None
+    if payload.get("data") and world == 1:
+        from dataclasses import replace
+
+        from rlipv2_scale.data.streaming import build_train_loader
+
+        # Another job's live segments look like stale ones: this probe never cleans shared memory.
+        loader = build_train_loader(replace(cfg.data, clean_shared_memory=False))
+        batches = iter(loader)
+        next(batches)
+        data = best_time(lambda: next(batches), repeat=payload["repeat"] + 2, warmup=0)
+    return {"seconds": seconds, "data_s": data}
+
+
+def forward_backward_seconds(recipe: str | os.PathLike, overrides: list[str], batch: int, height: int, width: int,
+                             ranks: int = 1, device: str = "cpu", repeat: int = 3,
+                             texts: tuple[list[str], list[str]] | None = None,
+                             data: bool = False) -> tuple[float, float | None]:
+    """Seconds of the recipe model's forward + loss + backward on one rank while `ranks` ranks run
+    it at once on this host (the slowest rank's fastest pass), and with `data` (one rank only) the
+    seconds the recipe's training loader takes to produce a batch."""
+    answers = _spawn("forward_backward", ranks, {"recipe": str(recipe), "overrides": overrides, "batch": batch,
+                                                 "height": height, "width": width, "device": device,
+                                                 "repeat": repeat, "texts": texts, "data": data})
+    return max(a["seconds"] for a in answers), answers[0]["data_s"]
+
+
+WORKERS = {"collectives": _collectives_worker, "deepspeed": _deepspeed_worker, "baseline": _baseline_worker,
+           "forward_backward": _forward_backward_worker}
+
+
+# ------------------------------------------------------------------------------------------ the measurement
+def calibrate(device: str = "cpu", threads: int = 1, deepspeed: bool = True, collectives: bool = True,
+              repeat: int = 5, log: Callable[[str], None] = lambda s: None) -> MachineConstants:
+    """Every probe above; `deepspeed=False` where DeepSpeed is not installed (its costs stay 0)."""
+    from rlipv2_scale.train.launch import free_port
+
+    torch.set_num_threads(threads)
+    dev = torch.device(device)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    c = MachineConstants(device=name, threads=threads)
+    if collectives and dev.type == "cuda" and torch.cuda.device_count() < 2:
+        collectives = False
+        c.notes.append("one GPU: collective latency and bandwidth not measured")
+    if collectives:
+        nbytes = 16 * 2 ** 20
+        ranks = _spawn("collectives", 2, {"device": device, "nbytes": nbytes})
+        c.collective_latency_s = max(r["latency_s"] for r in ranks)
+        large = max(r["large_s"] for r in ranks) - c.collective_latency_s
+        c.collective_bytes_per_s = nbytes * 2 * (2 - 1) / 2 / max(large, 1e-9)   # a ring all-reduce sends 2(N−1)/N
+        log(f"collectives: {1e6 * c.collective_latency_s:.0f} µs latency, "
+            f"{c.collective_bytes_per_s / 1e9:.2f} GB/s per rank")
+    (c.adam_s_per_param, c.adam_s_per_tensor, c.adam_s_per_step), _ = optimizer_probe(dev, repeat)
+    log(f"AdamW + clipping: {1e9 * c.adam_s_per_param:.2f} ns per parameter, {1e6 * c.adam_s_per_tensor:.1f} µs "
+        f"per tensor, {1e3 * c.adam_s_per_step:.2f} ms per step")
+    if deepspeed:
+        ds = _spawn("deepspeed", 1, {"device": device, "stages": list(ZERO_STAGES), "repeat": repeat,
+                                     "port": free_port()})[0]
+        for stage in ZERO_STAGES:
+            rows = []
+            for probe in PROBES:
+                params, tensors, modules = ds["counts"][probe]
+                extra = ds["deepspeed"][f"{probe}/{stage}"] - ds["plain"][probe]
+                rows.append((params, modules if stage == 3 else tensors, extra))
+            c.deepspeed_s[str(stage)] = fit_costs(rows)
+            unit = "module" if stage == 3 else "tensor"
+            per_param, per_item, per_step = c.deepspeed_s[str(stage)]
+            log(f"DeepSpeed ZeRO-{stage} beyond the plain step: {1e9 * per_param:.2f} ns per parameter, "
+                f"{1e6 * per_item:.1f} µs per {unit}, {1e3 * per_step:.2f} ms per step")
+    else:
+        c.notes.append("DeepSpeed not measured: its per-stage costs are 0 (plain PyTorch data parallelism)")
+    c.baseline_bytes = float(_spawn("baseline", 1, {})[0]["maxrss_bytes"]) if dev.type == "cpu" else 0.0
+    if dev.type == "cpu":
+        log(f"process memory without a model: {c.baseline_bytes / 2 ** 30:.2f} GiB")
+    return c
+
+
+def _main() -> None:
+    payload = json.loads(os.environ["RLIPV2_CAL_PAYLOAD"])
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    result = WORKERS[sys.argv[1]](payload)
+    Path(os.environ["RLIPV2_CAL_OUT"]).write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    _main()
