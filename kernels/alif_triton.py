@@ -27,6 +27,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+# [B,N,H*D] <-> [B,H,N,D] views; merging a [B,H,N,D] view of a [B,N,H,D] tensor copies nothing
+from rlipv2_scale.kernels.alif import _heads, _merge_heads
+
 STORE, ADD, ATOMIC = 0, 1, 2  # how a kernel writes a gradient another kernel may also write
 
 
@@ -403,17 +406,6 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_pad_m
     return FusedAttention.apply(q, k, v, key_pad_mask, scale, dropout_p, seed, splits)
 
 
-def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    b, n, c = x.shape
-    return x.view(b, n, heads, c // heads).transpose(1, 2)
-
-
-def _merged(x: torch.Tensor) -> torch.Tensor:
-    """[B,H,N,D] view of a [B,N,H,D] tensor back to [B,N,H*D] (no copy)."""
-    b, h, n, d = x.shape
-    return x.transpose(1, 2).reshape(b, n, h * d)
-
-
 def _gate_grad(grad: torch.Tensor, update: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     prod = grad * update
     summed = prod.sum() if gate.dim() == 0 else prod.reshape(-1, gate.shape[-1]).sum(0)
@@ -445,7 +437,7 @@ class FusedAlifBlock(torch.autograd.Function):
         qh, kh = _heads(q, heads), _heads(k, heads)
         out_v, lse_v = core_forward(qh, kh, _heads(vl, heads), lmask, scale, dropout_p, seeds[0], splits)
         out_l, lse_l = core_forward(kh, qh, _heads(vv, heads), vmask, scale, dropout_p, seeds[1], splits)
-        out_v, out_l = _merged(out_v), _merged(out_l)
+        out_v, out_l = _merge_heads(out_v), _merge_heads(out_l)
         y_v, y_l = F.linear(out_v, w_ov, b_ov), F.linear(out_l, w_ol, b_ol)
         ctx.save_for_backward(v, l, x, q, k, vv, vl, out_v, out_l, lse_v, lse_l, y_v, y_l,
                               w_q, w_k, w_vv, w_vl, w_ov, w_ol, gate_v, gate_l)
@@ -484,7 +476,7 @@ class FusedAlifBlock(torch.autograd.Function):
         core_backward(kh, qh, vvh, vmask, _heads(out_l, heads), lse_l, _heads(d_out_l, heads), ctx.scale, p,
                       ctx.seeds[1], splits, gk, gq, gvv,
                       ATOMIC if atom_k else ADD, ATOMIC if atom_q else ADD, ATOMIC if dkv_l > 1 else STORE)
-        gq, gk, gvl, gvv = (_merged(g).to(t.dtype) for g, t in ((gq, q), (gk, k), (gvl, vl), (gvv, vv)))
+        gq, gk, gvl, gvv = (_merge_heads(g).to(t.dtype) for g, t in ((gq, q), (gk, k), (gvl, vl), (gvv, vv)))
 
         g_wq, g_bq = _linear_grads(gq, x, need[3], need[4])
         g_wk, g_bk = _linear_grads(gk, l, need[5], need[6])
