@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from rlipv2_scale.kernels.bench.microbench import rel_err
+
 CANDIDATES = [(bm, bn, w, 2) for bm, bn in itertools.product((16, 32, 64, 128), (16, 32, 64)) for w in (4, 8)]
 
 
@@ -73,11 +75,11 @@ def _time_candidates(kernel_name: str, bits: int, tiles: list, out: dict, device
                 ref_leaves = [t.detach().double().requires_grad_() for t in (qh, kh, vh)]
                 ref = alif_triton_reference(ref_leaves, mask)
                 if kernel_name == "fwd":
-                    errs.append(_rel(o, ref))
+                    errs.append(rel_err(o, ref))
                 else:
                     ref.backward(go.double())
                     idx = 0 if kernel_name == "dq" else 1
-                    errs.append(_rel(leaves[idx].grad, ref_leaves[idx].grad))
+                    errs.append(rel_err(leaves[idx].grad, ref_leaves[idx].grad))
                 total += timer(run)
         results.append(dict(tile=list(tile), ms=total, rel_err=errs))
         print(f"{kernel_name:5s} {bits} {tuple(tile)}: {total:8.3f} ms  err {errs}", flush=True)
@@ -96,9 +98,6 @@ def alif_triton_reference(leaves, mask):
 
     return attention_core_reference(*leaves, mask, 256 ** -0.5, 0.0, False)
 
-
-def _rel(got, want) -> float:
-    return ((got.double() - want.double()).abs().max() / want.double().abs().max()).item()
 
 
 def main() -> None:

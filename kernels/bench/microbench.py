@@ -234,6 +234,11 @@ def run_case(case: Case, backend: str, device: str, reps: int) -> dict:
     return row
 
 
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max |got - want| / max |want|, in fp64."""
+    return ((got.double() - want.double()).abs().max() / want.double().abs().max()).item()
+
+
 def check_case(case: Case, backend: str, baseline: str = "torch") -> dict:
     """Relative max errors of `backend`'s forward and of the baseline's, each against the baseline
     run in fp64 on the same inputs (run before timing). In 16-bit both paths round, differently,
@@ -241,12 +246,12 @@ def check_case(case: Case, backend: str, baseline: str = "torch") -> dict:
     inputs = case.make()
     wide = {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in inputs.items()}
 
-    def rel(got, want) -> float:
-        return max(((g.double() - w).abs().max() / w.abs().max()).item() for g, w in zip(got, want))
+    def worst(got, want) -> float:
+        return max(rel_err(g, w) for g, w in zip(got, want))
     with torch.no_grad():
         want = _outputs(case.runners[baseline](**wide))
-        return dict(rel_err_vs_fp64=rel(_outputs(case.runners[backend](**inputs)), want),
-                    baseline_rel_err_vs_fp64=rel(_outputs(case.runners[baseline](**inputs)), want))
+        return dict(rel_err_vs_fp64=worst(_outputs(case.runners[backend](**inputs)), want),
+                    baseline_rel_err_vs_fp64=worst(_outputs(case.runners[baseline](**inputs)), want))
 
 
 def _commit() -> str:

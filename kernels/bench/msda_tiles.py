@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from rlipv2_scale.kernels import ms_deform_attn, ms_deform_attn_triton
-from rlipv2_scale.kernels.bench.microbench import level_shapes
+from rlipv2_scale.kernels.bench.microbench import level_shapes, rel_err
 
 TILES = [(16, 4), (32, 4), (32, 8), (64, 8), (64, 4), (128, 8)]
 
@@ -41,9 +41,6 @@ def _grads(backend, value, shapes, starts, loc, attn, go):
     return [out] + [t.grad for t in leaves]
 
 
-def _rel(got, want) -> float:
-    return ((got.double() - want.double()).abs().max() / want.double().abs().max()).item()
-
 
 def accuracy() -> dict:
     value, shapes, starts, loc, attn = _inputs(torch.bfloat16, seed=1)
@@ -53,7 +50,7 @@ def accuracy() -> dict:
     report = {}
     for backend in ("triton", "torch"):
         got = _grads(backend, value, shapes, starts, loc, attn, go)
-        report[backend] = {name: _rel(g, w) for name, g, w in zip(("output", "value", "locations", "weights"),
+        report[backend] = {name: rel_err(g, w) for name, g, w in zip(("output", "value", "locations", "weights"),
                                                                    got, want)}
     return report
 
