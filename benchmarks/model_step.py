@@ -19,7 +19,6 @@ import json
 import multiprocessing as mp
 import os
 import platform
-import resource
 import sys
 import time
 from pathlib import Path
@@ -61,6 +60,7 @@ def _run(name: str, size: int, batch: int, steps: int, num_obj: int, num_rel: in
     torch.set_num_threads(threads)
     from rlipv2_scale.models.config import named_config
     from rlipv2_scale.models.rlipv2 import build_model
+    from rlipv2_scale.train.telemetry import peak_resident_bytes
 
     cfg = named_config(name)
     # random init, no download: a local tokenizer instead of roberta-base's
@@ -80,7 +80,7 @@ def _run(name: str, size: int, batch: int, steps: int, num_obj: int, num_rel: in
         loss.backward()
         model.zero_grad(set_to_none=True)
 
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss_before = peak_resident_bytes()
     step()   # warm-up
     times, cpu_times = [], []
     for _ in range(steps):
@@ -88,7 +88,7 @@ def _run(name: str, size: int, batch: int, steps: int, num_obj: int, num_rel: in
         step()
         times.append(time.perf_counter() - t0)
         cpu_times.append(time.process_time() - c0)
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = peak_resident_bytes()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         t0 = time.perf_counter()
         step()
@@ -100,8 +100,8 @@ def _run(name: str, size: int, batch: int, steps: int, num_obj: int, num_rel: in
         "params": sum(p.numel() for p in model.parameters()),
         "step_s": round(seconds, 4), "step_s_per_image": round(seconds / batch, 4),
         "step_cpu_s": round(cpu_seconds, 4),
-        "peak_rss_mb": round(peak_kb / 1024, 1),
-        "activation_peak_mb_per_image": round((peak_kb - rss_before) / 1024 / batch, 1),
+        "peak_rss_mb": round(peak / 2 ** 20, 1),
+        "activation_peak_mb_per_image": round((peak - rss_before) / 2 ** 20 / batch, 1),
         "share": _attributed_share(prof, prof_us),
     })
 

@@ -6,11 +6,14 @@ For each model config (tiny, r50) the cost model (`rlipv2_scale.scale.cost.step_
 - the model, measured: FLOPs and activation bytes per image and per step (micro-batches of 1 and
   2: the label-text encoder runs once per batch), parameter / tensor / module counts, and the
   time of its forward + set criterion + backward on a synthetic batch, outside the trainer, on one
-  rank alone and on 2 ranks at once (`calibrate.forward_backward_seconds`);
+  rank alone and on 2 ranks at once (`calibrate.forward_backward_seconds`), and of AdamW with
+  clipping over its own tensors (`calibrate.model_optimizer_seconds`: plain and ZeRO-0 steps run it
+  tensor by tensor; ZeRO ≥ 1 runs it over one flat partition, as the machine's probes do);
 - the machine, measured once by `rlipv2_scale.scale.calibrate` on workloads of its own: collective
   latency and bandwidth (2-process gloo ping), AdamW's cost per parameter and per tensor,
   DeepSpeed's own per-stage cost per parameter and per tensor / module (synthetic models on one
-  rank), the memory of a trainer process without a model.
+  rank) and per byte it communicates (the large synthetic model on 2 ranks), the memory of a
+  trainer process without a model.
 
 What it predicts is then measured in the real trainer (`rlipv2 train` through `rlipv2 scale
 sweep`): the demo recipe with `config`'s model on synthetic shards, 1 and 2 CPU ranks (one thread
@@ -116,15 +119,17 @@ def _errors(rows: list[dict]) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ CPU, trainer
-def predict_row(row: dict, cost, machine, batch: int, fb: dict[str, float], data_s: float) -> dict:
+def predict_row(row: dict, cost, machine, batch: int, fb: dict[str, float], data_s: float,
+                optimizer_s: float | None = None) -> dict:
     """The cost model's step time and memory for a measured trainer run (`row`: ranks, stage and
     what was measured), and the errors."""
-    from rlipv2_scale.scale.cost import rank_memory, step_time
+    from rlipv2_scale.scale.cost import machine_rank_memory, step_time
 
     world, stage = row["ranks"], row["zero_stage"]
-    t = step_time(cost, machine, stage, world, batch, fb["1"], contention=fb[str(world)] / fb["1"], data_s=data_s)
-    mem = rank_memory(cost, stage, world, batch)
-    predicted_mem = machine.baseline_bytes + mem["peak"]
+    t = step_time(cost, machine, stage, world, batch, fb["1"], contention=fb[str(world)] / fb["1"], data_s=data_s,
+                  optimizer_s=optimizer_s)
+    mem = machine_rank_memory(cost, machine, stage, world, batch)
+    predicted_mem = mem["peak"]
     measured_mem = row["measured_peak_gib"] * 2 ** 30
     return {**row, "predicted_step_s": t["total"], "predicted_parts_s": t,
             "step_error": (t["total"] - row["measured_step_s"]) / row["measured_step_s"],
@@ -146,7 +151,8 @@ def repredict(out: dict) -> dict:
     for res in out["configs"]:
         cost = ModelCost(**res["cost"])
         res["rows"] = [predict_row({k: v for k, v in r.items() if not k.startswith("predicted") and "error" not in k},
-                                   cost, machine, res["micro_batch"], res["forward_backward_s"], res["data_s"])
+                                   cost, machine, res["micro_batch"], res["forward_backward_s"], res["data_s"],
+                                   res.get("optimizer_s"))
                        for r in res["rows"]]
         res.update(_errors(res["rows"]))
     return out
@@ -156,7 +162,7 @@ def run_config(config: str, data: Path, work: Path, args: argparse.Namespace, ma
     import psutil
 
     from rlipv2_scale.scale.calibrate import forward_backward_seconds
-    from rlipv2_scale.scale.cost import rank_memory
+    from rlipv2_scale.scale.cost import machine_rank_memory
     from rlipv2_scale.scale.report import summarise_run
     from rlipv2_scale.scale.sweep import plan_sweep, run_local
 
@@ -173,14 +179,16 @@ def run_config(config: str, data: Path, work: Path, args: argparse.Namespace, ma
     log(f"{config}: {cost.params / 1e6:.1f} M params in {cost.tensors} trainable tensors and {cost.modules} modules; "
         f"{cost.flops_per_image / 1e9:.2f} GFLOP and {cost.activation_bytes_per_image / 2 ** 20:.1f} MiB per image + "
         f"{cost.flops_per_step / 1e9:.2f} GFLOP and {cost.activation_bytes_per_step / 2 ** 20:.1f} MiB per step")
-    fb, data_s = {}, 0.0
+    fb, data_s, opt_s = {}, 0.0, None
     for n in args.ranks:
-        fb[n], d = forward_backward_seconds(RECIPE, over, args.batch, args.resolution, args.resolution, ranks=n,
-                                            repeat=args.repeat, texts=world_texts(), data=n == 1)
+        fb[n], d, o = forward_backward_seconds(RECIPE, over, args.batch, args.resolution, args.resolution, ranks=n,
+                                               repeat=args.repeat, texts=world_texts(), data=n == 1, optimizer=n == 1)
         data_s = d if d is not None else data_s
+        opt_s = o if o is not None else opt_s
     log(f"{config}: forward + loss + backward of {args.batch} images: "
         + ", ".join(f"{fb[n]:.3f} s with {n} rank(s) at once" for n in args.ranks)
-        + f" ({cost.flops(args.batch) / fb[1] / 1e9:.1f} GFLOP/s alone); a batch from the loader {data_s:.3f} s")
+        + f" ({cost.flops(args.batch) / fb[1] / 1e9:.1f} GFLOP/s alone); a batch from the loader {data_s:.3f} s; "
+        f"AdamW + clipping over the model {opt_s:.3f} s")
     sweep = plan_sweep(RECIPE, [f"nproc={','.join(map(str, args.ranks))}",
                                 f"train.zero_stage={','.join(map(str, args.stages))}"], work / config, over)
     # The host's memory bounds what can run here: the cost model itself says which runs would not fit.
@@ -188,7 +196,7 @@ def run_config(config: str, data: Path, work: Path, args: argparse.Namespace, ma
     skipped = []
     for run in list(sweep.runs):
         stage = int(run.values["train.zero_stage"])
-        need = run.world_size * (machine.baseline_bytes + rank_memory(cost, stage, run.world_size, args.batch)["peak"])
+        need = run.world_size * machine_rank_memory(cost, machine, stage, run.world_size, args.batch)["peak"]
         if need > args.memory_fraction * available:
             skipped.append({"ranks": run.world_size, "zero_stage": stage, "predicted_host_gib": need / 2 ** 30,
                             "available_gib": available / 2 ** 30})
@@ -209,9 +217,9 @@ def run_config(config: str, data: Path, work: Path, args: argparse.Namespace, ma
                "measured_step_s_median": statistics.median(steps),
                "measured_step_spread": (steps[-1] - steps[0]) / statistics.median(steps), "windows": len(steps),
                "measured_peak_gib": s.peak_memory_bytes / 2 ** 30, "wall_s": run.seconds}
-        rows.append(predict_row(row, cost, machine, args.batch, {str(k): v for k, v in fb.items()}, data_s))
+        rows.append(predict_row(row, cost, machine, args.batch, {str(k): v for k, v in fb.items()}, data_s, opt_s))
     return {"config": config, "cost": asdict(cost), "resolution": args.resolution, "micro_batch": args.batch,
-            "steps": args.steps, "forward_backward_s": {str(k): v for k, v in fb.items()}, "data_s": data_s,
+            "steps": args.steps, "forward_backward_s": {str(k): v for k, v in fb.items()}, "data_s": data_s, "optimizer_s": opt_s,
             "gflops_per_s": cost.flops(args.batch) / fb[1] / 1e9, "rows": rows, "skipped_for_host_memory": skipped,
             "failed": [r.name for r in sweep.runs if r.status != "completed"], **_errors(rows)}
 
@@ -221,7 +229,8 @@ def run_config_gpu(config: str, args: argparse.Namespace, machine, log) -> dict:
     """Single GPU, plain PyTorch: forward, set criterion, backward, clipping, AdamW."""
     from rlipv2_scale.models.losses import SetCriterion
     from rlipv2_scale.models.rlipv2 import build_model
-    from rlipv2_scale.scale.cost import rank_memory, step_time
+    from rlipv2_scale.scale.calibrate import model_optimizer_seconds
+    from rlipv2_scale.scale.cost import machine_rank_memory, step_time
     from rlipv2_scale.scale.measure import calibration_step, time_forward_backward
 
     device = torch.device(args.device)
@@ -240,11 +249,15 @@ def run_config_gpu(config: str, args: argparse.Namespace, machine, log) -> dict:
     if t2 > t1 and f2 > f1:
         rate = (f2 - f1) / (t2 - t1)
         fixed = max(t1 - f1 / rate, 0.0)
-    else:             # no growth with the batch measured: all of it at one rate
-        rate, fixed = f2 / t2, 0.0
+    else:             # no growth with the batch: bound by launches and Python, not by FLOPs
+        rate, fixed = float("inf"), (t1 + t2) / 2
+        log(f"{config}: the pass took no longer at {b2} images than at {b1}: taken as a fixed time; "
+            f"calibration micro-batches further apart fit better")
     log(f"{config}: {cost.params / 1e6:.1f} M params; {cost.flops_per_image / 1e9:.2f} GFLOP per image + "
         f"{cost.flops_per_step / 1e9:.2f} per step; forward + loss + backward {t1 * 1e3:.1f} ms at {b1} images, "
         f"{t2 * 1e3:.1f} ms at {b2}: {fixed * 1e3:.1f} ms + FLOPs at {rate / 1e12:.2f} TFLOP/s")
+    opt_s = model_optimizer_seconds(model, calibration_step(model, criterion, b1, res, res, n_obj, n_rel, device,
+                                                            world_texts()), args.repeat)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-4)
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -267,8 +280,8 @@ def run_config_gpu(config: str, args: argparse.Namespace, machine, log) -> dict:
         measured = steps[0] if args.statistic == "min" else statistics.median(steps)
         # A CPU process's resident memory cannot be reset between batches: memory is checked on GPUs.
         peak = torch.cuda.max_memory_allocated(device) if cuda else None
-        t = step_time(cost, machine, None, 1, batch, fixed + cost.flops(batch) / rate)
-        mem = rank_memory(cost, None, 1, batch)
+        t = step_time(cost, machine, None, 1, batch, fixed + cost.flops(batch) / rate, optimizer_s=opt_s)
+        mem = machine_rank_memory(cost, machine, None, 1, batch)
         rows.append({"ranks": 1, "zero_stage": None, "stage_name": f"plain, batch {batch}", "micro_batch": batch,
                      "measured_step_s": measured, "measured_step_s_min": steps[0],
                      "measured_step_s_median": statistics.median(steps),
@@ -284,7 +297,8 @@ def run_config_gpu(config: str, args: argparse.Namespace, machine, log) -> dict:
     return {"config": config, "cost": asdict(cost), "resolution": args.resolution,
             "calibration_batches": [b1, b2], "steps": args.steps,
             "forward_backward_s": {f"batch {b1}": t1, f"batch {b2}": t2}, "fixed_s": fixed,
-            "gflops_per_s": rate / 1e9, "rows": rows, **_errors(rows)}
+            "gflops_per_s": rate / 1e9 if rate != float("inf") else None, "optimizer_s": opt_s, "rows": rows,
+            **_errors(rows)}
 
 
 def print_table(results: list[dict]) -> None:
@@ -320,7 +334,12 @@ def markdown(out: dict) -> str:
                  f"µs/tensor + {1e3 * c['adam_s_per_step']:.1f} ms/step",
                  *[f"DeepSpeed ZeRO-{k} {1e9 * v[0]:.2f} ns/param + {1e6 * v[1]:.0f} µs/{'module' if k == '3' else 'tensor'}"
                    f" + {1e3 * v[2]:.1f} ms/step" for k, v in c["deepspeed_s"].items()],
-                 f"process baseline {c['baseline_bytes'] / 2 ** 30:.2f} GiB"]) + ".", ""]
+                 *[f"DeepSpeed ZeRO-{k} on 2 ranks {1e-9 / v:.2f} GB/s effective" if v > 0 else
+                   f"DeepSpeed ZeRO-{k} on 2 ranks: no cost beyond the local work"
+                   for k, v in c.get("deepspeed_comm_s_per_byte", {}).items()],
+                 f"process baseline {c['baseline_bytes'] / 2 ** 30:.2f} GiB",
+                 f"library workspaces on the device {c.get('device_workspace_bytes', 0.0) / 2 ** 20:.0f} MiB",
+                 f"optimizer temporaries {c.get('optimizer_temp_bytes_per_param', 0.0):.1f} bytes/param"]) + ".", ""]
     if out.get("predictions_recomputed"):
         lines += ["The predictions were recomputed (`--repredict`) from the recorded constants and measurements "
                   "with the cost model as committed.", ""]
@@ -334,8 +353,11 @@ def markdown(out: dict) -> str:
                   f"{cost['params'] / 1e6:.1f} M parameters ({cost['tensors']} trainable tensors, {cost['modules']} "
                   f"modules); {cost['flops_per_image'] / 1e9:.2f} GFLOP per image + {cost['flops_per_step'] / 1e9:.2f} "
                   f"GFLOP per step (label-text encoder); forward + loss + backward "
-                  + ", ".join(f"{v:.3f} s ({k} rank(s) at once)" for k, v in res["forward_backward_s"].items())
-                  + f"; {res['gflops_per_s']:.1f} GFLOP/s.", "",
+                  + ", ".join(f"{v:.3f} s ({k if k.startswith('batch') else k + ' rank(s) at once'})"
+                              for k, v in res["forward_backward_s"].items())
+                  + (f"; {res['gflops_per_s']:.1f} GFLOP/s" if res.get("gflops_per_s") else "")
+                  + (f"; AdamW + clipping over the model {res['optimizer_s']:.3f} s" if res.get("optimizer_s") else "")
+                  + ".", "",
                   "| ranks | stage | step s measured (min) | median | spread | predicted | error | compute | data | "
                   "optimizer | DeepSpeed | comm | peak GiB measured | predicted | error |", "|" + "---|" * 15]
         for r in res["rows"]:
@@ -407,9 +429,10 @@ def main() -> None:
                         continue
                     over = overrides_for(res["config"], data, res["steps"], res["resolution"], res["micro_batch"])
                     for n in list(res["forward_backward_s"]):
-                        res["forward_backward_s"][n], _ = forward_backward_seconds(
+                        res["forward_backward_s"][n], _, opt_s = forward_backward_seconds(
                             RECIPE, over, res["micro_batch"], res["resolution"], res["resolution"], ranks=int(n),
-                            repeat=args.repeat, texts=world_texts())
+                            repeat=args.repeat, texts=world_texts(), optimizer=n == "1")
+                        res["optimizer_s"] = opt_s if n == "1" else res.get("optimizer_s")
                     out["recalibrated"]["forward_backward_of"].append(res["config"])
                     print(f"{res['config']}: forward + loss + backward {res['forward_backward_s']}", flush=True)
         out = repredict(out)
@@ -442,8 +465,9 @@ def main() -> None:
     if plain:
         results = [run_config_gpu(c, args, machine, log) for c in args.configs.split(",")]
         method = (f"single {machine.device}, plain PyTorch: the model's forward + loss + backward timed at micro-batches "
-                  f"{args.calibration_batches} and fitted as a fixed time + FLOPs at a rate, AdamW measured on "
-                  f"synthetic tensors; step time and peak allocated memory predicted for micro-batches "
+                  f"{args.calibration_batches} and fitted as a fixed time + FLOPs at a rate, AdamW + clipping timed "
+                  f"on the model; library workspaces and the optimizer's temporaries measured on synthetic tensors; "
+                  f"step time and peak allocated memory predicted for micro-batches "
                   f"{args.batches} and measured on a plain training loop (model, set criterion, clipping, AdamW)")
     else:
         from rlipv2_scale.demo import DemoPlan, prepare_data
@@ -461,8 +485,9 @@ def main() -> None:
             return
         results = [run_config(c, data, work, args, machine, log) for c in args.configs.split(",")]
         method = ("machine constants measured once on workloads of their own (gloo ping, AdamW and DeepSpeed "
-                  "probes on synthetic models, a model-less trainer process), the model's FLOPs, activations and "
-                  "forward/backward time measured outside the trainer; every trainer run predicted")
+                  "probes on synthetic models, DeepSpeed's large probe again on 2 ranks, a model-less trainer "
+                  "process), the model's FLOPs, activations, forward/backward time and AdamW step measured "
+                  "outside the trainer; every trainer run predicted")
     machine_info = {"cpus": os.cpu_count(), "torch": torch.__version__,
                     "deepspeed": None if plain else __import__("deepspeed").__version__, "python": platform.python_version(),
                     "platform": platform.platform(), "device": machine.device,

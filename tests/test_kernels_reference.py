@@ -162,3 +162,21 @@ def test_dispatch_picks_torch_on_cpu_and_rejects_bad_requests(monkeypatch):
     monkeypatch.setattr("rlipv2_scale.kernels.dispatch.triton_importable", lambda: False)
     with pytest.raises(UserError, match="not installed"):
         resolve_backend("triton", x)
+
+
+def test_auto_dispatch_keeps_triton_to_the_dtypes_a_kernel_names(monkeypatch):
+    from types import SimpleNamespace
+
+    monkeypatch.setattr("rlipv2_scale.kernels.dispatch.triton_importable", lambda: True)
+    half = (torch.float16, torch.bfloat16)
+
+    def cuda(dtype):       # a CUDA tensor as the dispatch sees one, on a machine without a GPU
+        return SimpleNamespace(is_cuda=True, dtype=dtype)
+
+    assert resolve_backend("auto", cuda(torch.bfloat16), auto_dtypes=half) == "triton"
+    assert resolve_backend("auto", cuda(torch.float32), auto_dtypes=half) == "torch"
+    assert resolve_backend("auto", cuda(torch.float32)) == "triton"            # kernels that name none
+    assert resolve_backend("triton", cuda(torch.float32), auto_dtypes=half) == "triton"   # asked for: given
+    monkeypatch.setattr("torch.is_autocast_enabled", lambda device: device == "cuda")
+    monkeypatch.setattr("torch.get_autocast_dtype", lambda device: torch.bfloat16)
+    assert resolve_backend("auto", cuda(torch.float32), auto_dtypes=half) == "triton"   # fp32 inputs, bf16 products

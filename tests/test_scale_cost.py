@@ -1,9 +1,13 @@
+from pathlib import Path
+
 import pytest
 import torch
 
 from rlipv2_scale.scale.cost import GPUS, ModelCost, PlanAssumptions, comm_bytes, plan, state_bytes
 from rlipv2_scale.errors import UserError
 from rlipv2_scale.scale.measure import activation_bytes, count_flops
+
+RECIPES_TINY = Path(__file__).resolve().parent.parent / "recipes" / "tiny" / "pretrain" / "r50_vg.yaml"
 
 
 def test_state_bytes_partition_by_stage():
@@ -57,6 +61,26 @@ def test_flops_and_activations_of_a_linear_layer():
     lin.zero_grad()
     saved = activation_bytes(lambda: torch.relu(lin(x)).sum(), exclude=list(lin.parameters()))
     assert saved == x.numel() * 4 + 8 * 32 * 4
+
+
+def test_activation_bytes_leaves_no_model_alive():
+    # relu saves its own output; on a branch the loss does not use, the backward never frees it:
+    # packed as itself, that output would hold its graph, and through it the model's weights,
+    # forever (a cycle through autograd that Python's collector cannot break)
+    import weakref
+
+    lin = torch.nn.Linear(16, 32)
+    weight = weakref.ref(lin.weight)
+    x = torch.randn(8, 16)
+
+    def step():
+        out = lin(x)
+        torch.relu(out)            # an output the loss leaves out (RLIPv2 has such heads)
+        return out.sum()
+
+    assert activation_bytes(step, exclude=list(lin.parameters())) > 0
+    del lin
+    assert weight() is None
 
 
 # ------------------------------------------------------------------------------ per step vs per image
@@ -114,6 +138,23 @@ def test_collectives_per_step_by_stage_buckets_and_modules():
     assert collectives_per_step(cost, 3, 8, b) == 2 * 20 + 4 + 2 + 3
     # bigger buckets, fewer collectives
     assert collectives_per_step(cost, 0, 2, DeepSpeedBuckets(reduce_bucket=5e8)) == 1 + 3
+    # all-gathers of updated weights: per group, one per all-gather bucket (500 per group / 200)
+    small = DeepSpeedBuckets(reduce_bucket=300, allgather_bucket=200, param_groups=2, trainer_collectives=3)
+    assert collectives_per_step(cost, 2, 2, small) == 4 + 2 + 2 * 3 + 3
+
+
+def test_plan_counts_the_recipes_deepspeed_buckets():
+    from rlipv2_scale.scale.cost import DeepSpeedBuckets
+    from rlipv2_scale.train.config import load_run_config
+
+    train = load_run_config(RECIPES_TINY, ["train.reduce_bucket_size=1000", "train.allgather_bucket_size=500"]).train
+    assert DeepSpeedBuckets.from_train_config(train) == DeepSpeedBuckets(reduce_bucket=1000.0, allgather_bucket=500.0)
+    cost = ModelCost(params=1_000_000, trainable_params=1_000_000, flops_per_image=1e12, activation_bytes_per_image=0)
+    rows = {b: {(r.gpus, r.zero_stage): r for r in plan(cost, [16], PlanAssumptions(buckets=b, overlap=0.0), 1000, 1)}
+            for b in (DeepSpeedBuckets(), DeepSpeedBuckets(reduce_bucket=1000.0))}
+    # 1000 buckets of 1000 gradients instead of one: a latency each (nothing hidden behind compute)
+    a, b = rows.values()
+    assert b[(16, 0)].comm_s - a[(16, 0)].comm_s == pytest.approx(999 * PlanAssumptions().collective_latency_s)
 
 
 def test_rank_memory_of_deepspeed_stages_in_fp32():
@@ -124,7 +165,11 @@ def test_rank_memory_of_deepspeed_stages_in_fp32():
                      precision="fp32", activation_bytes_per_step=50.0)
     # ZeRO-0: weights 4 + Adam 8 + at the step gradients 4 and a flat all-reduce bucket 4 bytes/param
     assert rank_memory(cost, 0, 2, 1)["peak"] == 20 * psi
-    assert rank_memory(cost, None, 1, 1)["peak"] == 16 * psi           # plain PyTorch: no bucket
+    # plain PyTorch: no bucket, so the backward (gradients built up beside the activations) is the peak
+    assert rank_memory(cost, None, 1, 1)["peak"] == 16 * psi + 150
+    # the optimizer's temporaries join the step: over every parameter (plain, ZeRO-0) or the partition
+    assert rank_memory(cost, None, 1, 1, optimizer_temp_per_param=8.0)["peak"] == 24 * psi
+    assert rank_memory(cost, 2, 2, 1, optimizer_temp_per_param=8.0)["optimizer_temps"] == 4 * psi
     # ZeRO-1 keeps full gradients and a bucket; the fp32 master, moments and partition copies shrink with N
     assert rank_memory(cost, 1, 1, 1)["peak"] == (4 + 4 + 4 + 20) * psi
     assert rank_memory(cost, 1, 2, 1)["peak"] == (4 + 4 + 4 + 10) * psi
@@ -140,6 +185,23 @@ def test_rank_memory_of_deepspeed_stages_in_fp32():
     act = ModelCost(params=10, trainable_params=10, flops_per_image=1.0, activation_bytes_per_image=1e6,
                     precision="fp32")
     assert rank_memory(act, 2, 2, 3)["peak"] == pytest.approx(3e6 + 4 * 10 + 4 * 10 + 12 * 10 / 2)
+    # where whole gradients are kept (plain, ZeRO-0/1) they build up while activations are held
+    assert rank_memory(act, None, 1, 3)["peak"] == pytest.approx(3e6 + 4 * 10 + 8 * 10 + 4 * 10)
+    assert rank_memory(act, 0, 2, 3)["peak"] == pytest.approx(3e6 + 4 * 10 + 8 * 10 + 4 * 10)
+
+
+def test_machine_rank_memory_adds_the_machines_baseline_and_optimizer_temporaries():
+    from rlipv2_scale.scale.calibrate import MachineConstants
+    from rlipv2_scale.scale.cost import machine_rank_memory, rank_memory
+
+    cost = ModelCost(params=1000, trainable_params=1000, flops_per_image=1.0, activation_bytes_per_image=10.0,
+                     precision="fp32")
+    gpu = MachineConstants(device="gpu", threads=1, device_workspace_bytes=500.0, optimizer_temp_bytes_per_param=8.0)
+    mem = machine_rank_memory(cost, gpu, None, 1, 2)
+    assert mem["baseline"] == 500.0 and mem["optimizer_temps"] == 8000.0
+    assert mem["peak"] == rank_memory(cost, None, 1, 2, optimizer_temp_per_param=8.0)["peak"] + 500.0
+    cpu = MachineConstants(device="cpu", threads=1, baseline_bytes=2e6)
+    assert machine_rank_memory(cost, cpu, 2, 2, 2)["peak"] == rank_memory(cost, 2, 2, 2)["peak"] + 2e6
 
 
 def test_step_time_adds_optimizer_deepspeed_and_communication():
@@ -165,6 +227,18 @@ def test_step_time_adds_optimizer_deepspeed_and_communication():
     # ZeRO-3 pays per module
     z3 = step_time(cost, m, 3, 1, 2, forward_backward_s=1.0)
     assert z3["deepspeed"] == pytest.approx(1e-6 * 1000 + 1e-3 * 5 + 0.5)
+    z3_comm = step_time(cost, m, 3, 2, 2, forward_backward_s=1.0)["communication"]
+    # AdamW measured on the model replaces the probes' rates where it runs over the model's own
+    # tensors (ZeRO-0, plain), not over a flat partition (ZeRO >= 1)
+    assert step_time(cost, m, 0, 1, 2, forward_backward_s=1.0, optimizer_s=0.25)["optimizer"] == 0.25
+    assert step_time(cost, m, None, 1, 2, forward_backward_s=1.0, optimizer_s=0.25)["optimizer"] == 0.25
+    assert step_time(cost, m, 2, 2, 2, forward_backward_s=1.0, optimizer_s=0.25)["optimizer"] == pytest.approx(optimizer)
+    # DeepSpeed's collectives as measured on 2 ranks replace the backend's bandwidth for that stage
+    m.deepspeed_comm_s_per_byte = {"2": 1e-3}
+    measured = step_time(cost, m, 2, 2, 2, forward_backward_s=1.0)
+    assert measured["communication"] == pytest.approx(6000 * 1e-3 + collectives_per_step(cost, 2, 2,
+                                                                                           DeepSpeedBuckets()) * 1e-3)
+    assert step_time(cost, m, 3, 2, 2, forward_backward_s=1.0)["communication"] == pytest.approx(z3_comm)
 
 
 def test_fit_costs_separates_per_parameter_per_tensor_and_per_step_costs():
@@ -222,9 +296,22 @@ def test_deepspeed_reduces_zero12_buckets_by_all_reduce():
 def test_optimizer_probe_measures_nonnegative_costs():
     from rlipv2_scale.scale.calibrate import optimizer_probe
 
-    costs, raw = optimizer_probe(torch.device("cpu"), repeat=2)
+    costs, raw, temps = optimizer_probe(torch.device("cpu"), repeat=2, large_params=1_000_000)
     assert len(costs) == 3 and min(costs) >= 0 and sum(costs) > 0
     assert set(raw) == {"large", "small", "few"} and all(t > 0 for t in raw.values())
+    assert temps == 0.0       # memory probes need a device allocator's statistics (GPUs)
+
+
+def test_model_optimizer_seconds_times_adamw_over_the_models_tensors():
+    from rlipv2_scale.scale.calibrate import model_optimizer_seconds
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 1))
+    before = [p.detach().clone() for p in model.parameters()]
+    x = torch.randn(8, 64)
+    seconds = model_optimizer_seconds(model, lambda: model(x).sum(), repeat=2)
+    assert 0 < seconds < 5
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))   # it really stepped
+    assert all(p.grad is None for p in model.parameters())
 
 
 def test_synthetic_targets_are_well_formed():
@@ -245,6 +332,28 @@ def test_forward_backward_of_the_recipe_model_is_timed_in_a_process_of_its_own()
     from rlipv2_scale.scale.calibrate import forward_backward_seconds
 
     recipe = Path(__file__).resolve().parent.parent / "recipes" / "demo" / "demo.yaml"
-    seconds, data = forward_backward_seconds(recipe, ["model.text.tokenizer=null"], batch=1, height=64, width=64,
-                                             ranks=1, repeat=1)
-    assert 0 < seconds < 30 and data is None
+    seconds, data, opt = forward_backward_seconds(recipe, ["model.text.tokenizer=null"], batch=1, height=64,
+                                                  width=64, ranks=1, repeat=1, optimizer=True)
+    assert 0 < seconds < 30 and data is None and 0 < opt < 30
+
+
+def test_calibrate_measures_deepspeed_on_one_and_two_ranks(tmp_path):
+    # The whole `rlipv2 scale calibrate` on small probes: gloo ping, AdamW, DeepSpeed per stage on one
+    # rank and on two at once, the process baseline.
+    import json
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "machine.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    proc = subprocess.run([sys.executable, "-m", "rlipv2_scale.cli", "scale", "calibrate", "--out", str(out),
+                           "--repeat", "2", "--probe-params", "600000"], env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    c = json.loads(out.read_text())
+    assert c["collective_latency_s"] > 0 and c["collective_bytes_per_s"] > 0 and c["baseline_bytes"] > 2 ** 27
+    assert sorted(c["deepspeed_s"]) == sorted(c["deepspeed_comm_s_per_byte"]) == ["0", "1", "2", "3"]
+    assert all(v >= 0 for v in c["deepspeed_comm_s_per_byte"].values())
+    assert sum(c["deepspeed_comm_s_per_byte"].values()) > 0        # two ranks cost more than one
+    assert c["device_workspace_bytes"] == 0 and c["optimizer_temp_bytes_per_param"] == 0   # CPU

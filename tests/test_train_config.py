@@ -74,6 +74,8 @@ def test_bad_values_fail_with_their_names(tmp_path):
         load_run_config(RECIPES / "tiny" / "pretrain" / "r50_vg.yaml", ["train.zero_stage=4"])
     with pytest.raises(ConfigError, match="model.name"):
         load_run_config(RECIPES / "tiny" / "pretrain" / "r50_vg.yaml", ["model.name=r51"])
+    with pytest.raises(ConfigError, match="train.reduce_bucket_size"):
+        load_run_config(RECIPES / "tiny" / "pretrain" / "r50_vg.yaml", ["train.reduce_bucket_size=0"])
     bad = tmp_path / "bad.yaml"
     bad.write_text("extends: " + str(RECIPES / "tiny" / "pretrain" / "r50_vg.yaml") + "\ntrainer: {}\n")
     with pytest.raises(ConfigError, match="unknown config key 'trainer'"):

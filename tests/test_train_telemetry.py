@@ -36,3 +36,16 @@ def test_window_means_and_reset():
     assert w.means() == {"loss": 2.0, "loss_ce": 1.0} and w.images == 8 and w.steps == 2
     w.reset()
     assert w.means() == {} and w.images == 0
+
+
+def test_peak_resident_memory_is_the_process_own_not_its_launchers():
+    # Linux carries the launcher's resident size over exec into ru_maxrss; a rank started by a
+    # large process must still report only what it used itself.
+    import subprocess
+    import sys
+
+    ballast = b"\x01" * (3 << 29)          # 1.5 GiB resident in this (launching) process
+    code = "from rlipv2_scale.train.telemetry import peak_resident_bytes; print(peak_resident_bytes())"
+    child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert len(ballast) == 3 << 29
+    assert 10 * 2 ** 20 < child < 2 ** 30

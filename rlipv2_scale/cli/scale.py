@@ -58,7 +58,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         except ImportError:
             raise UserError("DeepSpeed is not installed: pass --no-deepspeed to measure plain PyTorch only") from None
     c = calibrate(args.device, threads=args.threads, deepspeed=deepspeed, collectives=not args.no_collectives,
-                  repeat=args.repeat, log=print)
+                  repeat=args.repeat, log=print, large_params=args.probe_params)
     print(f"wrote {c.save(args.out)}")
     return 0
 
@@ -113,6 +113,9 @@ def register(tree) -> None:
     p.add_argument("--repeat", type=int, default=5, help="timed repetitions per probe (the fastest counts)")
     p.add_argument("--no-deepspeed", action="store_true", help="skip the DeepSpeed probe (plain PyTorch)")
     p.add_argument("--no-collectives", action="store_true", help="skip the 2-process collective ping")
+    p.add_argument("--probe-params", type=int, default=100_000_000,
+                   help="parameters of the large probe model (near the models planned for: per-parameter costs "
+                        "grow with buffer size)")
 
     p = tree.group_command("scale", "plan", "project memory, step time, throughput and GPU-hours of a recipe", _plan)
     p.add_argument("recipe")

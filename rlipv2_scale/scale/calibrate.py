@@ -5,14 +5,18 @@ into step time and memory; these probes give it the machine's rates, each measur
 of its own (never on the run being predicted):
 
 - collective latency and bandwidth: a 2-process ping of the backend (gloo on CPU, NCCL on GPUs):
-  a 4-byte all-reduce (latency) and a 16 MiB one (bandwidth per rank, ring all-reduce);
+  a 4-byte all-reduce (latency) and a 64 MiB one (bandwidth per rank, ring all-reduce);
 - the optimiser: torch AdamW with gradient clipping, timed on a few large tensors, many small ones
   and a few small ones, which separates its cost per parameter, per tensor and per step;
 - DeepSpeed's own work per ZeRO stage beyond that (flattening gradients into buckets, copies
   between the fp32 partition and the model's weights, ZeRO-3's per-module fetch and release
   hooks): the same three synthetic models trained through `deepspeed.initialize` with the trainer's
   DeepSpeed configuration on one rank, minus the plain step: a cost per parameter, one per tensor
-  (per module under ZeRO-3) and one per step;
+  (per module under ZeRO-3) and one per step; the large one (`--probe-params`, near the size of
+  the models planned for) again on 2 ranks at once, whose extra time per byte DeepSpeed
+  communicates is the stage's effective collective cost (its own copies, the backend, and the
+  ranks slowing each other's memory-bound work);
+- on GPUs, the memory the framework adds: cuBLAS workspaces and the optimizer step's temporaries;
 - the process's memory besides the model (interpreter, torch, DeepSpeed, Accelerate, the data
   loader): the peak resident memory of a process that imports the trainer and does nothing else.
 
@@ -51,7 +55,17 @@ class MachineConstants:
     # DeepSpeed's work beyond the plain optimiser step, per ZeRO stage: [per parameter, per tensor
     # (per module under ZeRO-3), per step], on one rank.
     deepspeed_s: dict[str, list[float]] = field(default_factory=dict)
+    # Per ZeRO stage, seconds per byte of `cost.deepspeed_comm_bytes` that 2 ranks add to the step
+    # beyond their partitioned local work: DeepSpeed's collectives as it issues them (its copies
+    # into and out of buckets, the backend) and the ranks slowing each other's memory-bound work.
+    deepspeed_comm_s_per_byte: dict[str, float] = field(default_factory=dict)
     baseline_bytes: float = 0.0                  # resident memory of a trainer process without a model
+    # GPUs: what the framework holds or allocates besides the model's tensors (0 on CPU, where the
+    # process baseline covers it): the math libraries' persistent workspaces, and the optimizer
+    # step's temporaries per trainable parameter (torch's multi-tensor AdamW works on every tensor
+    # at once; on CPU it goes tensor by tensor).
+    device_workspace_bytes: float = 0.0
+    optimizer_temp_bytes_per_param: float = 0.0
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -114,19 +128,27 @@ def fit_costs(rows: list[tuple[float, float, float]]) -> list[float]:
 
 # ------------------------------------------------------------------------------------------ probe models
 PROBES = ("large", "small", "few")
+# Parameters of the large probe. Per-parameter costs grow with the size of the buffers swept (on a
+# CPU, 25 M parameters cost 4.6 ns each in a plain AdamW step, 134 M 8.7 ns): probe near the size of
+# the flat partitions DeepSpeed builds for RLIPv2 (200-400 M parameters).
+LARGE_PROBE_PARAMS = 100_000_000
 
 
-def probe_models() -> dict[str, torch.nn.Module]:
-    """A few large tensors, many small ones and a few small ones: the workloads that separate the
-    costs per parameter, per tensor (or module) and per step."""
+def _large_width(large_params: int) -> int:
+    return max(64, int(round((large_params / 6) ** 0.5 / 64)) * 64)
+
+
+def probe_model(name: str, large_params: int = LARGE_PROBE_PARAMS) -> torch.nn.Module:
+    """A few large tensors ("large": six square layers of about `large_params` in all), many small
+    ones ("small") and a few small ones ("few"): the workloads that separate the costs per
+    parameter, per tensor (or module) and per step."""
     torch.manual_seed(0)
-    return {"large": torch.nn.Sequential(*[torch.nn.Linear(2048, 2048) for _ in range(6)]),
-            "small": torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(160)]),
-            "few": torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(20)])}
+    width, count = {"large": (_large_width(large_params), 6), "small": (8, 160), "few": (8, 20)}[name]
+    return torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(count)])
 
 
-def _probe_input(name: str, device: torch.device) -> torch.Tensor:
-    return torch.randn(4, 2048 if name == "large" else 8, device=device)
+def _probe_input(name: str, device: torch.device, large_params: int = LARGE_PROBE_PARAMS) -> torch.Tensor:
+    return torch.randn(4, _large_width(large_params) if name == "large" else 8, device=device)
 
 
 def _counts(model: torch.nn.Module) -> tuple[int, int, int]:
@@ -135,13 +157,15 @@ def _counts(model: torch.nn.Module) -> tuple[int, int, int]:
     return sum(p.numel() for p in params), len(params), modules
 
 
-def optimizer_probe(device: torch.device, repeat: int = 5) -> tuple[list[float], dict]:
-    """AdamW + clipping: seconds [per parameter, per tensor, per step]."""
-    times = {}
-    for name, model in probe_models().items():
-        model = model.to(device)
+def optimizer_probe(device: torch.device, repeat: int = 5,
+                    large_params: int = LARGE_PROBE_PARAMS) -> tuple[list[float], dict, float]:
+    """AdamW + clipping: seconds [per parameter, per tensor, per step], the probe times, and on a GPU
+    the bytes per parameter the step allocates beyond weights, gradients and moments."""
+    times, temp_per_param = {}, 0.0
+    for name in PROBES:
+        model = probe_model(name, large_params).to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-4)
-        model(_probe_input(name, device)).sum().backward()
+        model(_probe_input(name, device, large_params)).sum().backward()
 
         def step() -> None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
@@ -149,7 +173,30 @@ def optimizer_probe(device: torch.device, repeat: int = 5) -> tuple[list[float],
 
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         times[name] = (*_counts(model)[:2], best_time(step, repeat, sync=sync))
-    return fit_costs(list(times.values())), {k: v[2] for k, v in times.items()}
+        if device.type == "cuda" and name == "large":      # the moments exist now: only temporaries remain
+            torch.cuda.reset_peak_memory_stats(device)
+            held = torch.cuda.memory_allocated(device)
+            step()
+            sync()
+            temp_per_param = (torch.cuda.max_memory_allocated(device) - held) / times[name][0]
+    return fit_costs(list(times.values())), {k: v[2] for k, v in times.items()}, temp_per_param
+
+
+def workspace_probe(device: torch.device) -> float:
+    """Bytes the math libraries keep allocated on `device` after a matrix product's forward and
+    backward (cuBLAS / cuBLASLt workspaces, through the framework's allocator)."""
+    if device.type != "cuda":
+        return 0.0
+    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear is not None:            # earlier products in this process already made them
+        clear()
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    a = torch.randn(256, 256, device=device, requires_grad=True)
+    (a @ a).sum().backward()
+    del a
+    torch.cuda.synchronize(device)
+    return float(torch.cuda.memory_allocated(device) - before)
 
 
 # ------------------------------------------------------------------------------------------ subprocesses
@@ -205,10 +252,11 @@ def _collectives_worker(payload: dict) -> dict:
 
 
 def _deepspeed_worker(payload: dict) -> dict:
-    """Per ZeRO stage: the time of a DeepSpeed step minus the plain one, for each probe model."""
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(payload["port"]))
-    os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
+    """Per ZeRO stage: the time of a DeepSpeed step and of the plain one, for each probe model, on
+    this process's rank of `RLIPV2_CAL_WORLD` (the ranks step together)."""
+    rank, world = os.environ.get("RLIPV2_CAL_RANK", "0"), os.environ.get("RLIPV2_CAL_WORLD", "1")
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(payload["port"]), "RANK": rank,
+                       "WORLD_SIZE": world, "LOCAL_RANK": rank})
     import deepspeed
 
     from rlipv2_scale.train.launch import deepspeed_config
@@ -217,10 +265,11 @@ def _deepspeed_worker(payload: dict) -> dict:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     out: dict = {"counts": {}, "plain": {}, "deepspeed": {}}
-    for name in PROBES:
-        model = probe_models()[name].to(device)
+    large = payload.get("large_params", LARGE_PROBE_PARAMS)
+    for name in payload.get("probes", PROBES):
+        model = probe_model(name, large).to(device)
         out["counts"][name] = _counts(model)
-        x = _probe_input(name, device)
+        x = _probe_input(name, device, large)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-4)
 
         def plain() -> None:
@@ -231,9 +280,9 @@ def _deepspeed_worker(payload: dict) -> dict:
 
         out["plain"][name] = best_time(plain, payload["repeat"], sync=sync)
         for stage in payload["stages"]:
-            cfg = deepspeed_config(micro_batch_size=4, grad_accum=1, world_size=1, zero_stage=stage, bf16=False,
+            cfg = deepspeed_config(micro_batch_size=4, grad_accum=1, world_size=int(world), zero_stage=stage, bf16=False,
                                    grad_clip=0.1, zero3_persistence_threshold=0)
-            m = probe_models()[name].to(device)
+            m = probe_model(name, large).to(device)
             engine, *_ = deepspeed.initialize(model=m, optimizer=torch.optim.AdamW(m.parameters(), lr=1e-4,
                                                                                   weight_decay=1e-4), config=cfg)
 
@@ -248,8 +297,6 @@ def _deepspeed_worker(payload: dict) -> dict:
 
 
 def _baseline_worker(payload: dict) -> dict:
-    import resource
-
     # What every trainer process imports besides the model it builds.
     import accelerate  # noqa: F401
     import transformers  # noqa: F401
@@ -265,8 +312,9 @@ def _baseline_worker(payload: dict) -> dict:
     from rlipv2_scale.models import rlipv2  # noqa: F401
     from rlipv2_scale.models.losses import SetCriterion  # noqa: F401
     from rlipv2_scale.train import launch  # noqa: F401
+    from rlipv2_scale.train.telemetry import peak_resident_bytes
 
-    return {"maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    return {"maxrss_bytes": peak_resident_bytes()}
 
 
 def _forward_backward_worker(payload: dict) -> dict:
@@ -294,6 +342,9 @@ def _forward_backward_worker(payload: dict) -> dict:
     seconds = time_forward_backward(step, model, repeat=payload["repeat"])
     if world > 1:
         dist.destroy_process_group()
+    optimizer = None
+    if payload.get("optimizer") and world == 1:
+        optimizer = model_optimizer_seconds(model, step, payload["repeat"])
     data = None
     if payload.get("data") and world == 1:
         from dataclasses import replace
@@ -305,20 +356,42 @@ def _forward_backward_worker(payload: dict) -> dict:
         batches = iter(loader)
         next(batches)
         data = best_time(lambda: next(batches), repeat=payload["repeat"] + 2, warmup=0)
-    return {"seconds": seconds, "data_s": data}
+    return {"seconds": seconds, "data_s": data, "optimizer_s": optimizer}
+
+
+def model_optimizer_seconds(model: torch.nn.Module, step: Callable[[], torch.Tensor], repeat: int = 3) -> float:
+    """Fastest AdamW + clipping step over `model`'s own trainable tensors (gradients from one
+    `step()`): where the optimizer runs tensor by tensor (plain PyTorch, ZeRO-0), its cost depends
+    on the model's tensor sizes as much as on their total, which the probes' rates miss."""
+    model.zero_grad(set_to_none=True)
+    step().backward()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4)
+    device = params[0].device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def update() -> None:
+        torch.nn.utils.clip_grad_norm_(params, 0.1)
+        opt.step()
+
+    seconds = best_time(update, repeat, warmup=1, sync=sync)
+    model.zero_grad(set_to_none=True)
+    return seconds
 
 
 def forward_backward_seconds(recipe: str | os.PathLike, overrides: list[str], batch: int, height: int, width: int,
                              ranks: int = 1, device: str = "cpu", repeat: int = 3,
                              texts: tuple[list[str], list[str]] | None = None,
-                             data: bool = False) -> tuple[float, float | None]:
+                             data: bool = False, optimizer: bool = False) -> tuple[float, float | None, float | None]:
     """Seconds of the recipe model's forward + loss + backward on one rank while `ranks` ranks run
-    it at once on this host (the slowest rank's fastest pass), and with `data` (one rank only) the
-    seconds the recipe's training loader takes to produce a batch."""
+    it at once on this host (the slowest rank's fastest pass); with `data` (one rank only) the
+    seconds the recipe's training loader takes to produce a batch, and with `optimizer` (one rank
+    only) those of an AdamW + clipping step over the model (`model_optimizer_seconds`)."""
     answers = _spawn("forward_backward", ranks, {"recipe": str(recipe), "overrides": overrides, "batch": batch,
                                                  "height": height, "width": width, "device": device,
-                                                 "repeat": repeat, "texts": texts, "data": data})
-    return max(a["seconds"] for a in answers), answers[0]["data_s"]
+                                                 "repeat": repeat, "texts": texts, "data": data,
+                                                 "optimizer": optimizer})
+    return max(a["seconds"] for a in answers), answers[0]["data_s"], answers[0]["optimizer_s"]
 
 
 WORKERS = {"collectives": _collectives_worker, "deepspeed": _deepspeed_worker, "baseline": _baseline_worker,
@@ -327,7 +400,8 @@ WORKERS = {"collectives": _collectives_worker, "deepspeed": _deepspeed_worker, "
 
 # ------------------------------------------------------------------------------------------ the measurement
 def calibrate(device: str = "cpu", threads: int = 1, deepspeed: bool = True, collectives: bool = True,
-              repeat: int = 5, log: Callable[[str], None] = lambda s: None) -> MachineConstants:
+              repeat: int = 5, log: Callable[[str], None] = lambda s: None,
+              large_params: int = LARGE_PROBE_PARAMS) -> MachineConstants:
     """Every probe above; `deepspeed=False` where DeepSpeed is not installed (its costs stay 0)."""
     from rlipv2_scale.train.launch import free_port
 
@@ -339,19 +413,24 @@ def calibrate(device: str = "cpu", threads: int = 1, deepspeed: bool = True, col
         collectives = False
         c.notes.append("one GPU: collective latency and bandwidth not measured")
     if collectives:
-        nbytes = 16 * 2 ** 20
+        nbytes = 64 * 2 ** 20          # beyond the caches, as DeepSpeed's buckets are
         ranks = _spawn("collectives", 2, {"device": device, "nbytes": nbytes})
         c.collective_latency_s = max(r["latency_s"] for r in ranks)
         large = max(r["large_s"] for r in ranks) - c.collective_latency_s
         c.collective_bytes_per_s = nbytes * 2 * (2 - 1) / 2 / max(large, 1e-9)   # a ring all-reduce sends 2(N−1)/N
         log(f"collectives: {1e6 * c.collective_latency_s:.0f} µs latency, "
             f"{c.collective_bytes_per_s / 1e9:.2f} GB/s per rank")
-    (c.adam_s_per_param, c.adam_s_per_tensor, c.adam_s_per_step), _ = optimizer_probe(dev, repeat)
+    c.device_workspace_bytes = workspace_probe(dev)
+    (c.adam_s_per_param, c.adam_s_per_tensor, c.adam_s_per_step), _, c.optimizer_temp_bytes_per_param = \
+        optimizer_probe(dev, repeat, large_params)
     log(f"AdamW + clipping: {1e9 * c.adam_s_per_param:.2f} ns per parameter, {1e6 * c.adam_s_per_tensor:.1f} µs "
         f"per tensor, {1e3 * c.adam_s_per_step:.2f} ms per step")
+    if dev.type == "cuda":
+        log(f"device memory besides the model: {c.device_workspace_bytes / 2 ** 20:.0f} MiB of library workspaces, "
+            f"{c.optimizer_temp_bytes_per_param:.1f} bytes per parameter of optimizer temporaries")
     if deepspeed:
         ds = _spawn("deepspeed", 1, {"device": device, "stages": list(ZERO_STAGES), "repeat": repeat,
-                                     "port": free_port()})[0]
+                                     "port": free_port(), "large_params": large_params})[0]
         for stage in ZERO_STAGES:
             rows = []
             for probe in PROBES:
@@ -363,12 +442,37 @@ def calibrate(device: str = "cpu", threads: int = 1, deepspeed: bool = True, col
             per_param, per_item, per_step = c.deepspeed_s[str(stage)]
             log(f"DeepSpeed ZeRO-{stage} beyond the plain step: {1e9 * per_param:.2f} ns per parameter, "
                 f"{1e6 * per_item:.1f} µs per {unit}, {1e3 * per_step:.2f} ms per step")
+        if collectives:
+            _deepspeed_two_ranks(c, ds, device, repeat, large_params, log)
     else:
         c.notes.append("DeepSpeed not measured: its per-stage costs are 0 (plain PyTorch data parallelism)")
     c.baseline_bytes = float(_spawn("baseline", 1, {})[0]["maxrss_bytes"]) if dev.type == "cpu" else 0.0
     if dev.type == "cpu":
         log(f"process memory without a model: {c.baseline_bytes / 2 ** 30:.2f} GiB")
     return c
+
+
+def _deepspeed_two_ranks(c: MachineConstants, one: dict, device: str, repeat: int, large_params: int,
+                         log: Callable[[str], None]) -> None:
+    """The large probe under each ZeRO stage on 2 ranks at once: what the step takes beyond the
+    1-rank step with the partition's savings (as `cost.step_time` charges them), per byte that
+    DeepSpeed communicates (`cost.deepspeed_comm_bytes`)."""
+    from rlipv2_scale.scale.cost import ModelCost, deepspeed_comm_bytes, step_time
+    from rlipv2_scale.train.launch import free_port
+
+    two = _spawn("deepspeed", 2, {"device": device, "stages": list(ZERO_STAGES), "repeat": max(2, repeat - 2),
+                                  "port": free_port(), "large_params": large_params, "probes": ["large"]})
+    params, tensors, modules = one["counts"]["large"]
+    probe = ModelCost(params=params, trainable_params=params, flops_per_image=0.0, activation_bytes_per_image=0.0,
+                      precision="fp32", tensors=tensors, modules=modules)
+    for stage in ZERO_STAGES:
+        measured = max(r["deepspeed"][f"large/{stage}"] for r in two)
+        local = {n: step_time(probe, c, stage, n, 1, 0.0, communication=False)["total"] for n in (1, 2)}
+        extra = measured - (one["deepspeed"][f"large/{stage}"] - local[1] + local[2])
+        c.deepspeed_comm_s_per_byte[str(stage)] = max(extra, 0.0) / deepspeed_comm_bytes(probe, stage, 2)
+        log(f"DeepSpeed ZeRO-{stage} on 2 ranks: {measured:.3f} s a step, {max(extra, 0.0):.3f} s beyond the "
+            f"partitioned local work: {1e-9 / max(c.deepspeed_comm_s_per_byte[str(stage)], 1e-30):.2f} GB/s "
+            f"effective per rank")
 
 
 def _main() -> None:

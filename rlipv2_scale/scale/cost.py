@@ -85,6 +85,7 @@ class PlanAssumptions:
     # Measured constants (`rlipv2 scale calibrate` on a GPU of the kind planned for): the optimiser's
     # and DeepSpeed's own time per step, and the measured collective latency, join the projection.
     machine: Any = None
+    buckets: "DeepSpeedBuckets" = field(default_factory=lambda: DeepSpeedBuckets())
 
 
 def state_bytes(cost: ModelCost, stage: int, world: int) -> dict[str, float]:
@@ -150,7 +151,7 @@ def plan(cost: ModelCost, gpus: list[int], a: PlanAssumptions, images_per_epoch:
     base_gpus = min(gpus)
     global_batch = global_batch or base_gpus * a.micro_batch * a.grad_accum
     peak = a.gpu.peak_tflops * 1e12 * (a.mfu if cost.precision == "bf16" else a.mfu / 8)
-    buckets = DeepSpeedBuckets()
+    buckets = a.buckets
 
     def compute_s(images: float) -> float:      # one optimizer step of `images` per GPU in micro-batches
         micro = min(a.micro_batch, images)
@@ -165,7 +166,7 @@ def plan(cost: ModelCost, gpus: list[int], a: PlanAssumptions, images_per_epoch:
             budget = a.gpu.memory_gib * gib - a.memory_headroom_gib * gib
             total = state + act
             free = budget - state - cost.activation_bytes_per_step
-            max_mb = max(0, int(free // cost.activation_bytes_per_image)) if free > 0 else 0
+            max_mb = max(0, int(free // max(cost.activation_bytes_per_image, 1.0))) if free > 0 else 0
             compute = compute_s(a.micro_batch * a.grad_accum)
             latency = a.machine.collective_latency_s if a.machine is not None else a.collective_latency_s
             comm = (comm_bytes(cost, stage, n) / bandwidth(a, n)
@@ -193,15 +194,20 @@ def plan(cost: ModelCost, gpus: list[int], a: PlanAssumptions, images_per_epoch:
 # ---------------------------------------------------------------------------------- DeepSpeed, in detail
 @dataclass(frozen=True)
 class DeepSpeedBuckets:
-    """What sets the number and size of DeepSpeed's collectives and buffers (its defaults, which the
-    trainer's DeepSpeed configuration keeps)."""
+    """What sets the number and size of DeepSpeed's collectives and buffers (DeepSpeed's defaults;
+    a recipe's `train.reduce_bucket_size` / `train.allgather_bucket_size`: `from_train_config`)."""
 
     reduce_bucket: float = 5e8        # elements per gradient bucket (reduce_bucket_size)
+    allgather_bucket: float = 5e8     # elements per all-gather of updated weights (allgather_bucket_size)
     param_groups: int = 1             # optimiser parameter groups (a flat partition each)
     trainer_collectives: int = 3      # per step outside DeepSpeed: the loss's pair count, the trainer's
     #                                   stop / non-finite agreement and its logged-metrics reduction
     multi_rank_allreduce: bool = True  # ZeRO-1/2 reduce a bucket by all-reduce (DeepSpeed's default), not
     #                                    reduce-scatter: 2Ψ, then the all-gather of updated weights Ψ
+
+    @classmethod
+    def from_train_config(cls, train) -> "DeepSpeedBuckets":
+        return cls(reduce_bucket=float(train.reduce_bucket_size), allgather_bucket=float(train.allgather_bucket_size))
 
 
 def deepspeed_comm_bytes(cost: ModelCost, stage: int, world: int, b: DeepSpeedBuckets = DeepSpeedBuckets()) -> float:
@@ -222,14 +228,14 @@ def collectives_per_step(cost: ModelCost, stage: int, world: int, b: DeepSpeedBu
 
     ZeRO-0: one all-reduce per gradient bucket. ZeRO-1/2: one all-reduce per bucket (DeepSpeed's
     multi-rank bucket reduction), the gradient-norm all-reduce of clipping, an overflow check and
-    one all-gather (into a flat tensor) of updated weights per parameter group. ZeRO-3: a gather
+    the all-gathers of updated weights (per parameter group, one per all-gather bucket). ZeRO-3: a gather
     of each parameter-holding module's weights in the forward and again in the backward, one
     reduce-scatter per bucket, the gradient norm and overflow check.
     """
     if world <= 1:
         return 0
     buckets = math.ceil(cost.trainable_params / b.reduce_bucket) if cost.trainable_params else 0
-    gathers = b.param_groups
+    gathers = b.param_groups * max(1, math.ceil(cost.trainable_params / b.param_groups / b.allgather_bucket))
     if stage == 0:
         n = buckets
     elif stage in (1, 2):
@@ -240,7 +246,7 @@ def collectives_per_step(cost: ModelCost, stage: int, world: int, b: DeepSpeedBu
 
 
 def rank_memory(cost: ModelCost, stage: int | None, world: int, micro_batch: int,
-                b: DeepSpeedBuckets = DeepSpeedBuckets()) -> dict[str, float]:
+                b: DeepSpeedBuckets = DeepSpeedBuckets(), optimizer_temp_per_param: float = 0.0) -> dict[str, float]:
     """Peak bytes one rank holds for the model under DeepSpeed, by buffer (add the process's own
     baseline for its resident memory).
 
@@ -252,7 +258,11 @@ def rank_memory(cost: ModelCost, stage: int | None, world: int, micro_batch: int
     partition and its flat copy; ZeRO-3 additionally the gathered full weights (every module stays
     gathered within DeepSpeed's live-parameter limit), a reduce-scatter staging buffer and a flat
     all-gather buffer for the updated partition. Activations live in the forward/backward; the
-    peak is the larger of that phase and the step's. `stage=None`: plain PyTorch (no DeepSpeed).
+    peak is the larger of that phase and the step's. Where whole gradients are kept (plain PyTorch,
+    ZeRO-0/1) they build up in the backward while activations are still held, so that phase counts
+    them too. `optimizer_temp_per_param`: the optimizer step's temporaries per parameter it updates
+    (`MachineConstants.optimizer_temp_bytes_per_param`; the rank's partition under ZeRO).
+    `stage=None`: plain PyTorch (no DeepSpeed).
     """
     if stage is not None and stage not in ZERO_STAGES:
         raise ValueError(f"ZeRO stage must be one of {ZERO_STAGES}, got {stage}")
@@ -278,8 +288,10 @@ def rank_memory(cost: ModelCost, stage: int | None, world: int, micro_batch: int
                       "gradients": 4 * tr / n, "buckets": bucket + 8 * tr / n}
         # the gathered weights and the reduce-scatter staging coexist with the activations
         step = {"gathered": w * psi + w * min(tr, b.reduce_bucket)}
+    step["optimizer_temps"] = optimizer_temp_per_param * (tr if stage in (None, 0) else tr / n)
     held = sum(persistent.values())
-    train_phase = held + act + (step.get("gathered", 0.0))
+    whole_grads = w * tr if stage in (None, 0, 1) else 0.0
+    train_phase = held + act + whole_grads + step.get("gathered", 0.0)
     step_phase = held + sum(step.values())
     out = {k: float(v) for k, v in persistent.items()}
     for k, v in step.items():
@@ -287,6 +299,17 @@ def rank_memory(cost: ModelCost, stage: int | None, world: int, micro_batch: int
     out["activations"] = float(act)
     out["peak"] = float(max(train_phase, step_phase))
     return out
+
+
+def machine_rank_memory(cost: ModelCost, machine, stage: int | None, world: int, micro_batch: int,
+                        b: DeepSpeedBuckets = DeepSpeedBuckets()) -> dict[str, float]:
+    """`rank_memory` on a calibrated machine (`MachineConstants`): with its optimizer temporaries,
+    and a "baseline" part, the trainer process's own resident memory (CPU) or the math libraries'
+    workspaces (GPU), included in the peak."""
+    mem = rank_memory(cost, stage, world, micro_batch, b, machine.optimizer_temp_bytes_per_param)
+    mem["baseline"] = float(machine.baseline_bytes + machine.device_workspace_bytes)
+    mem["peak"] += mem["baseline"]
+    return mem
 
 
 # Share of DeepSpeed's per-parameter copying that works on the rank's partition, by the bytes of
@@ -298,7 +321,7 @@ PARTITIONED_COPIES = {0: 0.0, 1: 2 / 3, 2: 2 / 3, 3: 1 / 2}
 
 def step_time(cost: ModelCost, machine, stage: int | None, world: int, micro_batch: int, forward_backward_s: float,
               contention: float = 1.0, data_s: float = 0.0, b: DeepSpeedBuckets = DeepSpeedBuckets(),
-              communication: bool = True) -> dict[str, float]:
+              communication: bool = True, optimizer_s: float | None = None) -> dict[str, float]:
     """Seconds of one optimizer step (one micro-batch) on one rank, by part.
 
     `forward_backward_s`: the model's forward, loss and backward at this micro-batch (measured FLOP
@@ -307,9 +330,13 @@ def step_time(cost: ModelCost, machine, stage: int | None, world: int, micro_bat
     no DeepSpeed. Optimiser: AdamW with clipping on the rank's share of the parameters (the whole
     model under ZeRO-0, a 1/N partition under ZeRO ≥ 1). DeepSpeed: its per-stage cost per
     trainable parameter (measured on one rank, the partition's share of it divided by N), per
-    tensor (per module under ZeRO-3) and per step. Communication: bytes / bandwidth plus
-    latency × collectives, not overlapped (gloo and DeepSpeed on a CPU do not overlap); left out
+    tensor (per module under ZeRO-3) and per step. Communication: bytes × the stage's measured
+    seconds per byte on 2 ranks (`MachineConstants.deepspeed_comm_s_per_byte`; else the backend's
+    bandwidth) plus latency × collectives, not overlapped (gloo and DeepSpeed on a CPU do not overlap); left out
     with `communication=False` (the GPU plan models it with the interconnect's bandwidth).
+    `optimizer_s`: AdamW + clipping measured on the model itself (`calibrate.model_optimizer_seconds`);
+    it replaces the probes' rates where the optimizer runs over the model's own tensors (plain,
+    ZeRO-0), not where it runs over one flat partition (ZeRO ≥ 1, as the probes do).
     """
     n = max(world, 1)
     tr = cost.trainable_params
@@ -319,6 +346,8 @@ def step_time(cost: ModelCost, machine, stage: int | None, world: int, micro_bat
     share = tr if stage in (None, 0) else tr / n
     optimizer = (machine.adam_s_per_param * share + machine.adam_s_per_tensor * cost.tensors
                  + machine.adam_s_per_step)
+    if optimizer_s is not None and stage in (None, 0):
+        optimizer = optimizer_s
     deepspeed = 0.0
     if stage is not None and str(stage) in machine.deepspeed_s:
         per_param, per_item, per_step = (list(machine.deepspeed_s[str(stage)]) + [0.0])[:3]   # older files: 2 terms
@@ -328,9 +357,13 @@ def step_time(cost: ModelCost, machine, stage: int | None, world: int, micro_bat
                      + per_step)
     comm = 0.0
     if communication and stage is not None and n > 1:
-        if machine.collective_bytes_per_s <= 0:
-            raise ValueError("machine constants without a collective bandwidth cannot predict a multi-rank step")
-        comm = (deepspeed_comm_bytes(cost, stage, n, b) / machine.collective_bytes_per_s
+        # DeepSpeed's own collectives as measured on 2 ranks where calibrated, else the backend's
+        per_byte = machine.deepspeed_comm_s_per_byte.get(str(stage))
+        if per_byte is None:
+            if machine.collective_bytes_per_s <= 0:
+                raise ValueError("machine constants without a collective bandwidth cannot predict a multi-rank step")
+            per_byte = 1.0 / machine.collective_bytes_per_s
+        comm = (deepspeed_comm_bytes(cost, stage, n, b) * per_byte
                 + collectives_per_step(cost, stage, n, b) * machine.collective_latency_s)
     local = contention * (forward_backward_s + data_s + optimizer + deepspeed)
     return {"compute": contention * forward_backward_s, "data": contention * data_s, "optimizer": contention * optimizer,

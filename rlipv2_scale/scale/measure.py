@@ -38,7 +38,9 @@ def activation_bytes(step: Callable[[], torch.Tensor], exclude: list[torch.Tenso
             key = (storage.data_ptr(), storage.nbytes())
             if key[0] not in skip and key not in seen:
                 seen[key] = storage.nbytes()
-        return t
+        # Detached: a saved output packed as itself references its own grad_fn, a cycle through
+        # the autograd graph that Python's collector cannot see, which kept the model alive.
+        return t.detach()
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = step()

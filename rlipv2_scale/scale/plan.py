@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from rlipv2_scale.scale.cost import GPUS, ModelCost, PlanAssumptions, PlanRow, fmt_bytes, plan
+from rlipv2_scale.scale.cost import GPUS, DeepSpeedBuckets, ModelCost, PlanAssumptions, PlanRow, fmt_bytes, plan
 
 
 @dataclass
@@ -129,7 +129,8 @@ def build_plan(cfg, recipe_name: str, gpus: list[int], gpu: str = "h100", inter_
     precision = "bf16" if cfg.train.precision in ("bf16", "auto") else "fp32"
     cost = model_cost(model, m, precision)
     a = PlanAssumptions(gpu=GPUS[gpu], inter_node_gbps=inter_node_gbps, mfu=mfu, micro_batch=cfg.data.batch_size,
-                        grad_accum=cfg.train.grad_accum, machine=machine)
+                        grad_accum=cfg.train.grad_accum, machine=machine,
+                        buckets=DeepSpeedBuckets.from_train_config(cfg.train))
     ipe = images_per_epoch or cfg.data.epoch_size or 1_000_000
     rows = plan(cost, gpus, a, ipe, cfg.train.epochs)
     assumptions = asdict(a)

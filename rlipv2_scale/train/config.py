@@ -38,6 +38,10 @@ class TrainConfig:
     zero_stage: Literal[0, 1, 2, 3] = 2   # 0 = plain data parallel
     # ZeRO-3 keeps parameters smaller than this whole on every rank (DeepSpeed's default).
     zero3_persistence_threshold: int = 100_000
+    # DeepSpeed's gradient-reduction and weight all-gather buckets, in elements (its defaults): more,
+    # smaller collectives with smaller buckets, less memory (`rlipv2 scale plan` counts both).
+    reduce_bucket_size: int = 500_000_000
+    allgather_bucket_size: int = 500_000_000
     precision: Literal["auto", "bf16", "fp32"] = "auto"   # auto: bf16 on GPU, fp32 on CPU
     grad_clip: float = 0.1            # global L2 norm (reference §5.1), applied by DeepSpeed
     seed: int = 42                    # + rank, as the original
@@ -55,6 +59,9 @@ class TrainConfig:
             raise ValueError(f"train.grad_accum must be positive, got {self.grad_accum}")
         if self.max_nonfinite_in_row <= 0:
             raise ValueError("train.max_nonfinite_in_row must be positive")
+        for key in ("reduce_bucket_size", "allgather_bucket_size"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"train.{key} must be a positive number of elements, got {getattr(self, key)}")
 
 
 @dataclass

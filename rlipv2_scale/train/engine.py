@@ -111,7 +111,8 @@ class Trainer:
         self.scheduler = build_scheduler(optimizer, cfg.optim, self.total_steps, self.steps_per_epoch)
         ds_cfg = deepspeed_config(micro_batch_size=cfg.data.batch_size, grad_accum=t.grad_accum,
                                   world_size=info.world_size, zero_stage=t.zero_stage, bf16=self.bf16,
-                                  grad_clip=t.grad_clip, zero3_persistence_threshold=t.zero3_persistence_threshold)
+                                  grad_clip=t.grad_clip, zero3_persistence_threshold=t.zero3_persistence_threshold,
+                                  reduce_bucket_size=t.reduce_bucket_size, allgather_bucket_size=t.allgather_bucket_size)
         self.accelerator = build_accelerator(ds_cfg, info)
         # The scheduler stays ours (stepped once per optimizer step): Accelerate would step it once
         # per process, and DeepSpeed would not save it with our per-group lambdas.

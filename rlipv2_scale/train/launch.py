@@ -91,8 +91,10 @@ def build_accelerator(ds_config: dict, info: DistInfo):
 
 
 def deepspeed_config(*, micro_batch_size: int, grad_accum: int, world_size: int, zero_stage: int, bf16: bool,
-                     grad_clip: float, zero3_persistence_threshold: int) -> dict:
-    zero: dict = {"stage": zero_stage}
+                     grad_clip: float, zero3_persistence_threshold: int, reduce_bucket_size: int = 500_000_000,
+                     allgather_bucket_size: int = 500_000_000) -> dict:
+    zero: dict = {"stage": zero_stage, "reduce_bucket_size": int(reduce_bucket_size),
+                  "allgather_bucket_size": int(allgather_bucket_size)}
     if zero_stage == 3:
         # Parameters below this size stay whole on every rank; the default (1e5) would leave a
         # small model entirely unpartitioned.

@@ -20,11 +20,28 @@ import torch
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "V100": 125.0}
 
 
+def peak_resident_bytes() -> int:
+    """This process's peak resident memory since it started (its own program, not its launcher's).
+
+    Linux's `ru_maxrss` carries the launching process's resident size over `exec` (a rank started
+    by a 1 GiB parent reports at least 1 GiB), so the address space's own high-water mark,
+    `VmHWM` in /proc/self/status, is read where it exists."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024          # kB
+    except OSError:
+        pass
+    # Elsewhere ru_maxrss: KiB on Linux-likes, bytes on macOS.
+    scale = 1 if sys.platform == "darwin" else 1024
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale
+
+
 def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    # ru_maxrss is in KiB on Linux: the process's peak resident memory.
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    return peak_resident_bytes()
 
 
 def peak_tflops(device: torch.device) -> float | None:
