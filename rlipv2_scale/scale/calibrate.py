@@ -293,6 +293,12 @@ def _deepspeed_worker(payload: dict) -> dict:
 
             out["deepspeed"][f"{name}/{stage}"] = best_time(ds_step, payload["repeat"], warmup=3, sync=sync)
             engine.destroy()
+    import torch.distributed as dist
+
+    # Ranks leave together and close the group: a rank exiting with gloo's threads still running
+    # aborts ("terminate called without an active exception").
+    dist.barrier()
+    dist.destroy_process_group()
     return out
 
 
