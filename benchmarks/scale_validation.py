@@ -231,7 +231,7 @@ def run_config_gpu(config: str, args: argparse.Namespace, machine, log) -> dict:
     from rlipv2_scale.models.rlipv2 import build_model
     from rlipv2_scale.scale.calibrate import model_optimizer_seconds
     from rlipv2_scale.scale.cost import machine_rank_memory, step_time
-    from rlipv2_scale.scale.measure import calibration_step, time_forward_backward
+    from rlipv2_scale.scale.measure import calibration_step, device_sync, time_forward_backward
 
     device = torch.device(args.device)
     over = model_overrides(config) + ["model.text.tokenizer=null"]
@@ -260,7 +260,7 @@ def run_config_gpu(config: str, args: argparse.Namespace, machine, log) -> dict:
                                                             world_texts()), args.repeat)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-4)
     cuda = device.type == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync = device_sync(device)
     rows = []
     for batch in args.batches:
         step = calibration_step(model, criterion, batch, res, res, n_obj, n_rel, device, world_texts())

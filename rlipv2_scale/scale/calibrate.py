@@ -39,6 +39,7 @@ from typing import Callable
 import torch
 
 from rlipv2_scale.errors import UserError
+from rlipv2_scale.scale.measure import device_sync
 
 ZERO_STAGES = (0, 1, 2, 3)
 
@@ -162,6 +163,7 @@ def optimizer_probe(device: torch.device, repeat: int = 5,
     """AdamW + clipping: seconds [per parameter, per tensor, per step], the probe times, and on a GPU
     the bytes per parameter the step allocates beyond weights, gradients and moments."""
     times, temp_per_param = {}, 0.0
+    sync = device_sync(device)
     for name in PROBES:
         model = probe_model(name, large_params).to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-4)
@@ -171,7 +173,6 @@ def optimizer_probe(device: torch.device, repeat: int = 5,
             torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
             opt.step()
 
-        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         times[name] = (*_counts(model)[:2], best_time(step, repeat, sync=sync))
         if device.type == "cuda" and name == "large":      # the moments exist now: only temporaries remain
             torch.cuda.reset_peak_memory_stats(device)
@@ -242,7 +243,7 @@ def _collectives_worker(payload: dict) -> dict:
     if device.type == "cuda":
         torch.cuda.set_device(rank)
         device = torch.device("cuda", rank)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = device_sync(device)
     small = torch.ones(1, device=device)
     large = torch.ones(payload["nbytes"] // 4, device=device)
     res = {"latency_s": best_time(lambda: [dist.all_reduce(small) for _ in range(20)], repeat=5, sync=sync) / 20,
@@ -254,15 +255,18 @@ def _collectives_worker(payload: dict) -> dict:
 def _deepspeed_worker(payload: dict) -> dict:
     """Per ZeRO stage: the time of a DeepSpeed step and of the plain one, for each probe model, on
     this process's rank of `RLIPV2_CAL_WORLD` (the ranks step together)."""
-    rank, world = os.environ.get("RLIPV2_CAL_RANK", "0"), os.environ.get("RLIPV2_CAL_WORLD", "1")
+    rank, world = os.environ.get("RLIPV2_CAL_RANK", "0"), int(os.environ.get("RLIPV2_CAL_WORLD", "1"))
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(payload["port"]), "RANK": rank,
-                       "WORLD_SIZE": world, "LOCAL_RANK": rank})
+                       "WORLD_SIZE": str(world), "LOCAL_RANK": rank})
     import deepspeed
 
+    from rlipv2_scale.train.config import TrainConfig
     from rlipv2_scale.train.launch import deepspeed_config
 
+    trainer = TrainConfig()        # the trainer's DeepSpeed settings where a probe has no reason to differ
+
     device = torch.device(payload["device"])
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = device_sync(device)
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     out: dict = {"counts": {}, "plain": {}, "deepspeed": {}}
     large = payload.get("large_params", LARGE_PROBE_PARAMS)
@@ -278,10 +282,13 @@ def _deepspeed_worker(payload: dict) -> dict:
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        out["plain"][name] = best_time(plain, payload["repeat"], sync=sync)
+        if world == 1:             # on 2 ranks only the DeepSpeed steps are compared
+            out["plain"][name] = best_time(plain, payload["repeat"], sync=sync)
         for stage in payload["stages"]:
-            cfg = deepspeed_config(micro_batch_size=4, grad_accum=1, world_size=int(world), zero_stage=stage, bf16=False,
-                                   grad_clip=0.1, zero3_persistence_threshold=0)
+            cfg = deepspeed_config(micro_batch_size=4, grad_accum=1, world_size=world, zero_stage=stage, bf16=False,
+                                   grad_clip=trainer.grad_clip, zero3_persistence_threshold=0,
+                                   reduce_bucket_size=trainer.reduce_bucket_size,
+                                   allgather_bucket_size=trainer.allgather_bucket_size)
             m = probe_model(name, large).to(device)
             engine, *_ = deepspeed.initialize(model=m, optimizer=torch.optim.AdamW(m.parameters(), lr=1e-4,
                                                                                   weight_decay=1e-4), config=cfg)
@@ -374,7 +381,7 @@ def model_optimizer_seconds(model: torch.nn.Module, step: Callable[[], torch.Ten
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4)
     device = params[0].device
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = device_sync(device)
 
     def update() -> None:
         torch.nn.utils.clip_grad_norm_(params, 0.1)
@@ -474,11 +481,11 @@ def _deepspeed_two_ranks(c: MachineConstants, one: dict, device: str, repeat: in
     for stage in ZERO_STAGES:
         measured = max(r["deepspeed"][f"large/{stage}"] for r in two)
         local = {n: step_time(probe, c, stage, n, 1, 0.0, communication=False)["total"] for n in (1, 2)}
-        extra = measured - (one["deepspeed"][f"large/{stage}"] - local[1] + local[2])
-        c.deepspeed_comm_s_per_byte[str(stage)] = max(extra, 0.0) / deepspeed_comm_bytes(probe, stage, 2)
-        log(f"DeepSpeed ZeRO-{stage} on 2 ranks: {measured:.3f} s a step, {max(extra, 0.0):.3f} s beyond the "
-            f"partitioned local work: {1e-9 / max(c.deepspeed_comm_s_per_byte[str(stage)], 1e-30):.2f} GB/s "
-            f"effective per rank")
+        extra = max(measured - (one["deepspeed"][f"large/{stage}"] - local[1] + local[2]), 0.0)
+        nbytes = deepspeed_comm_bytes(probe, stage, 2)
+        c.deepspeed_comm_s_per_byte[str(stage)] = extra / nbytes
+        log(f"DeepSpeed ZeRO-{stage} on 2 ranks: {measured:.3f} s a step, {extra:.3f} s beyond the partitioned "
+            f"local work: {nbytes / max(extra, 1e-12) / 1e9:.2f} GB/s effective per rank")
 
 
 def _main() -> None:

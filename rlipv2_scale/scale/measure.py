@@ -104,13 +104,17 @@ def calibration_step(model: torch.nn.Module, criterion: torch.nn.Module | None, 
     return step
 
 
+def device_sync(device: torch.device) -> Callable[[], None]:
+    """What makes a host clock read after `device`'s queued work: a CUDA synchronize, or nothing."""
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
 def time_forward_backward(step: Callable[[], torch.Tensor], model: torch.nn.Module, repeat: int = 3,
                           warmup: int = 1, min_seconds: float = 2.0) -> float:
     """Fastest of at least `repeat` forward + loss + backward passes, and of as many as fit in
     `min_seconds` (a small model's pass takes milliseconds: the fastest of many is what survives a
     shared machine's load)."""
-    device = next(model.parameters()).device
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = device_sync(next(model.parameters()).device)
     best = float("inf")
     i = 0
     start = time.perf_counter()

@@ -91,8 +91,8 @@ def build_accelerator(ds_config: dict, info: DistInfo):
 
 
 def deepspeed_config(*, micro_batch_size: int, grad_accum: int, world_size: int, zero_stage: int, bf16: bool,
-                     grad_clip: float, zero3_persistence_threshold: int, reduce_bucket_size: int = 500_000_000,
-                     allgather_bucket_size: int = 500_000_000) -> dict:
+                     grad_clip: float, zero3_persistence_threshold: int, reduce_bucket_size: int,
+                     allgather_bucket_size: int) -> dict:
     zero: dict = {"stage": zero_stage, "reduce_bucket_size": int(reduce_bucket_size),
                   "allgather_bucket_size": int(allgather_bucket_size)}
     if zero_stage == 3:
