@@ -103,7 +103,7 @@ def checkpoint_map(run_dir: Path, val_dir: Path, every: int = 0, log=print) -> l
     run twice."""
     from rlipv2_scale.data.synthetic import BASE_SIZE
     from rlipv2_scale.demo import predict_split, score
-    from rlipv2_scale.predict import load_model
+    from rlipv2_scale.train.export import open_model
     from rlipv2_scale.train.checkpoint import read_trainer_state
 
     cache = run_dir / "val_map.json"
@@ -115,7 +115,7 @@ def checkpoint_map(run_dir: Path, val_dir: Path, every: int = 0, log=print) -> l
         state = read_trainer_state(ckpt)
         if every and state["step"] % every:
             continue
-        res = score(predict_split(load_model(ckpt), val_dir, "val", BASE_SIZE, progress=False), val_dir, "val")
+        res = score(predict_split(open_model(ckpt), val_dir, "val", BASE_SIZE, progress=False), val_dir, "val")
         points.append((int(state["samples"]), float(res["relation_map"] or 0.0)))
         log(f"  {run_dir.name} step {state['step']}: validation relation mAP {points[-1][1]:.2f}")
     cache.write_text(json.dumps(points) + "\n")

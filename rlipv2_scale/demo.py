@@ -41,6 +41,8 @@ from rlipv2_scale.data.synthetic import (BASE_SIZE, CLASS_NAMES, HELD_OUT, HICO_
                                          SplitSummary, eval_label_space, write_split)
 from rlipv2_scale.errors import UserError
 from rlipv2_scale.eval.label_space import LabelSpace
+from rlipv2_scale.models.rlipv2 import load_pretrained
+from rlipv2_scale.train.export import export_run, open_model
 
 Log = Callable[[str], None]
 # The trainer's periodic validation scores HICO-DET style (every predicted subject is the person
@@ -195,29 +197,6 @@ def random_init_model(run_dir: Path, seed: int) -> torch.nn.Module:
     return build_model(cfg.model, pretrained=False).eval()
 
 
-def write_model_dir(run_dir: Path, out: Path) -> Path:
-    """The final checkpoint as a model directory (`model.yaml` + `model.safetensors`), with its tokenizer."""
-    from safetensors.torch import save_file
-
-    from rlipv2_scale.config import save_config
-    from rlipv2_scale.models.original import CONFIG_FILE, WEIGHTS_FILE
-    from rlipv2_scale.train import checkpoint as ckpt_io
-    from rlipv2_scale.train.config import load_run_config
-
-    ckpt = ckpt_io.resolve_resume(str(run_dir), run_dir)
-    assert ckpt is not None
-    cfg = load_run_config(ckpt / "config.yaml")
-    state = ckpt_io.gathered_state_dict(ckpt)
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    if cfg.model.text.tokenizer:
-        shutil.copytree(cfg.model.text.tokenizer, out / "tokenizer")
-        cfg.model.text.tokenizer = str((out / "tokenizer").resolve())
-    save_config(cfg.model, out / CONFIG_FILE)
-    save_file({k: v.contiguous().clone() for k, v in state.items()}, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
-    return out
-
-
 def draw_examples(preds: list[dict], split_dir: Path, out: Path, n: int) -> list[Path]:
     """The first `n` test images that hold a held-out combination, then others, with predictions drawn."""
     from PIL import Image
@@ -338,10 +317,8 @@ def run_demo(out: str | os.PathLike, quick: bool = False, plan: DemoPlan | None 
     records = read_metrics(out / "metrics.jsonl")
 
     log(f"[4/5] evaluating on {plan.test_images} test scenes (HICO-DET protocol, synthetic label space)")
-    from rlipv2_scale.predict import load_model
-
-    model_dir = write_model_dir(run_dir, out / "model")
-    model = load_model(model_dir)
+    model_dir = export_run(run_dir, out / "model")
+    model = load_pretrained(str(model_dir))
     test_dir = out / "data" / "test"
     preds = predict_split(model, test_dir, "test", plan.size)
     trained = score(preds, test_dir, "test")
@@ -381,7 +358,6 @@ def run_compare(out: str | os.PathLike, quick: bool = False, plan: DemoPlan | No
                 workers: int | None = None) -> dict[str, Any]:
     """Train each ablation recipe on the same data; validation mAP (seen triplets, val split) of
     every kept checkpoint against steps, in `compare.json` and `compare.png`."""
-    from rlipv2_scale.predict import load_model
     from rlipv2_scale.train.checkpoint import read_trainer_state
     from rlipv2_scale.visualize import plot_curves
 
@@ -404,7 +380,7 @@ def run_compare(out: str | os.PathLike, quick: bool = False, plan: DemoPlan | No
         points = []
         for ckpt in sorted((run_dir / "checkpoints").glob("step_*")):
             step = read_trainer_state(ckpt)["step"]
-            res = score(predict_split(load_model(ckpt), val_dir, "val", plan.size, progress=False), val_dir, "val")
+            res = score(predict_split(open_model(ckpt), val_dir, "val", plan.size, progress=False), val_dir, "val")
             points.append((step, res["relation_map"] or 0.0))
             log(f"  {name} step {step}: validation mAP {points[-1][1]:.2f}")
         curves[name] = points

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from rlipv2_scale.data.config import TransformConfig
+from rlipv2_scale.data.schema import RelationalRecord
 from rlipv2_scale.data.transforms import EvalTransform, decode, normalize
 from rlipv2_scale.errors import DataError, UserError
 from rlipv2_scale.eval.label_space import LabelSpace, hico_label_space
@@ -121,6 +122,54 @@ class RelationImages(Dataset):
         return normalize(image, None, torch.empty(image.shape, dtype=torch.float32)), (int(h), int(w)), index
 
 
+def ground_truth_entry(record: RelationalRecord, space: LabelSpace) -> dict:
+    """A shard record in the HICO-DET ground-truth form (absolute xyxy boxes, the space's ids), as
+    the annotation file it was converted from. Names outside the space are errors that name them."""
+    objects = {n: i for i, n in enumerate(space.objects)}
+    verbs = {v.replace("_", " "): i for i, v in enumerate(space.verbs)}
+    unknown = sorted({o.name for o in record.objects if o.name not in objects}
+                     | {r.predicate for r in record.relations if r.predicate.replace("_", " ") not in verbs})
+    if unknown:
+        raise UserError(f"validation image {record.image.id!r} has labels {unknown[:5]} outside the evaluation "
+                        f"label lists (eval.data.fixed_obj_labels / fixed_rel_labels); list every class and "
+                        "predicate of the validation shards there")
+    return {"file_name": record.key,
+            "annotations": [{"bbox": [float(v) for v in o.box], "category_id": space.object_ids[objects[o.name]]}
+                            for o in record.objects],
+            "hoi_annotation": [{"subject_id": r.subject, "object_id": r.object,
+                                "category_id": space.verb_ids[verbs[r.predicate.replace("_", " ")]]}
+                               for r in record.relations]}
+
+
+class ShardImages(Dataset):
+    """The images of MDS shard directories (`rlipv2 data convert`) for evaluation: items as
+    `RelationImages`', and `entries` = their ground truth in the HICO-DET form (from the records'
+    absolute boxes, as the converted annotation file holds them)."""
+
+    def __init__(self, shard_dirs: Sequence[str | Path], space: LabelSpace, eval_size: int = 800,
+                 max_size: int = 1333, limit: int | None = None):
+        from rlipv2_scale.data.shards import iter_records
+
+        if any(d is None for d in shard_dirs):
+            raise UserError("evaluation reads local shard directories: give every eval.data source a 'local' path")
+        self.records = [r for d in shard_dirs for r in iter_records(d)][:limit]
+        if not self.records:
+            raise UserError(f"the validation shards {[str(d) for d in shard_dirs]} hold no image")
+        self.entries = [ground_truth_entry(r, space) for r in self.records]
+        self.transform = EvalTransform(TransformConfig(eval_size=eval_size, max_size=max_size,
+                                                       train_scales=[eval_size]))
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, tuple[int, int], int]:
+        record = self.records[index]
+        image = decode(record.image_bytes, record.key)
+        h, w = image.shape[-2:]
+        image, _, _ = self.transform(image, torch.zeros(0, 4))
+        return normalize(image, None, torch.empty(image.shape, dtype=torch.float32)), (int(h), int(w)), index
+
+
 def collate_images(items: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
     """Zero-pad to the largest image: (images [B,3,H,W], pixel_mask [B,H,W] True = pad, orig sizes [B,2], indices)."""
     h = max(x.shape[1] for x, _, _ in items)
@@ -137,9 +186,13 @@ def collate_images(items: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
 @torch.no_grad()
 def forward_eval(model: torch.nn.Module, images: torch.Tensor, pixel_mask: torch.Tensor, obj_texts: list[str],
                  rel_texts: list[str], label_embeds: torch.Tensor | None = None) -> dict:
-    """One evaluation forward. Pass `label_embeds` (encoded once per label list) to match the
-    original's evaluation engines exactly: pre-encoded labels carry no label padding mask."""
-    return model.decode(model.encode(images, pixel_mask, obj_texts, rel_texts, label_embeds))
+    """One evaluation forward through the model's own forward (so a DeepSpeed engine, ZeRO-3 included,
+    gathers its weights), images in the weights' dtype. Pass `label_embeds` (encoded once per label
+    list) to match the original's evaluation engines exactly: pre-encoded labels carry no label
+    padding mask."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    out = model(images.to(dtype), pixel_mask, obj_texts, rel_texts, label_embeds)
+    return {k: v.float() for k, v in out.items() if k.startswith("pred_")}
 
 
 def _rank_slice(n: int) -> range:
@@ -161,12 +214,13 @@ def predict(model: torch.nn.Module, dataset: RelationImages, space: LabelSpace, 
     ("rel_predictions" for Open Images); `convert(triplets, entries)` makes any other form from a
     batch's post-processed triplets and annotation entries.
     Distributed: every rank runs its slice; rank 0 returns all, the others None."""
-    if getattr(model.cfg, "tagger", False):
+    module = getattr(model, "module", model)   # a DeepSpeed engine wraps the model
+    if getattr(module.cfg, "tagger", False):
         raise UserError("the Relation Tagger scores given pairs; it cannot detect relations on a test set")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.eval()
     obj_texts, rel_texts = label_texts(space)
-    label_embeds = model.encode_labels(obj_texts, rel_texts)   # once: the label list is fixed
+    label_embeds = module.encode_labels(obj_texts, rel_texts)   # once: the label list is fixed
     indices = list(_rank_slice(len(dataset)))
     loader = DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers, collate_fn=collate_images)
@@ -196,6 +250,35 @@ def predict(model: torch.nn.Module, dataset: RelationImages, space: LabelSpace, 
     return [p for _, p in sorted(mine, key=lambda ip: ip[0])]
 
 
+def postprocess_for(space: LabelSpace, zero_shot_nf: bool = False, top_k: int | None = 100) -> PostProcess:
+    """HOI scoring (the subject is the person class) when the space has a subject class, else
+    scene-graph scoring (each subject keeps its own class; subject x object x relation confidence)."""
+    mode = "hoi" if space.subject_index is not None else "sgg"
+    return PostProcess.for_label_space(space, mode=mode, zero_shot_nf=zero_shot_nf, top_k=top_k)
+
+
+def evaluate_relations(model: torch.nn.Module, dataset: RelationImages | ShardImages, space: LabelSpace, *,
+                       zero_shot: str | list | None = None, zero_shot_nf: bool = False,
+                       train: list[dict] | None = None, nms: bool = True, top_k: int = 100, batch_size: int = 2,
+                       num_workers: int = 0, device: str | torch.device | None = None, progress: bool = True,
+                       predictions_out: str | Path | None = None) -> dict | None:
+    """Relation detection with the HICO-DET protocol: the model over `dataset` (the label list encoded
+    once; distributed when a process group is up), post-processed, scored against `dataset.entries`.
+    The one path of `rlipv2 eval hico-det --checkpoint` and of the trainer's validation hook.
+    Returns `evaluate_hico`'s numbers on rank 0, None on the other ranks."""
+    from rlipv2_scale.eval.hico import evaluate_hico
+    from rlipv2_scale.eval.triplet_nms import TripletNMS
+
+    post = postprocess_for(space, zero_shot_nf, top_k)
+    preds = predict(model, dataset, space, post, batch_size=batch_size, num_workers=num_workers, device=device,
+                    progress=progress)
+    if preds is None:
+        return None
+    _write(predictions_out, preds)
+    return evaluate_hico(dataset.entries, preds, train=train, zero_shot=zero_shot, label_space=space,
+                         nms=TripletNMS() if nms else None, top_k=top_k)
+
+
 def _zero_shot(setting: str | None, space: LabelSpace) -> tuple[bool, str | list | None]:
     """(NF subject filter on, evaluator's zero-shot argument) of a setting name or unseen-triplet file."""
     if setting is None:
@@ -214,17 +297,69 @@ def _zero_shot(setting: str | None, space: LabelSpace) -> tuple[bool, str | list
 
 
 def _load_model(checkpoint_dir: str | Path, device: str | None, space: LabelSpace) -> tuple[torch.nn.Module, str]:
-    """The model of a model directory on `device` (default: this rank's GPU when there is one)."""
-    from rlipv2_scale.models.original import load_model_dir
+    """The model of a model directory on `device` (default: this rank's GPU when there is one), checked
+    against the label space it is about to be scored in."""
+    from rlipv2_scale.models.rlipv2 import load_pretrained
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and dist.is_available() and dist.is_initialized() and ":" not in device:
         device = f"cuda:{torch.cuda.current_device()}"
-    model = load_model_dir(checkpoint_dir, device)
+    model = load_pretrained(str(checkpoint_dir), device)
     if getattr(model.cfg, "tagger", False):
         raise UserError(f"'{checkpoint_dir}' is a Relation Tagger: it scores given pairs and cannot detect "
                         f"relations on the {space.name} test set; evaluate a detection model (r50, swin_t, swin_l)")
+    check_labels(model.card, space, str(checkpoint_dir))
     return model, device
+
+
+def check_labels(card, space: LabelSpace, where: str) -> None:
+    """A model fine-tuned on fixed label lists must be scored in that label space: any other gives a
+    meaningless (often zero) mAP without an error from the evaluator."""
+    if card.objects is None:
+        return    # open vocabulary: any label texts
+    texts = label_texts(space)
+    if list(card.objects) != texts[0][:-1] or [r.replace("_", " ") for r in card.relations] != texts[1]:
+        theirs = [o for o in card.objects if o not in space.objects][:3]
+        raise UserError(f"'{where}' was trained with {len(card.objects)} object / {len(card.relations)} relation "
+                        f"labels ({', '.join(card.objects[:3])}, ...) but the data is scored in the "
+                        f"'{space.name}' label space ({', '.join(space.objects[:3])}, ...; e.g. {theirs} differ): "
+                        "put the dataset's objects.json / verbs.json beside its annotations, or evaluate a model "
+                        "trained on this label space")
+
+
+def label_space_for(objects: Sequence[str], verbs: Sequence[str], subject: str = "auto", *,
+                    object_ids: Sequence[int] = (), verb_ids: Sequence[int] = (), name: str = "custom") -> LabelSpace:
+    """HICO-DET's label space when the lists are HICO-DET's; otherwise one built from the lists, every
+    verb-object combination valid, the subject the person class if there is one ("auto") or any
+    class ("any"). The one rule of the validation hook and of `eval hico-det --checkpoint`."""
+    hico = hico_label_space()
+    verbs = [v.replace("_", " ") for v in verbs]
+    if list(hico.objects) == list(objects) and list(hico.verbs) == verbs and subject == "auto":
+        return hico
+    subject_index = list(objects).index("person") if subject == "auto" and "person" in objects else None
+    return LabelSpace(objects=tuple(objects), verbs=tuple(verbs), valid=np.ones((len(verbs), len(objects))),
+                      object_ids=tuple(object_ids), verb_ids=tuple(verb_ids), subject_index=subject_index, name=name)
+
+
+def data_label_space(*folders: Path | None) -> LabelSpace | None:
+    """The label space a HICO-DET-format dataset describes itself with (`objects.json` and `verbs.json`
+    beside its annotations, as the HICO-DET metadata and `rlipv2 data synth` write them: entries with
+    an id, or COCO's `coco_id`, and a name), from the first folder that has both; None when none has."""
+    from rlipv2_scale.eval.files import read_json
+
+    for folder in folders:
+        if folder is None or not ((folder / "objects.json").is_file() and (folder / "verbs.json").is_file()):
+            continue
+        objects, verbs = read_json(folder / "objects.json", "object list"), read_json(folder / "verbs.json",
+                                                                                      "verb list")
+        try:
+            return label_space_for([o["name"] for o in objects], [v.get("text", v["name"]) for v in verbs],
+                                   object_ids=[int(o.get("coco_id", o.get("id"))) for o in objects],
+                                   verb_ids=[int(v["id"]) for v in verbs], name=folder.name)
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"'{folder}/objects.json' / 'verbs.json' should list {{id (or coco_id), name}} entries") \
+                from None
+    return None
 
 
 def _write(path: str | Path | None, data: list) -> None:
@@ -247,24 +382,22 @@ def evaluate_checkpoint(checkpoint_dir: str | Path, data_root: str | Path | None
     from rlipv2_scale.eval.hico import evaluate_hico
     from rlipv2_scale.eval.triplet_nms import TripletNMS
 
-    space = label_space or hico_label_space()
     if data_root is None and (test is None or images is None):
         raise UserError("give the dataset root (--data) or both the test annotations and the image folder")
     files = find_hico_files(data_root, test, images, train) if data_root is not None else \
         HicoFiles(Path(test), Path(images), Path(train) if train else None)
+    space = (label_space or data_label_space(files.test.parent, Path(data_root) if data_root else None)
+             or hico_label_space())
     nf_filter, split = _zero_shot(zero_shot, space)
     model, device = _load_model(checkpoint_dir, device, space)
     gt = read_json(files.test, "test annotations")
     dataset = RelationImages(gt, files.images, eval_size=eval_size, max_size=max_size)
-    post = PostProcess.for_label_space(space, zero_shot_nf=nf_filter, top_k=top_k)
-    preds = predict(model, dataset, space, post, batch_size=batch_size, num_workers=num_workers, device=device,
-                    progress=progress)
-    if preds is None:
-        return None
-    _write(predictions_out, preds)
     train_entries = read_json(files.train, "training annotations") if files.train else None
-    res = evaluate_hico(gt, preds, train=train_entries, zero_shot=split, label_space=space,
-                        nms=TripletNMS() if nms else None, top_k=top_k)
+    res = evaluate_relations(model, dataset, space, zero_shot=split, zero_shot_nf=nf_filter, train=train_entries,
+                             nms=nms, top_k=top_k, batch_size=batch_size, num_workers=num_workers, device=device,
+                             progress=progress, predictions_out=predictions_out)
+    if res is None:
+        return None
     res["setting"] = zero_shot or "default"
     res["checkpoint"] = str(checkpoint_dir)
     return res

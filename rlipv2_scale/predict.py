@@ -1,9 +1,9 @@
 """Open-vocabulary relation detection on any images: load a trained model, run it against label
 texts the caller chooses, draw what it finds (`rlipv2 predict`).
 
-A model comes from a model directory (`model.yaml` + `model.safetensors`, as `rlipv2 demo` and
-`rlipv2 import-checkpoint` write them) or from a training run / checkpoint directory (its
-`config.yaml` and DeepSpeed shards, gathered in this process).
+A model comes from a model directory (`rlipv2 export`, `rlipv2 demo`, `rlipv2 import-checkpoint`)
+or a training run / checkpoint, exported on the fly (`train.export.open_model`); its card gives the
+input size and, for fine-tuned models, the label lists.
 """
 from __future__ import annotations
 
@@ -18,27 +18,6 @@ from PIL import Image
 from rlipv2_scale.errors import UserError
 from rlipv2_scale.eval.label_space import LabelSpace
 from rlipv2_scale.models.postprocess import PostProcess
-
-
-def load_model(path: str | Path) -> torch.nn.Module:
-    """A model in eval mode from a model directory, a training checkpoint or a run directory."""
-    from rlipv2_scale.models.original import CONFIG_FILE, load_model_dir
-
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"checkpoint '{path}' does not exist")
-    if (path / CONFIG_FILE).is_file():
-        return load_model_dir(path)
-    from rlipv2_scale.models.rlipv2 import build_model
-    from rlipv2_scale.train import checkpoint as ckpt_io
-    from rlipv2_scale.train.config import load_run_config
-
-    ckpt = ckpt_io.resolve_resume(str(path), path)
-    assert ckpt is not None
-    cfg = load_run_config(ckpt / "config.yaml")
-    model = build_model(cfg.model, pretrained=False)
-    ckpt_io.load_strict(model, ckpt_io.gathered_state_dict(ckpt), str(ckpt))
-    return model.eval()
 
 
 def parse_labels(text: str, what: str) -> list[str]:
@@ -64,8 +43,8 @@ class ImagePrediction:
 
 
 def predict_images(model: torch.nn.Module, paths: Sequence[str | Path], objects: Sequence[str],
-                   relations: Sequence[str], *, eval_size: int = 128, max_size: int = 1333,
-                   batch_size: int = 4) -> list[ImagePrediction]:
+                   relations: Sequence[str], *, eval_size: int = 800, max_size: int = 1333,
+                   batch_size: int = 4, device: str | torch.device | None = None) -> list[ImagePrediction]:
     """Relations among `objects` (any subject class) on each image, ranked by score."""
     from rlipv2_scale.eval.triplet_nms import TripletNMS
     from rlipv2_scale.inference import RelationImages, predict
@@ -88,7 +67,7 @@ def predict_images(model: torch.nn.Module, paths: Sequence[str | Path], objects:
     results: list[ImagePrediction | None] = [None] * len(paths)
     for folder, idx in by_dir.items():
         dataset = RelationImages([entries[i] for i in idx], folder, eval_size=eval_size, max_size=max_size)
-        preds = predict(model, dataset, space, post, batch_size=batch_size, progress=False)
+        preds = predict(model, dataset, space, post, batch_size=batch_size, device=device, progress=False)
         assert preds is not None
         for i, pred in zip(idx, preds):
             results[i] = ImagePrediction(paths[i], pred)

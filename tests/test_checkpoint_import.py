@@ -11,6 +11,7 @@ from importlib import resources
 import pytest
 import torch
 
+from rlipv2_scale.models.rlipv2 import load_pretrained
 from rlipv2_scale.cli import main
 from rlipv2_scale.errors import UserError
 from rlipv2_scale.models import original as O
@@ -203,7 +204,7 @@ def test_cli_import_export_round_trip_is_the_identity(tiny_original, tmp_path):
         assert back[alias].data_ptr() == back[target].data_ptr()
     assert O.POSITION_IDS in back   # the imported file had it
 
-    imported = O.load_model_dir(tmp_path / "m")
+    imported = load_pretrained(str(tmp_path / "m"))
     assert imported.cfg.compat_original
     images, mask = _images()
     with torch.no_grad():
@@ -269,7 +270,7 @@ def test_cli_reports_mismatch_as_one_line(tiny_original, tmp_path, capsys):
 
 def test_model_dir_without_weights_is_a_clear_error(tmp_path):
     with pytest.raises(UserError, match="model.safetensors' is missing"):
-        O.load_model_dir(tmp_path)
+        load_pretrained(str(tmp_path))
 
 
 # ------------------------------------------------------------------------------------------ compat quirks

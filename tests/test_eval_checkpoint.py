@@ -246,22 +246,24 @@ def test_eval_vcoco_checkpoint_bad_input(vcoco_root, model_dir, tmp_path, capsys
 
 def test_checkpoint_of_the_wrong_config_is_a_clear_error(vcoco_root, model_dir, tmp_path, capsys):
     from rlipv2_scale.config import load_config, save_config
+    from rlipv2_scale.models.artifacts import CONFIG_FILE
     from rlipv2_scale.models.config import ModelConfig
 
     wrong = tmp_path / "wrong"
     shutil.copytree(model_dir, wrong)
-    cfg = load_config(ModelConfig, wrong / O.CONFIG_FILE)
+    cfg = load_config(ModelConfig, wrong / CONFIG_FILE)
     cfg.num_queries = cfg.num_queries + 2
-    save_config(cfg, wrong / O.CONFIG_FILE)
+    save_config(cfg, wrong / CONFIG_FILE)
     assert main(["eval", "vcoco", "--checkpoint", str(wrong), "--data", str(vcoco_root), *FAST]) == 2
     err = capsys.readouterr().err
-    assert "the weights do not fit its model.yaml" in err and "should be" in err and "--config" in err
+    assert "does not fit the model" in err and "shape mismatch" in err and "model.yaml" in err
     # an original .pth instead of a model directory
     assert main(["eval", "vcoco", "--checkpoint", str(model_dir.parent / "tiny.pth"), "--data", str(vcoco_root),
                  *FAST]) == 2
     assert "rlipv2 import-checkpoint" in capsys.readouterr().err
     assert main(["eval", "vcoco", "--checkpoint", str(tmp_path / "none"), "--data", str(vcoco_root), *FAST]) == 2
-    assert "does not exist (create one with `rlipv2 import-checkpoint`)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "does not exist (create one with `rlipv2 export RUN --out DIR`" in err and "import-checkpoint" in err
 
 
 # ------------------------------------------------------------------------------------------ Open Images

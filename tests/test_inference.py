@@ -9,6 +9,7 @@ import torch
 import torch.multiprocessing as mp
 from PIL import Image
 
+from rlipv2_scale.models.rlipv2 import load_pretrained
 from rlipv2_scale.errors import UserError
 from rlipv2_scale.eval.label_space import hico_label_space
 from rlipv2_scale.eval.synthetic import toy_label_space
@@ -152,7 +153,7 @@ def test_eval_checkpoint_end_to_end(hico_root, model_dir, tmp_path, capsys):
 def test_nf_filter_keeps_only_person_subjects(hico_root, model_dir):
     """NF: pairs whose subject is not classified as the person are dropped, so every NF triplet is a
     default triplet of a pair whose subject argmax is the person class."""
-    model = O.load_model_dir(model_dir)
+    model = load_pretrained(str(model_dir))
     space = hico_label_space()
     ds = RelationImages(json.loads((hico_root / "annotations" / "test_hico.json").read_text()),
                         hico_root / "images" / "test2015", eval_size=64, max_size=128)
@@ -190,7 +191,7 @@ def _rank(rank: int, world: int, init: str, model_dir: str, root: str, out: str)
     try:
         torch.set_num_threads(1)
         space = hico_label_space()
-        model = O.load_model_dir(model_dir)
+        model = load_pretrained(str(model_dir))
         ds = RelationImages(json.loads(open(os.path.join(root, "annotations", "test_hico.json")).read()),
                             os.path.join(root, "images", "test2015"), eval_size=64, max_size=128)
         preds = predict(model, ds, space, PostProcess.for_label_space(space, top_k=100), batch_size=1, progress=False)
@@ -205,7 +206,7 @@ def _rank(rank: int, world: int, init: str, model_dir: str, root: str, out: str)
 
 def test_distributed_slices_gather_to_the_single_process_result(hico_root, model_dir, tmp_path):
     space = hico_label_space()
-    model = O.load_model_dir(model_dir)
+    model = load_pretrained(str(model_dir))
     ds = RelationImages(json.loads((hico_root / "annotations" / "test_hico.json").read_text()),
                         hico_root / "images" / "test2015", eval_size=64, max_size=128)
     single = predict(model, ds, space, PostProcess.for_label_space(space, top_k=100), batch_size=1, progress=False)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -10,26 +11,21 @@ from PIL import Image
 
 from rlipv2_scale.cli import main
 from rlipv2_scale.errors import UserError
-from rlipv2_scale.predict import draw_predictions, load_model, open_label_space, parse_labels, predict_images
+from rlipv2_scale.models.rlipv2 import load_pretrained
+from rlipv2_scale.predict import draw_predictions, open_label_space, parse_labels, predict_images
 from rlipv2_scale.visualize import DrawnTriplet, draw_relations, top_triplets
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    """A tiny random model written as a model directory (model.yaml + model.safetensors)."""
-    from safetensors.torch import save_file
-
-    from rlipv2_scale.config import save_config
+    """A tiny random model written as a model directory by `save_pretrained`, input size 64 in its card."""
+    from rlipv2_scale.models.artifacts import ModelCard
     from rlipv2_scale.models.config import named_config
-    from rlipv2_scale.models.original import CONFIG_FILE, WEIGHTS_FILE
     from rlipv2_scale.models.rlipv2 import build_model
 
-    d = tmp_path_factory.mktemp("model")
-    cfg = named_config("tiny")
+    d = tmp_path_factory.mktemp("model") / "m"
     torch.manual_seed(0)
-    model = build_model(cfg, pretrained=False)
-    save_config(cfg, d / CONFIG_FILE)
-    save_file({k: v.contiguous().clone() for k, v in model.state_dict().items()}, str(d / WEIGHTS_FILE))
+    build_model(named_config("tiny"), pretrained=False).save_pretrained(d, ModelCard(eval_size=64, max_size=96))
     return d
 
 
@@ -88,7 +84,7 @@ def test_draw_relations_scales_and_adds_a_caption_per_triplet():
 
 
 def test_predict_images_and_draw(model_dir, images, tmp_path):
-    model = load_model(model_dir)
+    model = load_pretrained(str(model_dir))
     objects, relations = ["person", "cup", "table"], ["holding", "on"]
     preds = predict_images(model, images, objects, relations, eval_size=64)
     assert [p.path for p in preds] == images
@@ -114,6 +110,23 @@ def test_predict_cli(model_dir, images, tmp_path, capsys):
     assert data["objects"] == ["ball", "box"] and data["relations"] == ["inside", "left of"]
     assert len(data["images"]) == 2 and (out / "img0.png").is_file() and (out / "img1.png").is_file()
     assert str(out / "img0.png") in capsys.readouterr().out
+
+
+def test_predict_cli_takes_size_and_labels_from_the_model_card(model_dir, images, tmp_path, capsys):
+    from rlipv2_scale.models.artifacts import CARD_FILE
+
+    fine_tuned = tmp_path / "fine_tuned"
+    shutil.copytree(model_dir, fine_tuned)
+    card = json.loads((fine_tuned / CARD_FILE).read_text())
+    card.update(objects=["ball", "box"], relations=["inside"])
+    (fine_tuned / CARD_FILE).write_text(json.dumps(card))
+    out = tmp_path / "drawn"
+    assert main(["predict", str(images[0]), "--checkpoint", str(fine_tuned), "--out", str(out), "--device", "cpu"]) == 0
+    data = json.loads((out / "predictions.json").read_text())
+    assert (data["objects"], data["relations"], data["size"]) == (["ball", "box"], ["inside"], 64)
+    # an open-vocabulary model has no lists of its own: the texts must be given
+    assert main(["predict", str(images[0]), "--checkpoint", str(model_dir), "--out", str(out)]) == 2
+    assert "open-vocabulary" in capsys.readouterr().err
 
 
 def test_predict_cli_errors(model_dir, images, tmp_path, capsys):

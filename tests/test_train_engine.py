@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from rlipv2_scale.errors import UserError
-from rlipv2_scale.train.checkpoint import (CheckpointManager, export_checkpoint, gathered_state_dict,
+from rlipv2_scale.models.artifacts import load_state
+from rlipv2_scale.train.checkpoint import (CheckpointManager, gathered_state_dict,
                                            read_trainer_state)
 from rlipv2_scale.train.launch import EXIT_PREEMPTED
 
@@ -144,23 +145,20 @@ def test_a_signal_during_start_up_is_not_lost(tmp_path):
     assert CheckpointManager(tmp_path).latest().name == "step_00000001"
 
 
-def test_export_gathers_zero3_shards_into_a_fresh_model(reference, tmp_path):
-    from safetensors.torch import load_file
+def test_gathered_zero3_shards_load_strictly_into_a_fresh_model(reference):
     from train_toy import ToyRelModel
 
     ckpt = reference[3] / "checkpoints" / "step_00000006"
-    out = tmp_path / "model.safetensors"
-    export_checkpoint(ckpt, out, ToyRelModel())
-    exported = load_file(str(out))
+    exported = gathered_state_dict(ckpt)
     fresh = ToyRelModel()
-    fresh.load_state_dict(exported, strict=True)
+    load_state(fresh, exported, str(ckpt))
     assert "frozen.weight" in exported and "calls" in exported          # frozen params and buffers too
     assert not torch.equal(fresh.box_head.weight, ToyRelModel().box_head.weight)
     zero2 = gathered_state_dict(reference[2] / "checkpoints" / "step_00000006")
     for k, v in exported.items():       # ZeRO-3 and ZeRO-2 runs trained the same weights
         assert torch.allclose(v, zero2[k], atol=1e-6), k
-    with pytest.raises(UserError, match="does not match the model"):
-        export_checkpoint(ckpt, tmp_path / "bad.safetensors", ToyRelModel(width=8))
+    with pytest.raises(UserError, match="does not fit the model"):
+        load_state(ToyRelModel(width=8), exported, str(ckpt))
 
 
 def test_zero1_group_lrs_and_nonfinite_losses(tmp_path):

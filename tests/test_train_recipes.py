@@ -68,7 +68,7 @@ def test_tiny_pretraining_two_ranks_resumes_exactly_and_exports(workdir, tmp_pat
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
     out = tmp_path / "model.safetensors"
-    rlipv2(workdir, "export", str(b), str(out))
+    rlipv2(workdir, "export", str(b), "--out", str(out))
     from safetensors.torch import load_file
 
     from rlipv2_scale.models.rlipv2 import build_model

@@ -88,11 +88,16 @@ def _tag(args: argparse.Namespace) -> int:
 
     from rlipv2_scale.data.pseudo.pipeline import tag_shards
     from rlipv2_scale.data.pseudo.tag import TagConfig
-    from rlipv2_scale.data.pseudo.tagger_scorer import TaggerScorer, load_tagger
+    from rlipv2_scale.data.pseudo.tagger_scorer import TaggerScorer
+    from rlipv2_scale.train.export import open_model
 
     rank, world = _rank_world()
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-    scorer = TaggerScorer(load_tagger(args.checkpoint, device), _class_names(args.classes), eval_size=args.eval_size,
+    tagger = open_model(args.checkpoint, device)
+    if not tagger.cfg.tagger:
+        raise UserError(f"'{args.checkpoint}' holds a {tagger.cfg.name} detector, not a Relation Tagger: pass the "
+                        "exported Tagger (`rlipv2 export TAGGER_RUN --out DIR`)")
+    scorer = TaggerScorer(tagger, _class_names(args.classes), eval_size=args.eval_size,
                           max_size=args.max_size, device=device)
     cfg = TagConfig(keep_threshold=args.keep_threshold, top_k_per_pair=args.top_k, deduplicate=not args.no_dedup)
     summary = tag_shards(args.shards, args.candidates, scorer, args.out, cfg, rank=rank, world_size=world)
@@ -113,36 +118,10 @@ def _pseudo_label(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_tagger(args: argparse.Namespace) -> int:
-    from rlipv2_scale.data.pseudo.tagger_training import load_tagger_run_config, train_tagger
-
-    later, overrides = _train_options().parse_known_args(args.overrides)
-    unknown = [o for o in overrides if o.startswith("--")]
-    if unknown:
-        raise UserError(f"rlipv2 data train-tagger: unknown option(s) {unknown}; options are --nproc N and "
-                        f"--resume auto|PATH")
-    nproc = later.nproc if later.nproc != 1 else args.nproc
-    resume = later.resume or args.resume
-    cfg = load_tagger_run_config(args.recipe, overrides)   # bad recipes fail here, before any launch
-    if nproc > 1 and "RANK" not in os.environ:
-        from rlipv2_scale.train.launch import spawn_local
-
-        argv = ["data", "train-tagger", str(args.recipe), *overrides] + (["--resume", resume] if resume else [])
-        return spawn_local(nproc, argv, cfg.run.path)
-    return train_tagger(cfg, resume=resume)
-
-
-def _train_options() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--nproc", type=int, default=1, help="start N local ranks through torchrun")
-    p.add_argument("--resume", metavar="auto|PATH", help="auto: the run directory's latest checkpoint; or a path")
-    return p
-
-
 def _export_tagger(args: argparse.Namespace) -> int:
-    from rlipv2_scale.data.pseudo.tagger_training import export_tagger
+    from rlipv2_scale.train.export import export_run
 
-    out = export_tagger(args.run, args.out)
+    out = export_run(args.run, args.out)
     print(f"exported the tagger of {args.run} to {out} (use it with `rlipv2 data tag --checkpoint {out}`)")
     return 0
 
@@ -172,7 +151,7 @@ def register(tree) -> None:
     p = tree.group_command("data", "tag", "score relation candidates with the Relation Tagger", _tag)
     p.add_argument("--shards", required=True)
     p.add_argument("--candidates", required=True, help="output folder of `rlipv2 data parse`")
-    p.add_argument("--checkpoint", required=True, help="a tagger folder (model.safetensors + model.yaml)")
+    p.add_argument("--checkpoint", required=True, help="the Relation Tagger: a model directory, or its training run")
     p.add_argument("--classes", default="coco80", help="object class list: coco80 | o365 | synthetic | a file")
     p.add_argument("--out", required=True)
     p.add_argument("--keep-threshold", type=float, default=0.05, help="confidences kept in the output")
@@ -189,15 +168,12 @@ def register(tree) -> None:
     p.add_argument("--dataset", default="coco2017", help="the `dataset` field of the JSON (coco2017, o365, ...)")
     p.add_argument("--threshold", type=float, default=0.2, help="confidence kept in the shards (training)")
 
-    p = tree.group_command("data", "train-tagger", "train the Relation Tagger from a tagger recipe (recipes/tagger/)",
-                           _train_tagger)
-    for action in _train_options()._actions:
-        p._add_action(action)
-    p.add_argument("recipe", type=Path, help="e.g. recipes/tagger/vg_r50.yaml")
-    p.add_argument("overrides", nargs=argparse.REMAINDER, metavar="key=value",
-                   help="recipe overrides, e.g. tagger.box_noise=0.6 train.max_steps=10")
+    from rlipv2_scale.cli.train import add_train_arguments, run_train
 
-    p = tree.group_command("data", "export-tagger", "a Tagger run's latest checkpoint → a folder for `data tag`",
+    add_train_arguments(tree.group_command("data", "train-tagger", "train the Relation Tagger: the same as "
+                                           "`rlipv2 train` with a tagger recipe (recipes/tagger/)", run_train))
+
+    p = tree.group_command("data", "export-tagger", "the same as `rlipv2 export RUN --out DIR` for a Tagger run",
                            _export_tagger)
     p.add_argument("run", type=Path, help="the run directory (or a checkpoints/step_* directory)")
-    p.add_argument("out", type=Path, help="output folder (model.yaml + model.safetensors)")
+    p.add_argument("out", type=Path, help="model directory to write")

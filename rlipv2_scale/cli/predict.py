@@ -1,5 +1,5 @@
-"""`rlipv2 predict IMAGE... --checkpoint CKPT --objects "a,b" --relations "x,y" --out DIR` (logic in
-`rlipv2_scale.predict`): open-vocabulary relation detection drawn on any images."""
+"""`rlipv2 predict IMAGE... --checkpoint MODEL [--objects "a,b" --relations "x,y"] --out DIR` (logic in
+`rlipv2_scale.predict`): open-vocabulary relation detection on any images, drawn and as JSON."""
 from __future__ import annotations
 
 import argparse
@@ -10,33 +10,52 @@ from pathlib import Path
 def register(tree) -> None:
     p = tree.command("predict", "detect relations among any label texts on images and draw them", run)
     p.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files (JPEG, PNG)")
-    p.add_argument("--checkpoint", type=Path, required=True,
-                   help="model directory (e.g. runs/demo/model), training run directory or checkpoint")
-    p.add_argument("--objects", required=True, help='comma-separated object texts, e.g. "person,cup,table"')
-    p.add_argument("--relations", required=True, help='comma-separated relation texts, e.g. "holding,on"')
+    p.add_argument("--checkpoint", required=True,
+                   help="model directory (rlipv2 export / demo / import-checkpoint), Hub id, training run or checkpoint")
+    p.add_argument("--objects", help='comma-separated object texts, e.g. "person,cup,table" (default: the '
+                                     "model's own label lists, for fine-tuned models)")
+    p.add_argument("--relations", help='comma-separated relation texts, e.g. "holding,on"')
     p.add_argument("--out", type=Path, required=True, help="folder for the drawn images and predictions.json")
     p.add_argument("--threshold", type=float, default=0.3, help="lowest triplet score drawn (default 0.3)")
     p.add_argument("--top", type=int, default=5, help="most triplets drawn per image (default 5)")
-    p.add_argument("--size", type=int, default=128,
-                   help="shorter image side the model sees (default 128, the demo's training size)")
+    p.add_argument("--size", type=int, help="shorter image side the model sees (default: the model's own, from "
+                                            "its card: 800 for the released models, 128 for the demo's)")
+    p.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default 4)")
+    p.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when available)")
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from rlipv2_scale.errors import UserError
-    from rlipv2_scale.predict import draw_predictions, load_model, parse_labels, predict_images
+    from rlipv2_scale.predict import draw_predictions, parse_labels, predict_images
+    from rlipv2_scale.train.export import open_model
 
     if not 0.0 <= args.threshold <= 1.0:
         raise UserError(f"--threshold must be in [0, 1], got {args.threshold}")
-    if args.top <= 0 or args.size <= 0:
-        raise UserError("--top and --size must be positive")
-    objects = parse_labels(args.objects, "objects")
-    relations = parse_labels(args.relations, "relations")
-    model = load_model(args.checkpoint)
-    preds = predict_images(model, args.images, objects, relations, eval_size=args.size)
+    if args.top <= 0 or (args.size is not None and args.size <= 0) or args.batch_size <= 0:
+        raise UserError("--top, --size and --batch-size must be positive")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = open_model(args.checkpoint, device)
+    card = model.card
+    if (args.objects is None) != (args.relations is None):
+        raise UserError("give both --objects and --relations, or neither (then the model's own label lists)")
+    if args.objects is None:
+        if card.objects is None:
+            raise UserError(f"'{args.checkpoint}' is open-vocabulary (no label lists of its own): give --objects "
+                            "and --relations")
+        objects, relations = list(card.objects), list(card.relations)
+    else:
+        objects = parse_labels(args.objects, "objects")
+        relations = parse_labels(args.relations, "relations")
+    size = args.size or card.eval_size
+    preds = predict_images(model, args.images, objects, relations, eval_size=size,
+                           max_size=max(card.max_size, size), batch_size=args.batch_size, device=device)
     written = draw_predictions(preds, objects, relations, args.out, threshold=args.threshold, top=args.top)
     (args.out / "predictions.json").write_text(json.dumps(
-        {"objects": objects, "relations": relations,
+        {"objects": objects, "relations": relations, "size": size,
          "images": [{"image": str(p.path), **p.prediction} for p in preds]}))
     for path in written:
         print(path)
+    print(f"predictions of {len(preds)} image(s) in {args.out / 'predictions.json'}")
     return 0

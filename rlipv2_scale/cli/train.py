@@ -1,4 +1,5 @@
-"""`rlipv2 train RECIPE [key=value ...] [--nproc N] [--resume auto|PATH]` and `rlipv2 export CKPT OUT`."""
+"""`rlipv2 train RECIPE [key=value ...] [--nproc N] [--resume auto|PATH]` (RLIPv2 and Relation Tagger
+runs alike: the recipe's `task`) and `rlipv2 export RUN --out MODEL_DIR`."""
 from __future__ import annotations
 
 import argparse
@@ -6,15 +7,20 @@ import os
 from pathlib import Path
 
 
+# --nproc / --resume may also come among the overrides after RECIPE: parsed twice from one list.
+_OPTIONS = ((("--nproc",), {"type": int, "default": 1, "help": "start N local ranks through torchrun"}),
+            (("--resume",), {"metavar": "auto|PATH", "help": "auto: the run directory's latest checkpoint (none: "
+                                                             "start fresh); or a checkpoint path"}))
+
+
 def _options() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--nproc", type=int, default=1, help="start N local ranks through torchrun")
-    p.add_argument("--resume", metavar="auto|PATH",
-                   help="auto: the run directory's latest checkpoint (none: start fresh); or a checkpoint path")
+    for flags, kwargs in _OPTIONS:
+        p.add_argument(*flags, **kwargs)
     return p
 
 
-def _train(args: argparse.Namespace) -> int:
+def run_train(args: argparse.Namespace) -> int:
     from rlipv2_scale.errors import UserError
     from rlipv2_scale.train.config import load_run_config
 
@@ -40,24 +46,31 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from rlipv2_scale.models.rlipv2 import build_model
-    from rlipv2_scale.train.checkpoint import export_checkpoint, resolve_resume
-    from rlipv2_scale.train.config import load_run_config
+    from rlipv2_scale.train.export import export_run, export_safetensors
 
-    ckpt = resolve_resume(str(args.checkpoint), args.checkpoint)
-    cfg = load_run_config(ckpt / "config.yaml")
-    state = export_checkpoint(ckpt, args.out, build_model(cfg.model, pretrained=False))
-    print(f"exported {len(state)} tensors from {ckpt} to {args.out}")
+    if args.out.suffix == ".safetensors":
+        n = export_safetensors(args.source, args.out)
+        print(f"exported {n} tensors of {args.source} to {args.out}")
+    else:
+        out = export_run(args.source, args.out)
+        print(f"exported {args.source} to the model directory {out} (use it with rlipv2 predict / eval --checkpoint "
+              f"/ data tag, train.init_from, or RLIPv2.from_pretrained)")
     return 0
 
 
-def register(tree) -> None:
-    p = tree.command("train", "train RLIPv2 from a YAML recipe (DeepSpeed ZeRO through Accelerate)", _train)
-    for action in _options()._actions:
-        p._add_action(action)
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    for flags, kwargs in _OPTIONS:
+        p.add_argument(*flags, **kwargs)
     p.add_argument("recipe", type=Path, help="recipe YAML, e.g. recipes/tiny/pretrain/r50_vg.yaml")
     p.add_argument("overrides", nargs=argparse.REMAINDER, metavar="key=value",
                    help="recipe overrides, e.g. train.max_steps=10 (--nproc / --resume may come among them)")
-    p = tree.command("export", "write a checkpoint's weights as one plain safetensors state dict", _export)
-    p.add_argument("checkpoint", type=Path, help="checkpoints/step_XXXXXXXX directory, or a run directory (latest)")
-    p.add_argument("out", type=Path, help="output .safetensors file")
+
+
+def register(tree) -> None:
+    add_train_arguments(tree.command("train", "train RLIPv2 or the Relation Tagger from a YAML recipe (DeepSpeed "
+                                     "ZeRO through Accelerate)", run_train))
+    p = tree.command("export", "write a training run's weights as a model directory (or a plain .safetensors)",
+                     _export)
+    p.add_argument("source", type=Path, help="run directory (its latest checkpoint) or a checkpoints/step_* directory")
+    p.add_argument("--out", type=Path, required=True,
+                   help="model directory to write; a path ending in .safetensors writes only the weights")

@@ -9,8 +9,8 @@ mismatch is an error naming the first such key and the released config the check
 (`fitting_config`, from the packaged layouts in `original_layouts/`).
 
 Files: `load_original(path)` reads a `torch.save` file (weights under "model"; training
-checkpoints also hold optimizer, args, ...). A model directory is `model.safetensors` + `model.yaml`
-(the resolved `ModelConfig`); `import_checkpoint` / `export_checkpoint` convert between the two.
+checkpoints also hold optimizer, args, ...); `import_checkpoint` / `export_checkpoint` convert between
+it and a model directory (`models/artifacts.py`, the one owner of that layout).
 """
 from __future__ import annotations
 
@@ -27,16 +27,14 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from rlipv2_scale.config import deep_merge, from_dict, load_config, parse_overrides, save_config, to_dict
+from rlipv2_scale.config import deep_merge, from_dict, load_config, parse_overrides, to_dict
 from rlipv2_scale.errors import UserError
+from rlipv2_scale.models.artifacts import ModelCard, read_model_dir, save_model_dir, tokenizer_of
 from rlipv2_scale.models.config import NAMED_CONFIGS, ModelConfig, named_config
 from rlipv2_scale.models.original_keys import original_key
 
 RELEASED = ("r50", "swin_t", "swin_l", "swin_l_hico", "tagger_r50")
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "model.yaml"
 POSITION_IDS = "transformer.text_encoder.embeddings.position_ids"
-_FORMAT = "rlipv2-scale"
 
 Layout = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
@@ -382,65 +380,19 @@ class ImportSummary:
 
 def import_checkpoint(path: str | Path, config: str, out_dir: str | Path, overrides: list[str] | None = None,
                       trust_pickle: bool = False) -> ImportSummary:
-    """`rlipv2 import-checkpoint`: original `.pth` -> `out_dir/model.safetensors` + `out_dir/model.yaml`."""
-    from safetensors.torch import save_file
-
+    """`rlipv2 import-checkpoint`: original `.pth` -> a model directory (`models/artifacts.py`)."""
     cfg = resolve_import_config(config, overrides)
     state = load_original(path, trust_pickle=trust_pickle)
     ours, optional_present = import_state_dict(state, cfg, source=f"checkpoint '{path}'")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    metadata = {"format": _FORMAT, "imported_from": Path(path).name,
-                "original_optional_keys": json.dumps(optional_present)}
-    save_file({k: v.contiguous() for k, v in ours.items()}, str(out / WEIGHTS_FILE), metadata=metadata)
-    save_config(cfg, out / CONFIG_FILE)
+    metadata = {"imported_from": Path(path).name, "original_optional_keys": json.dumps(optional_present)}
+    card = ModelCard(source=f"original RLIPv2 checkpoint {Path(path).name} ({cfg.name})")
+    out = save_model_dir(out_dir, cfg, ours, card, tokenizer=tokenizer_of(cfg), metadata=metadata)
     dropped: dict[str, int] = {}
     for key in state:
         if key not in key_map(cfg).to_ours:
             reason = next(d.name for d in DROPPED_KEYS if d.pattern.match(key))
             dropped[reason] = dropped.get(reason, 0) + 1
     return ImportSummary(out, cfg.name, len(ours), sum(v.numel() for v in ours.values()), dropped)
-
-
-def read_model_dir(model_dir: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, str]]:
-    """(config, our state dict, safetensors metadata) of a model directory."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    d = Path(model_dir)
-    if d.is_file():
-        raise UserError(f"'{d}' is a file, not a model directory; an original RLIPv2 checkpoint is converted first: "
-                        f"`rlipv2 import-checkpoint {d} --config {{{','.join(RELEASED)}}} --out DIR`")
-    if not d.is_dir():
-        raise UserError(f"model directory '{d}' does not exist (create one with `rlipv2 import-checkpoint`)")
-    for name in (WEIGHTS_FILE, CONFIG_FILE):
-        if not (d / name).is_file():
-            raise UserError(f"'{d}' is not a model directory: '{name}' is missing (create one with "
-                            "`rlipv2 import-checkpoint`)")
-    cfg = load_config(ModelConfig, d / CONFIG_FILE)
-    with safe_open(str(d / WEIGHTS_FILE), framework="pt") as f:
-        metadata = dict(f.metadata() or {})
-    return cfg, load_file(str(d / WEIGHTS_FILE)), metadata
-
-
-def load_model_dir(model_dir: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """Build the model of a model directory and load its weights strictly (nothing downloaded)."""
-    from rlipv2_scale.models.rlipv2 import build_model
-
-    cfg, state, _ = read_model_dir(model_dir)
-    layout = our_layout(cfg)
-    missing = [k for k in layout if k not in state]
-    unexpected = [k for k in state if k not in layout]
-    wrong = [k for k in layout if k in state and tuple(state[k].shape) != layout[k][0]]
-    if missing or unexpected or wrong:
-        first = (f"missing key '{missing[0]}'" if missing else f"unexpected key '{unexpected[0]}'" if unexpected
-                 else f"key '{_describe(wrong[0], state[wrong[0]])}' should be {layout[wrong[0]][0]}")
-        raise CheckpointMismatch(f"'{model_dir}': the weights do not fit its {CONFIG_FILE} ({first}); write the "
-                                 f"config the weights were trained with into {CONFIG_FILE}, or import the original "
-                                 "checkpoint again with the right --config")
-    model = build_model(cfg, pretrained=False)
-    model.load_state_dict(state, strict=True)
-    return model.to(device).eval()
 
 
 def export_checkpoint(model_dir: str | Path, out_path: str | Path, position_ids: str = "auto") -> Path:
@@ -451,9 +403,10 @@ def export_checkpoint(model_dir: str | Path, out_path: str | Path, position_ids:
     """
     if position_ids not in ("auto", "yes", "no"):
         raise UserError(f"position_ids must be auto, yes or no, got '{position_ids}'")
-    cfg, ours, metadata = read_model_dir(model_dir)
+    md = read_model_dir(model_dir)
+    cfg, ours = md.config, md.state
     if position_ids == "auto":
-        imported = metadata.get("original_optional_keys")
+        imported = md.metadata.get("original_optional_keys")
         keep = POSITION_IDS in json.loads(imported) if imported is not None else True
     else:
         keep = position_ids == "yes"

@@ -22,6 +22,7 @@ from torch.profiler import record_function
 
 from rlipv2_scale.errors import UserError
 from rlipv2_scale.models.alif import AlifEncoder
+from rlipv2_scale.models.artifacts import PretrainedMixin, instantiate, read_model_dir, resolve_pretrained
 from rlipv2_scale.models.backbone import Backbone
 from rlipv2_scale.models.config import ModelConfig
 from rlipv2_scale.models.heads import FeatureResizer, LabelSimilarity, box_mlp
@@ -62,7 +63,9 @@ def _valid_ratio(mask: torch.Tensor) -> torch.Tensor:
     return torch.stack([valid_w / w, valid_h / h], -1)
 
 
-class RLIPv2(nn.Module):
+class RLIPv2(PretrainedMixin, nn.Module):
+    is_tagger = False
+
     def __init__(self, cfg: ModelConfig, pretrained: bool = True):
         super().__init__()
         self.cfg = cfg
@@ -260,3 +263,9 @@ def build_model(cfg: ModelConfig, pretrained: bool = True) -> nn.Module:
 
         return build_tagger(cfg, pretrained=pretrained)
     return RLIPv2(cfg, pretrained=pretrained)
+
+
+def load_pretrained(name_or_path: str, device: str | torch.device = "cpu") -> nn.Module:
+    """The model of a model directory (or Hub id), RLIPv2 or Relation Tagger, in eval mode on `device`."""
+    md = read_model_dir(resolve_pretrained(name_or_path))
+    return instantiate(build_model(md.config, pretrained=False), md, device)

@@ -130,6 +130,8 @@ class RelationTagger(RLIPv2):
     sigmoid confidences per (pair, relation text).
     """
 
+    is_tagger = True
+
     def __init__(self, cfg: ModelConfig, pretrained: bool = True, noise: TaggerNoise | None = None):
         if cfg.variant != "parsed":
             raise ConfigError(f"the Relation Tagger is a ParSeD model: set variant=parsed (got '{cfg.variant}')")

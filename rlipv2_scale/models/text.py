@@ -64,6 +64,16 @@ def roberta_config(cfg: TextConfig) -> RobertaConfig:
                          layer_norm_eps=1e-5, pad_token_id=1, bos_token_id=0, eos_token_id=2)
 
 
+def _load(source: str | None, vocab_size: int) -> RobertaTokenizerFast:
+    return RobertaTokenizerFast.from_pretrained(source) if source is not None else default_tokenizer(vocab_size)
+
+
+def load_tokenizer(cfg: TextConfig) -> RobertaTokenizerFast:
+    """The tokenizer a label encoder of `cfg` uses (`cfg.tokenizer`, else `cfg.pretrained`'s, else the
+    packaged label-corpus BPE)."""
+    return _load(cfg.tokenizer or cfg.pretrained, cfg.vocab_size)
+
+
 class LabelEncoder(RobertaModel):
     """`RobertaModel` (keys as in HF) + its tokenizer + an evaluation cache of label embeddings."""
 
@@ -94,10 +104,7 @@ class LabelEncoder(RobertaModel):
     def tokenizer(self) -> RobertaTokenizerFast:
         """Loaded lazily: building a model (e.g. to count parameters) never touches the hub."""
         if self._tokenizer is None:
-            if self._tokenizer_source is not None:
-                self._tokenizer = RobertaTokenizerFast.from_pretrained(self._tokenizer_source)
-            else:
-                self._tokenizer = default_tokenizer(self.config.vocab_size)
+            self._tokenizer = _load(self._tokenizer_source, self.config.vocab_size)
             if len(self._tokenizer) > self.config.vocab_size:
                 raise ConfigError(f"tokenizer '{self._tokenizer_source}' has {len(self._tokenizer)} tokens but the "
                                   f"text encoder only {self.config.vocab_size}; set text.vocab_size accordingly")

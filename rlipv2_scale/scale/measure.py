@@ -94,8 +94,11 @@ def calibration_step(model: torch.nn.Module, criterion: torch.nn.Module | None, 
     num_obj, num_rel = len(obj) - 1, len(rel)
     targets = [t.to(device) for t in synthetic_targets(batch, height, width, num_obj, num_rel)]
 
+    # The Relation Tagger scores given pairs: the batch's targets.
+    given = (targets,) if getattr(getattr(model, "cfg", None), "tagger", False) else ()
+
     def step() -> torch.Tensor:
-        out = model(images, mask, obj, rel)
+        out = model(images, mask, obj, rel, *given)
         if criterion is not None:
             return criterion(out, targets, num_pairs=sum(len(t.sub_index) for t in targets))["loss"]
         return sum(out[k].float().sum() for k in ("pred_sub_boxes", "pred_obj_boxes", "pred_sub_logits",

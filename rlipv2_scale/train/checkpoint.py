@@ -1,4 +1,4 @@
-"""Checkpoints: atomic save, keep-last-K, a `latest` pointer, resume lookup, export to safetensors.
+"""Checkpoints: atomic save, keep-last-K, a `latest` pointer, resume lookup, the gathered weights.
 
 Layout of a run directory::
 
@@ -143,46 +143,3 @@ def gathered_state_dict(ckpt: str | Path) -> dict[str, torch.Tensor]:
         state = torch.load(ds_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
     return {k: v.detach().float().clone() if v.is_floating_point() else v.detach().clone()
             for k, v in state.items()}
-
-
-def load_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load `state` into `model`, failing with the names of missing / unexpected / mis-shaped keys."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or shapes:
-        raise UserError(f"'{source}' does not match the model: missing {missing[:8]}, unexpected "
-                        f"{unexpected[:8]}, shape mismatch {shapes[:8]} ({len(missing)}/{len(unexpected)}/"
-                        f"{len(shapes)} in all)")
-    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
-
-
-def export_checkpoint(ckpt: str | Path, out: str | Path, model: nn.Module) -> dict[str, torch.Tensor]:
-    """Write the checkpoint's weights as a plain safetensors state dict, checked strictly against
-    `model` (a freshly built model of the checkpoint's config) before writing."""
-    from safetensors.torch import save_file
-
-    state = gathered_state_dict(ckpt)
-    load_strict(model, state, str(ckpt))
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    # Tied weights share storage, which safetensors refuses: every tensor gets its own copy.
-    save_file({k: v.contiguous().clone() for k, v in state.items()}, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, out)
-    return state
-
-
-def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """Weights to initialise from: an exported `.safetensors` file or a training checkpoint."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        if not path.is_file():
-            raise UserError(f"train.init_from: '{path}' does not exist")
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    found = resolve_resume(str(path), path)
-    assert found is not None
-    return gathered_state_dict(found)

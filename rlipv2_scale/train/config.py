@@ -149,9 +149,29 @@ class EvalConfig:
 
 
 @dataclass
+class TaggerTrainingConfig:
+    """The `tagger:` section of a Relation Tagger run (`task: tagger`). Defaults: the setting of the
+    released pseudo-labels ("Noi24": box 0.4, label 0.2; the R50 script's 0.6 / 0.3 is
+    `box_noise=0.6 label_noise=0.3`)."""
+
+    box_noise: float = 0.4
+    label_noise: float = 0.2
+    negative_pairs: bool = True      # fill the pair slots with unannotated pairs (zero relation targets)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.box_noise <= 1.0 or not 0.0 <= self.label_noise <= 1.0:
+            raise ValueError(f"tagger.box_noise and tagger.label_noise must be in [0, 1], got "
+                             f"{self.box_noise} / {self.label_noise}")
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig
     data: DataConfig
+    # What the run trains: the RLIPv2 detector, or the Relation Tagger that pseudo-labels data
+    # (given boxes, identity matching; `train/tagger.py`).
+    task: Literal["rlipv2", "tagger"] = "rlipv2"
+    tagger: TaggerTrainingConfig = field(default_factory=TaggerTrainingConfig)
     run: RunSection = field(default_factory=RunSection)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -177,8 +197,25 @@ def _expand_model(data: dict[str, Any]) -> dict[str, Any]:
     return {**data, "model": deep_merge(base, model)}
 
 
+def _check_task(cfg: RunConfig) -> None:
+    if cfg.task == "rlipv2":
+        if cfg.model.tagger:
+            raise ConfigError(f"model.name '{cfg.model.name}' is a Relation Tagger: set task: tagger to train it")
+        return
+    if not cfg.model.tagger:
+        raise ConfigError(f"task: tagger needs a Relation Tagger model (model.name tagger_r50 or tiny_tagger), "
+                          f"got '{cfg.model.name}'")
+    if cfg.loss.matching != "identity" or cfg.loss.rel_loss != "focal" or cfg.loss.pseudo_targets:
+        raise ConfigError("task: tagger needs loss.matching=identity, loss.rel_loss=focal and "
+                          "loss.pseudo_targets=false (query pair i is supervised by the i-th given pair)")
+    if cfg.eval.data is not None:
+        raise ConfigError("eval.data (relation-detection validation) does not apply to the Relation Tagger; "
+                          "remove it")
+
+
 def run_config_from_dict(data: dict[str, Any]) -> RunConfig:
     cfg = from_dict(RunConfig, _expand_model(data))
+    _check_task(cfg)
     for part in cfg.train.activation_checkpointing:
         section, key = _ACTIVATION_SWITCHES[part]
         setattr(getattr(cfg.model, section) if section else cfg.model, key, True)

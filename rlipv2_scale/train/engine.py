@@ -21,7 +21,7 @@ import json
 import signal
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, NamedTuple, Protocol
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -34,17 +34,16 @@ from rlipv2_scale.train import checkpoint as ckpt_io
 from rlipv2_scale.train.config import RunConfig
 from rlipv2_scale.train.launch import (COMPLETED_MARKER, EXIT_PREEMPTED, PREEMPTED_MARKER, DistInfo,
                                        build_accelerator, deepspeed_config, init_distributed)
+from rlipv2_scale.data.streaming import build_train_loader
+from rlipv2_scale.models.artifacts import load_state
+from rlipv2_scale.models.losses import SetCriterion
+from rlipv2_scale.models.rlipv2 import build_model, resize_query_rows
+from rlipv2_scale.train.export import init_weights
 from rlipv2_scale.train.optim import build_optimizer, build_scheduler, group_lrs
+from rlipv2_scale.train.parts import Builder, Evaluator, Parts, ResumableLoader, rlipv2_forward
+from rlipv2_scale.train.tagger import build_tagger_parts
+from rlipv2_scale.train.validation import RelationValidation
 from rlipv2_scale.train.telemetry import Telemetry, Window, count_flops, peak_memory_bytes, peak_tflops
-
-
-class ResumableLoader(Protocol):
-    def __iter__(self): ...
-    def state_dict(self) -> dict: ...
-    def load_state_dict(self, state: dict) -> None: ...
-
-
-Evaluator = Callable[[nn.Module, int], dict[str, float]]
 
 
 class TrainingDiverged(UserError):
@@ -355,38 +354,13 @@ class Trainer:
                   + f" at step {self.step}", flush=True)
 
 
-def rlipv2_forward(engine: nn.Module, images: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
-    """The RLIPv2 call contract; a model that needs more of the batch (the Relation Tagger: the
-    given pairs) brings its own `Parts.forward`."""
-    return engine(images, batch.pixel_mask, batch.obj_texts, batch.rel_texts)
-
-
-class Parts(NamedTuple):
-    model: nn.Module
-    criterion: nn.Module
-    loader: ResumableLoader
-    evaluator: Evaluator | None = None
-    forward: Callable[[nn.Module, torch.Tensor, Batch], dict] = rlipv2_forward
-
-
-Builder = Callable[[RunConfig, DistInfo], Parts]
-
-
 def build_rlipv2(cfg: RunConfig, info: DistInfo) -> Parts:
     """The RLIPv2 model, its set criterion, the streaming loader of this rank and the validation hook."""
-    from rlipv2_scale.data.streaming import build_train_loader
-    from rlipv2_scale.models.rlipv2 import build_model
-    from rlipv2_scale.models.losses import SetCriterion
-
     model = build_model(cfg.model)
     if cfg.train.init_from:
-        state = _fit_query_rows(ckpt_io.load_weights(cfg.train.init_from), model, cfg)
-        ckpt_io.load_strict(model, state, cfg.train.init_from)
-    evaluator = None
-    if cfg.eval.data is not None:
-        from rlipv2_scale.train.validation import HicoValidation
-
-        evaluator = HicoValidation(cfg, info)
+        state = _fit_query_rows(init_weights(cfg.train.init_from), model, cfg)
+        load_state(model, state, cfg.train.init_from)
+    evaluator = RelationValidation(cfg, info) if cfg.eval.data is not None else None
     try:
         loader = build_train_loader(cfg.data)
     except FileNotFoundError as exc:
@@ -402,8 +376,6 @@ def _missing(exc: FileNotFoundError) -> str:
 def _fit_query_rows(state: dict[str, torch.Tensor], model: nn.Module, cfg: RunConfig) -> dict[str, torch.Tensor]:
     """Fine-tuning with fewer queries than pre-training (200 → 128 on HICO-DET): keep the first
     subject and object query rows (the model's `resize_query_rows`), the first relation queries."""
-    from rlipv2_scale.models.rlipv2 import resize_query_rows
-
     own = model.state_dict()
     out = dict(state)
     for key, value in state.items():
@@ -417,8 +389,9 @@ def _fit_query_rows(state: dict[str, torch.Tensor], model: nn.Module, cfg: RunCo
     return out
 
 
-def run(cfg: RunConfig, resume: str | None = None, build: Builder = build_rlipv2) -> int:
-    """Set up this rank, build the parts and train; returns the process exit code."""
+def run(cfg: RunConfig, resume: str | None = None, build: Builder | None = None) -> int:
+    """Set up this rank, build the parts of the run's task (or `build`'s) and train; returns the exit code."""
+    build = build or {"rlipv2": build_rlipv2, "tagger": build_tagger_parts}[cfg.task]
     from accelerate.utils import set_seed
 
     # Listen from the start: SLURM sends its time-limit warning once, possibly while we build.

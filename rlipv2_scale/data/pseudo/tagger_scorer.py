@@ -6,7 +6,6 @@ object texts are the dataset's class names (80 COCO / 365 Objects365 / the synth
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -50,26 +49,3 @@ class TaggerScorer:
         scores = self.tagger.score_candidates(pixels, mask, self.obj_texts, list(chunk.texts), [pairs], [cxcywh],
                                               [labels])
         return scores.float().cpu().numpy()
-
-
-def load_tagger(checkpoint: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """A tagger from an exported run (`model.safetensors` + `model.yaml` in a folder)."""
-    from safetensors.torch import load_file
-
-    from rlipv2_scale.config import from_dict, read_yaml
-    from rlipv2_scale.models.config import ModelConfig
-    from rlipv2_scale.models.rlipv2 import build_model
-
-    folder = Path(checkpoint)
-    weights, config = folder / "model.safetensors", folder / "model.yaml"
-    if not weights.is_file() or not config.is_file():
-        raise UserError(f"{folder} must hold model.safetensors and model.yaml (from `rlipv2 export` or "
-                        f"`rlipv2 import-checkpoint`)")
-    cfg = from_dict(ModelConfig, read_yaml(config))
-    if not cfg.tagger:
-        raise UserError(f"{folder} holds a {cfg.name} model, not a Relation Tagger (model.tagger is false)")
-    model = build_model(cfg, pretrained=False)
-    missing, unexpected = model.load_state_dict(load_file(str(weights)), strict=False)
-    if missing or unexpected:
-        raise UserError(f"{weights} does not fit the tagger config: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    return model.to(device).eval()

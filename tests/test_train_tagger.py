@@ -1,5 +1,5 @@
-"""Relation Tagger training through the project's trainer: recipe section, pair slots, pair feed,
-and (slow) the tiny recipe trained, resumed exactly and exported for `rlipv2 data tag`."""
+"""The Relation Tagger as a task of the one trainer: recipe section, pair slots, pair feed, init
+from a detector, and (slow) the tiny recipe trained, resumed exactly and exported for `rlipv2 data tag`."""
 from __future__ import annotations
 
 import json
@@ -12,36 +12,42 @@ import pytest
 import torch
 
 from rlipv2_scale.data.batch import Batch, Target
-from rlipv2_scale.data.pseudo.tagger_training import (TaggerLoader, tagger_forward, load_tagger_run_config,
-                                                      tagger_run_config_from_dict)
 from rlipv2_scale.errors import ConfigError, UserError
+from rlipv2_scale.models.artifacts import load_state
 from rlipv2_scale.models.config import named_config
+from rlipv2_scale.train.config import load_run_config, run_config_from_dict
+from rlipv2_scale.train.tagger import TAGGER_ONLY, TaggerLoader, tagger_forward
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "recipes" / "tagger" / "tiny.yaml"
 
 
 def test_tagger_recipes_load_with_their_noise_and_loss():
-    big = load_tagger_run_config(ROOT / "recipes" / "tagger" / "vg_r50.yaml")
+    big = load_run_config(ROOT / "recipes" / "tagger" / "vg_r50.yaml")
     assert big.model.name == "tagger_r50" and big.model.num_pairs == 100
     assert (big.tagger.box_noise, big.tagger.label_noise) == (0.4, 0.2)
     assert big.loss.matching == "identity" and big.loss.rel_loss == "focal" and big.data.num_rel_labels == 500
-    tiny = load_tagger_run_config(TINY, ["tagger.box_noise=0.6", "tagger.label_noise=0.3"])
+    tiny = load_run_config(TINY, ["tagger.box_noise=0.6", "tagger.label_noise=0.3"])
     assert tiny.model.name == "tiny_tagger" and (tiny.tagger.box_noise, tiny.tagger.label_noise) == (0.6, 0.3)
     with pytest.raises(ConfigError, match="tagger.box_nois"):
-        load_tagger_run_config(TINY, ["tagger.box_nois=0.6"])
+        load_run_config(TINY, ["tagger.box_nois=0.6"])
     with pytest.raises(ConfigError, match="tagger.box_noise"):
-        load_tagger_run_config(TINY, ["tagger.box_noise=1.5"])
+        load_run_config(TINY, ["tagger.box_noise=1.5"])
 
 
 def test_non_tagger_model_or_matched_loss_is_a_config_error():
-    base = {"model": {"name": "tiny_tagger"}, "data": {"sources": [{"name": "vg", "local": "x"}]},
+    base = {"task": "tagger", "model": {"name": "tiny_tagger"}, "data": {"sources": [{"name": "vg", "local": "x"}]},
             "loss": {"matching": "identity", "rel_loss": "focal", "pseudo_targets": False}}
-    tagger_run_config_from_dict(base)
-    with pytest.raises(ConfigError, match="not a Relation Tagger"):
-        tagger_run_config_from_dict({**base, "model": {"name": "tiny"}})
+    assert run_config_from_dict(base).task == "tagger"
+    with pytest.raises(ConfigError, match="needs a Relation Tagger model"):
+        run_config_from_dict({**base, "model": {"name": "tiny"}})
     with pytest.raises(ConfigError, match="loss.matching=identity"):
-        tagger_run_config_from_dict({**base, "loss": {"rel_loss": "focal", "pseudo_targets": False}})
+        run_config_from_dict({**base, "loss": {"rel_loss": "focal", "pseudo_targets": False}})
+    with pytest.raises(ConfigError, match="set task: tagger"):
+        run_config_from_dict({**base, "task": "rlipv2"})
+    with pytest.raises(ConfigError, match="does not apply to the Relation Tagger"):
+        run_config_from_dict({**base, "eval": {"data": {"sources": [{"name": "v", "local": "y"}],
+                                                        "fixed_obj_labels": ["a"], "fixed_rel_labels": ["b"]}}})
 
 
 def _target(num_boxes: int, pairs: list[tuple[int, int]], num_rel: int = 3) -> Target:
@@ -139,11 +145,12 @@ def _cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_tiny_tagger_trains_resumes_exactly_and_exports(workdir, tmp_path):
-    from rlipv2_scale.data.pseudo.tagger_scorer import load_tagger
+    from rlipv2_scale.models.tagger import RelationTagger
 
     a, b = tmp_path / "a", tmp_path / "b"
     common = ["train.max_steps=3", "checkpoint.every_steps=2", "checkpoint.keep_last=3"]
-    _cli(workdir, "data", "train-tagger", str(TINY), f"run.dir={a}", *common)
+    _cli(workdir, "train", str(TINY), f"run.dir={a}", *common)
+    # `data train-tagger` is the same command
     _cli(workdir, "data", "train-tagger", str(TINY), f"run.dir={b}", *common,
          "--resume", str(a / "checkpoints" / "step_00000002"))
     ma = [json.loads(x) for x in (a / "metrics.jsonl").read_text().splitlines()]
@@ -152,27 +159,27 @@ def test_tiny_tagger_trains_resumes_exactly_and_exports(workdir, tmp_path):
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in ma)
     terms = [k for k in ma[2] if k.startswith("loss")]
     assert {k: mb[0][k] for k in terms} == {k: ma[2][k] for k in terms}     # negatives' RNG resumed too
-    saved = load_tagger_run_config(a / "config.yaml")
-    assert saved.tagger.box_noise == 0.4 and saved.model.tagger
+    saved = load_run_config(a / "config.yaml")
+    assert saved.task == "tagger" and saved.tagger.box_noise == 0.4 and saved.model.tagger
 
-    _cli(workdir, "data", "export-tagger", str(b), str(tmp_path / "tagger"))
-    model = load_tagger(tmp_path / "tagger")
-    assert model.cfg.name == "tiny_tagger" and not model.training
+    _cli(workdir, "export", str(b), "--out", str(tmp_path / "tagger"))
+    model = RelationTagger.from_pretrained(tmp_path / "tagger")
+    assert model.cfg.name == "tiny_tagger" and not model.training and model.card.task == "tagger"
+    assert model.card.steps == 3
 
 
 def test_init_from_a_detector_may_lack_only_the_tagger_layers():
-    from rlipv2_scale.data.pseudo.tagger_training import load_init
-
-    torch.manual_seed(0)
     from rlipv2_scale.models.rlipv2 import build_model
 
+    torch.manual_seed(0)
     model = build_model(named_config("tiny_tagger"), pretrained=False)
     donor = {k: v.clone() + 1 for k, v in model.state_dict().items()}
     detector = {k: v for k, v in donor.items() if not k.startswith(("coord_proj.", "verb_tgt."))}
-    assert load_init(model, detector, "det.safetensors") == ["coord_proj.bias", "coord_proj.weight", "verb_tgt.weight"]
+    assert load_state(model, detector, "det.safetensors", reinit=TAGGER_ONLY) == [
+        "coord_proj.bias", "coord_proj.weight", "verb_tgt.weight"]
     state = model.state_dict()
     assert all(torch.equal(state[k], detector[k]) for k in detector)
     with pytest.raises(UserError, match="missing .*'backbone"):
-        load_init(model, {k: v for k, v in donor.items() if not k.startswith("backbone.")}, "x")
+        load_state(model, {k: v for k, v in donor.items() if not k.startswith("backbone.")}, "x", reinit=TAGGER_ONLY)
     with pytest.raises(UserError, match="unexpected \\['extra'\\]"):
-        load_init(model, {**donor, "extra": torch.zeros(1)}, "x")
+        load_state(model, {**donor, "extra": torch.zeros(1)}, "x", reinit=TAGGER_ONLY)
