@@ -191,8 +191,7 @@ def forward_eval(model: torch.nn.Module, images: torch.Tensor, pixel_mask: torch
     list) to match the original's evaluation engines exactly: pre-encoded labels carry no label
     padding mask."""
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    out = model(images.to(dtype), pixel_mask, obj_texts, rel_texts, label_embeds)
-    return {k: v.float() for k, v in out.items() if k.startswith("pred_")}
+    return model(images.to(dtype), pixel_mask, obj_texts, rel_texts, label_embeds)
 
 
 def _rank_slice(n: int) -> range:
