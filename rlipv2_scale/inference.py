@@ -311,6 +311,12 @@ def _load_model(checkpoint_dir: str | Path, device: str | None, space: LabelSpac
     return model, device
 
 
+def _sizes(model: torch.nn.Module, eval_size: int | None, max_size: int | None) -> tuple[int, int]:
+    """(shorter side, longer-side cap) of evaluation: as given, else the model card's."""
+    eval_size = eval_size or model.card.eval_size
+    return eval_size, max_size or max(model.card.max_size, eval_size)
+
+
 def check_labels(card, space: LabelSpace, where: str) -> None:
     """A model fine-tuned on fixed label lists must be scored in that label space: any other gives a
     meaningless (often zero) mAP without an error from the evaluator."""
@@ -372,7 +378,7 @@ def evaluate_checkpoint(checkpoint_dir: str | Path, data_root: str | Path | None
                         *, test: str | Path | None = None, images: str | Path | None = None,
                         train: str | Path | None = None, label_space: LabelSpace | None = None,
                         batch_size: int = 2, num_workers: int = 0, device: str | None = None,
-                        eval_size: int = 800, max_size: int = 1333, nms: bool = True, top_k: int = 100,
+                        eval_size: int | None = None, max_size: int | None = None, nms: bool = True, top_k: int = 100,
                         predictions_out: str | Path | None = None, progress: bool = True) -> dict | None:
     """Load a model directory, predict on a HICO-DET-format test set and return `evaluate_hico`'s
     numbers (rank 0; other ranks None). `zero_shot`: NF (no fine-tuning: subject must be the person
@@ -390,7 +396,7 @@ def evaluate_checkpoint(checkpoint_dir: str | Path, data_root: str | Path | None
     nf_filter, split = _zero_shot(zero_shot, space)
     model, device = _load_model(checkpoint_dir, device, space)
     gt = read_json(files.test, "test annotations")
-    dataset = RelationImages(gt, files.images, eval_size=eval_size, max_size=max_size)
+    dataset = RelationImages(gt, files.images, *_sizes(model, eval_size, max_size))
     train_entries = read_json(files.train, "training annotations") if files.train else None
     res = evaluate_relations(model, dataset, space, zero_shot=split, zero_shot_nf=nf_filter, train=train_entries,
                              nms=nms, top_k=top_k, batch_size=batch_size, num_workers=num_workers, device=device,
@@ -504,7 +510,7 @@ def evaluate_vcoco_checkpoint(checkpoint_dir: str | Path, data_root: str | Path 
                               correct_mat: str | Path | None = None, vcoco: str | Path | None = None,
                               coco: str | Path | None = None, image_ids: str | Path | None = None,
                               batch_size: int = 2, num_workers: int = 0, device: str | None = None,
-                              eval_size: int = 800, max_size: int = 1333,
+                              eval_size: int | None = None, max_size: int | None = None,
                               predictions_out: str | Path | None = None, progress: bool = True) -> dict | None:
     """Load a model directory, run it over the V-COCO test images and return `evaluate_vcoco`'s role
     AP (scenarios 1 and 2; rank 0, other ranks None). `predictions_out`: the detections as JSON."""
@@ -537,8 +543,8 @@ def evaluate_vcoco_checkpoint(checkpoint_dir: str | Path, data_root: str | Path 
     if outside:
         raise UserError(f"{len(outside)} image(s) of '{files.test}' are not in the split '{files.image_ids}' "
                         f"(e.g. {outside[:3]}): the test list and the official files are of different splits")
-    dataset = RelationImages(entries, files.images, eval_size=eval_size, max_size=max_size)
     model, device = _load_model(checkpoint_dir, device, space)
+    dataset = RelationImages(entries, files.images, *_sizes(model, eval_size, max_size))
     post = PostProcess.for_label_space(space, top_k=None)   # every pair x verb, no NMS (the official export)
     missing = space.objects.index("missing objects")
 
@@ -612,7 +618,8 @@ def evaluate_oi_checkpoint(checkpoint_dir: str | Path, data_root: str | Path | N
                            test: str | Path | None = None, images: str | Path | None = None,
                            categories: str | Path | None = None, object_categories: str | Path | None = None,
                            label_space: LabelSpace | None = None, batch_size: int = 2, num_workers: int = 0,
-                           device: str | None = None, eval_size: int = 800, max_size: int = 1333, nms: bool = True,
+                           device: str | None = None, eval_size: int | None = None, max_size: int | None = None,
+                           nms: bool = True,
                            predictions_out: str | Path | None = None, progress: bool = True) -> dict | None:
     """Open Images v6 SGG: scene-graph post-processing (the subject keeps its own class, score
     s_rel · s_obj · s_sub) scored with `eval.oi_sgg.evaluate_oi_sgg` (rank 0; other ranks None).
@@ -637,7 +644,7 @@ def evaluate_oi_checkpoint(checkpoint_dir: str | Path, data_root: str | Path | N
     gt = read_json(files.test, "test annotations")
     if not isinstance(gt, list):
         raise UserError(f"Open Images test annotations '{files.test}' should be a JSON list of images")
-    dataset = RelationImages(gt, files.images, eval_size=eval_size, max_size=max_size)
+    dataset = RelationImages(gt, files.images, *_sizes(model, eval_size, max_size))
     post = PostProcess(mode="sgg", top_k=100)   # the evaluator keeps at most the top 100, then applies NMS
     preds = predict(model, dataset, space, post, batch_size=batch_size, num_workers=num_workers,
                     device=device, progress=progress, relation_key="rel_predictions")

@@ -183,3 +183,21 @@ def test_init_from_a_detector_may_lack_only_the_tagger_layers():
         load_state(model, {k: v for k, v in donor.items() if not k.startswith("backbone.")}, "x", reinit=TAGGER_ONLY)
     with pytest.raises(UserError, match="unexpected \\['extra'\\]"):
         load_state(model, {**donor, "extra": torch.zeros(1)}, "x", reinit=TAGGER_ONLY)
+
+
+def test_tagger_recipes_go_through_cluster_submit_and_scale_plan(tmp_path, capsys):
+    from rlipv2_scale.cli import main
+    from rlipv2_scale.cluster.slurm import SlurmOptions, render_job
+    from rlipv2_scale.models.rlipv2 import build_model
+    from rlipv2_scale.scale.plan import measure_total
+
+    script, _ = render_job(TINY, SlurmOptions(gpus_per_node=0), overrides=[f"run.dir={tmp_path / 'run'}"],
+                           sweep=["tagger.box_noise=0.4,0.6"])
+    assert "--array=0-1" in script
+    assert main(["cluster", "submit", str(TINY), "--dry-run", "--gpus-per-node", "0", f"run.dir={tmp_path / 'r'}",
+                 "tagger.box_nois=1"]) == 2
+    assert "tagger.box_nois" in capsys.readouterr().err
+    # the cost model's forward feeds the Tagger its given pairs
+    cfg = load_run_config(TINY)
+    flops, act = measure_total(build_model(cfg.model, pretrained=False), 64, 64, 4, 3, batch=1)
+    assert flops > 0 and act > 0

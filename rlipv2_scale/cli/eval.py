@@ -22,15 +22,17 @@ HICO_SPLITS = ("UC-RF", "UC-NF", "UO")
 def add_model_arguments(p: argparse.ArgumentParser, data_help: str) -> argparse._ArgumentGroup:
     """The options of running a model (`--checkpoint DIR --data ROOT`), shared by every benchmark."""
     model = p.add_argument_group("running a model (instead of a prediction file)")
-    model.add_argument("--checkpoint", type=Path, metavar="DIR",
-                       help="model directory (model.safetensors + model.yaml, e.g. from `rlipv2 import-checkpoint`)")
+    model.add_argument("--checkpoint", type=Path, metavar="MODEL",
+                       help="model directory (`rlipv2 export`, `rlipv2 import-checkpoint`), or a training run / "
+                            "checkpoint (exported on the fly)")
     model.add_argument("--data", type=Path, metavar="ROOT", help=data_help)
     model.add_argument("--images", type=Path, help="test image folder (default: found under --data)")
     model.add_argument("--batch-size", type=int, default=2, help="images per forward pass and GPU")
     model.add_argument("--num-workers", type=int, default=2, help="image-decoding worker processes")
     model.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
-    model.add_argument("--eval-size", type=int, default=800, help="shorter image side (the original: 800)")
-    model.add_argument("--max-size", type=int, default=1333, help="cap on the longer side (the original: 1333)")
+    model.add_argument("--eval-size", type=int,
+                       help="shorter image side (default: the model's, from its card; the original's: 800)")
+    model.add_argument("--max-size", type=int, help="cap on the longer side (default: the model's; the original's: 1333)")
     model.add_argument("--save-predictions", type=Path, metavar="FILE", help="also write the predictions JSON")
     return model
 
@@ -148,14 +150,23 @@ def _run_hico_checkpoint(args: argparse.Namespace) -> int:
         raise UserError("rlipv2 eval hico-det: --pred and --checkpoint exclude each other")
     if args.data is None and (args.gt is None or args.images is None):
         raise UserError("give the HICO-DET root with --data ROOT (or --gt FILE and --images DIR)")
-    res = evaluate_checkpoint(args.checkpoint, args.data, args.zero_shot, test=args.gt, images=args.images,
-                              train=args.train, nms=args.nms is not False, **_model_options(args))
+    with _checkpoint(args) as model_dir:
+        res = evaluate_checkpoint(model_dir, args.data, args.zero_shot, test=args.gt, images=args.images,
+                                  train=args.train, nms=args.nms is not False, **_model_options(args))
     if res is None:          # not rank 0 of a distributed evaluation
         return 0
+    res["checkpoint"] = str(args.checkpoint)
     rows = [("mAP (full)", res["mAP"]), ("mAP rare", res["mAP_rare"]), ("mAP non-rare", res["mAP_non_rare"])]
     if "mAP_unseen" in res:
         rows += [("mAP unseen", res["mAP_unseen"]), ("mAP seen", res["mAP_seen"])]
     return _report(f"HICO-DET, {args.checkpoint} ({res['setting']})", rows, res, args.json)
+
+
+def _checkpoint(args: argparse.Namespace):
+    """A model directory for `--checkpoint` (a run or checkpoint is exported on the fly)."""
+    from rlipv2_scale.train.export import as_model_dir
+
+    return as_model_dir(args.checkpoint)
 
 
 def _model_options(args: argparse.Namespace) -> dict:
@@ -186,11 +197,13 @@ def _run_vcoco_checkpoint(args: argparse.Namespace) -> int:
 
     if args.detections is not None:
         raise UserError("rlipv2 eval vcoco: --detections and --checkpoint exclude each other")
-    res = evaluate_vcoco_checkpoint(
-        args.checkpoint, args.data, test=args.test, images=args.images, correct_mat=args.correct_mat,
-        vcoco=args.vcoco, coco=args.coco, image_ids=args.image_ids, **_model_options(args))
+    with _checkpoint(args) as model_dir:
+        res = evaluate_vcoco_checkpoint(
+            model_dir, args.data, test=args.test, images=args.images, correct_mat=args.correct_mat,
+            vcoco=args.vcoco, coco=args.coco, image_ids=args.image_ids, **_model_options(args))
     if res is None:          # not rank 0 of a distributed evaluation
         return 0
+    res["checkpoint"] = str(args.checkpoint)
     return _report(f"V-COCO role AP, {args.checkpoint}", [(name, res[key]) for name, key in VCOCO_ROWS], res,
                    args.json)
 
@@ -216,10 +229,12 @@ def _run_oi_checkpoint(args: argparse.Namespace) -> int:
 
     if args.pred is not None:
         raise UserError("rlipv2 eval oi-sgg: --pred and --checkpoint exclude each other")
-    res = evaluate_oi_checkpoint(
-        args.checkpoint, args.data, test=args.gt, images=args.images, categories=args.categories,
-        object_categories=args.object_categories, nms=not args.no_nms, **_model_options(args))
+    with _checkpoint(args) as model_dir:
+        res = evaluate_oi_checkpoint(
+            model_dir, args.data, test=args.gt, images=args.images, categories=args.categories,
+            object_categories=args.object_categories, nms=not args.no_nms, **_model_options(args))
     if res is None:
         return 0
+    res["checkpoint"] = str(args.checkpoint)
     return _report(f"Open Images v6 SGG, {args.checkpoint}", [(name, res[key]) for name, key in OI_ROWS], res,
                    args.json)

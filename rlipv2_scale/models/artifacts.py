@@ -199,7 +199,8 @@ def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], source: str,
                                               ("shape mismatch", [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
                                                                   for k in shapes])) if keys)
         raise UserError(f"'{source}' does not fit the model: {detail}; use weights of the same model config "
-                        f"(model.yaml of the directory), or list the layers to re-initialise")
+                        f"(the model.yaml they were trained with); a fine-tune lists the layers it re-initialises in "
+                        "train.init_reinit")
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=False)
     return allowed
 

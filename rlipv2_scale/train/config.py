@@ -48,7 +48,10 @@ class TrainConfig:
     # Activation checkpointing, switched on in the model config: any of backbone, encoder, alif.
     activation_checkpointing: list[Literal["backbone", "encoder", "alif"]] = field(default_factory=list)
     max_nonfinite_in_row: int = 10    # skipped (non-finite loss) steps in a row before the run stops
-    init_from: str | None = None      # weights to start from (an exported .safetensors or a checkpoint dir)
+    init_from: str | None = None      # weights to start from: a model directory, a .safetensors file or a run
+    # Layers (fnmatch patterns of parameter names) that keep their fresh initialisation instead of
+    # init_from's weights, e.g. ["classifier.*"]; every other key must fit exactly.
+    init_reinit: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.epochs <= 0:

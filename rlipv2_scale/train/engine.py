@@ -17,6 +17,7 @@ next optimizer-step boundary, leaves `PREEMPTED` in the run directory and exits 
 """
 from __future__ import annotations
 
+import fnmatch
 import json
 import signal
 import time
@@ -358,8 +359,10 @@ def build_rlipv2(cfg: RunConfig, info: DistInfo) -> Parts:
     """The RLIPv2 model, its set criterion, the streaming loader of this rank and the validation hook."""
     model = build_model(cfg.model)
     if cfg.train.init_from:
-        state = _fit_query_rows(init_weights(cfg.train.init_from), model, cfg)
-        load_state(model, state, cfg.train.init_from)
+        reinit = cfg.train.init_reinit
+        state = {k: v for k, v in init_weights(cfg.train.init_from).items()
+                 if not any(fnmatch.fnmatchcase(k, p) for p in reinit)}
+        load_state(model, _fit_query_rows(state, model, cfg), cfg.train.init_from, reinit=reinit)
     evaluator = RelationValidation(cfg, info) if cfg.eval.data is not None else None
     try:
         loader = build_train_loader(cfg.data)
