@@ -1,5 +1,6 @@
 """Inference over a HICO-DET-format test set and `eval hico-det --checkpoint`, end to end on a tiny model."""
 import json
+import shutil
 import os
 import types
 
@@ -244,3 +245,38 @@ def test_open_images_hook(hico_root, model_dir, tmp_path):
         # scene graphs: the subject keeps its own predicted class (any of the three), ids are 0-based
         assert {p["predictions"][r["subject_id"]]["category_id"] for r in rels} <= {0, 1, 2}
         assert {r["category_id"] for r in rels} <= {0, 1}
+
+
+def test_a_model_fine_tuned_on_other_labels_is_not_scored_silently_in_hicos(hico_root, model_dir, tmp_path, capsys):
+    """A HICO-format dataset whose names are not HICO's used to score 0.0 without a word: the model's
+    own label lists (its card) and the data's (objects.json / verbs.json) must agree with the space."""
+    from rlipv2_scale.cli import main
+    from rlipv2_scale.models.artifacts import CARD_FILE
+
+    tuned = shutil.copytree(model_dir, tmp_path / "tuned")
+    card = json.loads((tuned / CARD_FILE).read_text())
+    card.update(objects=["person", "ball"], relations=["holding", "next to"])
+    (tuned / CARD_FILE).write_text(json.dumps(card))
+    args = ["--data", str(hico_root), "--eval-size", "64", "--max-size", "128", "--device", "cpu"]
+    assert main(["eval", "hico-det", "--checkpoint", str(tuned), *args]) == 2
+    err = capsys.readouterr().err
+    assert "trained with 2 object / 2 relation labels" in err and "'hico-det' label space" in err
+    # the same dataset describing itself with those labels is scored in them
+    own = shutil.copytree(hico_root, tmp_path / "own")
+    (own / "annotations" / "objects.json").write_text(json.dumps([{"id": 1, "name": "person"},
+                                                                  {"id": 2, "name": "ball"}]))
+    (own / "annotations" / "verbs.json").write_text(json.dumps([{"id": 1, "name": "holding"},
+                                                                {"id": 2, "name": "next_to", "text": "next to"}]))
+    from rlipv2_scale.inference import data_label_space
+
+    space = data_label_space(own / "annotations")
+    assert space.objects == ("person", "ball") and space.verbs == ("holding", "next to")
+    assert space.object_ids == (1, 2) and space.subject_index == 0
+
+
+def test_export_of_a_run_without_checkpoint_says_so(tmp_path, capsys):
+    from rlipv2_scale.cli import main
+
+    (tmp_path / "run").mkdir()
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "m")]) == 2
+    assert "holds no complete checkpoint" in capsys.readouterr().err and not (tmp_path / "m").exists()
