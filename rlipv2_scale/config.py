@@ -189,8 +189,9 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping; `extends: other.yaml` (relative to this file) is merged underneath."""
+def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a YAML mapping; `extends: other.yaml` or `extends: [a.yaml, b.yaml]` (relative to this file)
+    are merged underneath, in order (later parents override earlier ones, the file overrides all)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file '{path}' does not exist")
@@ -200,10 +201,19 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"config file '{path}' must hold a mapping at the top level")
-    parent = data.pop("extends", None)
-    if parent is not None:
-        data = deep_merge(read_yaml(path.parent / parent), data)
-    return data
+    parents = data.pop("extends", None)
+    if parents is None:
+        return data
+    if isinstance(parents, str):
+        parents = [parents]
+    if not isinstance(parents, list) or not all(isinstance(p, str) for p in parents):
+        raise ConfigError(f"config file '{path}': 'extends' must be a file name or a list of file names")
+    if path.resolve() in _seen:
+        raise ConfigError(f"config file '{path}' extends itself (through {[str(p) for p in _seen]})")
+    merged: dict[str, Any] = {}
+    for parent in parents:
+        merged = deep_merge(merged, read_yaml(path.parent / parent, (*_seen, path.resolve())))
+    return deep_merge(merged, data)
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None,

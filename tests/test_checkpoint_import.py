@@ -359,12 +359,6 @@ def test_label_padding_mask_from_the_sign_of_the_sum():
         assert torch.equal(ref["aux_outputs"][i]["pred_obj_logits"], ev["aux_outputs"][i]["pred_obj_logits"])
 
 
-def test_subject_label_index_quirk():
-    assert O.subject_target_index(person_index=0, compat_original=True) == 1   # "bicycle" in the COCO order
-    assert O.subject_target_index(person_index=0, compat_original=False) == 0
-    assert O.subject_target_index(person_index=3, compat_original=False) == 3
-
-
 def test_query_split_when_the_number_of_queries_changes():
     rows = torch.arange(200.0)[:, None].expand(200, 4)
     compat = resize_query_rows(rows, 128, compat_original=True)[:, 0]

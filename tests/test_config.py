@@ -79,3 +79,20 @@ def test_missing_and_invalid_files(tmp_path):
 
 def test_deep_merge_keeps_siblings():
     assert deep_merge({"a": {"b": 1, "c": 2}}, {"a": {"b": 3}}) == {"a": {"b": 3, "c": 2}}
+
+
+def test_extends_several_parents_in_order_and_refuses_cycles(tmp_path):
+    from rlipv2_scale.config import read_yaml
+    from rlipv2_scale.errors import ConfigError
+
+    (tmp_path / "a.yaml").write_text("x: 1\ny: {p: 1, q: 1}\n")
+    (tmp_path / "b.yaml").write_text("y: {q: 2}\nz: 2\n")
+    (tmp_path / "c.yaml").write_text("extends: [a.yaml, b.yaml]\nz: 3\n")
+    assert read_yaml(tmp_path / "c.yaml") == {"x": 1, "y": {"p": 1, "q": 2}, "z": 3}
+    (tmp_path / "loop.yaml").write_text("extends: [loop2.yaml]\n")
+    (tmp_path / "loop2.yaml").write_text("extends: loop.yaml\n")
+    with pytest.raises(ConfigError, match="extends itself"):
+        read_yaml(tmp_path / "loop.yaml")
+    (tmp_path / "bad.yaml").write_text("extends: {a: 1}\n")
+    with pytest.raises(ConfigError, match="'extends' must be a file name or a list"):
+        read_yaml(tmp_path / "bad.yaml")

@@ -29,10 +29,18 @@ from rlipv2_scale.data.batch import Target
 from rlipv2_scale.errors import ConfigError
 from rlipv2_scale.models.box_ops import box_cxcywh_to_xyxy, paired_generalized_box_iou
 from rlipv2_scale.models.matcher import HungarianMatcher, Indices
-from rlipv2_scale.models.original import subject_target_index
 
 _PROB_EPS = 1e-6
 OUTPUT_KEYS = ("pred_sub_boxes", "pred_obj_boxes", "pred_sub_logits", "pred_obj_logits", "pred_rel_logits")
+
+
+def subject_target_index(person_index: int, compat_original: bool) -> int:
+    """Subject class target of HICO-DET / V-COCO pairs (`LossConfig.hoi_person_index`: the loss and
+    the matcher's subject-class cost). [QUIRK] the original's datasets used index 1 (the second
+    object text, "bicycle" in the COCO order) instead of the person class. Post-processing is not
+    affected: HOI post-processing fixes the subject to the person, and the NF zero-shot filter keeps
+    pairs whose subject argmax is the person (index 0) in the original too."""
+    return 1 if compat_original else person_index
 
 
 @dataclass

@@ -304,15 +304,6 @@ def export_state_dict(ours: Mapping[str, torch.Tensor], cfg: ModelConfig, positi
     return out
 
 
-def subject_target_index(person_index: int, compat_original: bool) -> int:
-    """Subject class target of HICO-DET / V-COCO pairs (`LossConfig.hoi_person_index`: the loss and
-    the matcher's subject-class cost). [QUIRK] the original's datasets used index 1 (the second
-    object text, "bicycle" in the COCO order) instead of the person class. Post-processing is not
-    affected: HOI post-processing fixes the subject to the person, and the NF zero-shot filter keeps
-    pairs whose subject argmax is the person (index 0) in the original too."""
-    return 1 if compat_original else person_index
-
-
 # ------------------------------------------------------------------------------------------ files
 def load_original(path: str | Path, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
     """The weights of an original `torch.save` file (under "model"; a bare state dict is accepted).
