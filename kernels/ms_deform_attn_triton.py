@@ -189,7 +189,9 @@ BACKWARDS = ("atomic", "dense_coarse")
 # Levels of at most this many pixels take the dense backward: at 800x1333 the two coarsest
 # (273 and 1,050 pixels), each read by every query; the 50x84 level (4,200) stays scattered.
 DENSE_MAX_PIXELS = 2048
-DENSE_TILE = (64, 64, 4)  # (queries, pixels, warps) per program of the dense kernel on a GPU
+# (queries, pixels, warps) per program of the dense kernel on a GPU: sm_90 ptxas, no spills in bf16
+# or fp32 (tests/test_kernels_compile.py); 64x64 with 4 warps spilled. Not yet timed on a GPU.
+DENSE_TILE = (64, 64, 8)
 
 
 def _launch_config(rows: int, images: int, backward: bool) -> tuple[int, int]:
