@@ -34,7 +34,10 @@ def test_cpu_run_times_torch_paths_and_writes_json_and_png(tmp_path, monkeypatch
     assert (tmp_path / "kernels_cpu_fp32.png").stat().st_size > 0
     assert report["reduced"] is True and report["machine"]["torch"] == torch.__version__
     backends = {(r["op"], r["backend"]) for r in report["results"]}
-    assert backends == {("ms_deform_attn", "torch"), ("alif_bi_attention", "torch"), ("alif_bi_attention", "sdpa")}
+    assert backends == {("ms_deform_attn", "torch"), ("alif_bi_attention", "eager"), ("alif_bi_attention", "sdpa")}
+    if microbench._xformers_core() is None:   # the absent baseline is named, not silently dropped
+        assert [e["backend"] for e in report["skipped"]] == ["xformers"]
+        assert "xformers is not installed" in microbench.table(report)
     case = _tiny_cases("cpu", torch.float32, True)[0]
     row = next(r for r in report["results"] if r["op"] == "ms_deform_attn")
     assert row["fwd_gbps"] == pytest.approx(case.bytes_fwd / row["fwd_ms"] / 1e6)
@@ -42,10 +45,73 @@ def test_cpu_run_times_torch_paths_and_writes_json_and_png(tmp_path, monkeypatch
     assert "sdpa" in microbench.table(report)
 
 
-def test_sdpa_baseline_computes_the_same_block():
+def test_sdpa_row_computes_the_same_block_and_gradients():
     case = _tiny_cases("cpu", torch.float32, True)[1]
     errors = microbench.check_case(case, "sdpa")
     assert errors["rel_err_vs_fp64"] < 1e-5 and errors["baseline_rel_err_vs_fp64"] < 1e-5
+    assert 0 < errors["grad_rel_err_vs_fp64"] < 1e-5 and errors["baseline_grad_rel_err_vs_fp64"] < 1e-5
+    assert microbench.accurate(errors, "fp32")
+
+
+def test_check_case_sees_a_wrong_gradient():
+    case = _tiny_cases("cpu", torch.float32, True)[1]
+
+    class Scaled(torch.autograd.Function):   # right forward, gradient off by 10 %
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * 1.1
+
+    sdpa = case.runners["sdpa"]
+    case.runners["wrong"] = lambda **kw: tuple(Scaled.apply(o) for o in sdpa(**kw))
+    errors = microbench.check_case(case, "wrong")
+    assert errors["rel_err_vs_fp64"] < 1e-5 and errors["grad_rel_err_vs_fp64"] > 0.05
+    assert not microbench.accurate(errors, "bf16")
+
+
+def test_xformers_bias_rows_start_on_multiples_of_8_and_mask_padded_keys():
+    mask = torch.zeros(2, 13, dtype=torch.bool)
+    mask[0, 10:] = True
+    mask[1] = True    # every key padded: left unmasked (the caller zeroes that output)
+    bias = microbench.padded_key_bias(mask, heads=3, queries=5, dtype=torch.float32)
+    assert bias.shape == (2, 3, 5, 13) and bias.stride(-2) % 8 == 0 and bias.stride(-1) == 1
+    assert torch.isinf(bias[0, :, :, 10:]).all() and (bias[0, :, :, :10] == 0).all()
+    assert (bias[1] == 0).all()
+
+
+def _cuda_report(dtype="bf16"):
+    rows = [dict(op="alif_bi_attention", case="original", tokens=273, backend=b, fwdbwd_ms=ms)
+            for b, ms in (("eager", 2.4), ("sdpa", 1.4), ("triton", 2.0), ("xformers", 1.0))]
+    rows += [dict(op="alif_bi_attention", case="all levels", tokens=22223, backend=b, fwdbwd_ms=ms)
+             for b, ms in (("eager", 6.2), ("sdpa", 5.4), ("triton", 2.9))]
+    rows += [dict(op="ms_deform_attn", case="encoder", tokens=22223, backend=b, fwdbwd_ms=ms)
+             for b, ms in (("torch", 12.8), ("triton", 0.76), ("triton_dense", 0.3))]
+    ok = dict(rel_err_vs_fp64=1e-3, grad_rel_err_vs_fp64=1e-3, baseline_rel_err_vs_fp64=1e-1,
+              baseline_grad_rel_err_vs_fp64=1e-1)
+    bad = {**ok, "grad_rel_err_vs_fp64": 0.9}
+    checks = [dict(op="ms_deform_attn", case="encoder", backend="triton_dense", **bad),
+              dict(op="alif_bi_attention", case="all levels", backend="triton", **ok)]
+    return dict(machine=dict(device="cuda", card="NVIDIA Test", capability="sm_90", commit="abc", torch="t",
+                             triton="x"), dtype=dtype, reduced=False, results=rows, correctness=checks)
+
+
+def test_dispatch_entries_take_the_fastest_accurate_dispatchable_row(tmp_path):
+    entries = microbench.dispatch_entries(_cuda_report())
+    # xformers is faster but not a dispatch choice; the dense backward is faster but failed its check
+    assert entries == {"alif_bi_attention": {"bf16": {"273": "torch", "22223": "triton"}},
+                       "ms_deform_attn": {"bf16": {"22223": "atomic"}}}
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps({"devices": {"sm_90": {"alif_bi_attention": {"fp32": {"273": "eager"}}}}}))
+    microbench.write_table(_cuda_report(), path)
+    table = json.loads(path.read_text())
+    assert table["devices"]["sm_90"]["alif_bi_attention"] == {"fp32": {"273": "eager"},
+                                                               "bf16": {"273": "torch", "22223": "triton"}}
+    assert table["devices"]["NVIDIA Test"] == entries
+    with pytest.raises(UserError, match="CUDA run"):
+        microbench.dispatch_entries({**_cuda_report(), "reduced": True})
 
 
 def test_cuda_request_without_a_device_is_a_user_error():
