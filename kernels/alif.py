@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from rlipv2_scale.errors import UserError
-from rlipv2_scale.kernels.dispatch import resolve_backend, table_choice
+from rlipv2_scale.kernels.dispatch import forced_choice, resolve_backend, table_choice
 
 ALIF_BACKENDS = ("auto", "triton", "torch", "eager")
 
@@ -91,6 +91,8 @@ def _choose(backend: str, v: torch.Tensor, l: torch.Tensor) -> str:
     """"triton" | "torch" (SDPA core) | "eager" (the reference core) for this call."""
     if backend not in ALIF_BACKENDS:
         raise UserError(f"alif_bi_attention: backend {backend!r} is unknown; use one of {', '.join(ALIF_BACKENDS)}")
+    if backend == "auto" and forced_choice("alif_bi_attention"):
+        backend = forced_choice("alif_bi_attention")
     if backend == "eager":
         return "eager"
     resolved = resolve_backend(backend, v, l)

@@ -95,9 +95,15 @@ def table_choice(op: str, t: torch.Tensor, tokens: int) -> str:
     return next(choice for bound, choice in DEFAULT_CHOICES[op][dtype] if tokens <= bound)
 
 
+def forced_choice(op: str) -> str | None:
+    """The choice an `override` forces for `op` (on any device), or None."""
+    return _overrides.get(op)
+
+
 @contextlib.contextmanager
 def override(**choices: str):
-    """Force what "auto" picks per op, e.g. `override(alif_bi_attention="eager", ms_deform_attn="torch")`."""
+    """Force what "auto" picks per op, on every device, e.g.
+    `override(alif_bi_attention="eager", ms_deform_attn="torch")` (the PyTorch references)."""
     saved = dict(_overrides)
     _overrides.update(choices)
     try:

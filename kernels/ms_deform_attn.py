@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from rlipv2_scale.errors import UserError
-from rlipv2_scale.kernels.dispatch import resolve_backend, table_choice
+from rlipv2_scale.kernels.dispatch import forced_choice, resolve_backend, table_choice
 
 MSDA_BACKWARDS = ("atomic", "dense_coarse")  # the Triton backward variants (ms_deform_attn_triton.py)
 
@@ -80,11 +80,11 @@ def ms_deform_attn(value: torch.Tensor, value_spatial_shapes: torch.Tensor, valu
     _check_shapes(value, value_spatial_shapes, value_level_start_index, sampling_locations, attention_weights)
     if backward is not None and backward not in MSDA_BACKWARDS:
         raise UserError(f"ms_deform_attn: backward {backward!r} is unknown; use one of {', '.join(MSDA_BACKWARDS)}")
+    if backend == "auto" and forced_choice("ms_deform_attn") == "torch":  # an `override` to the reference
+        backend = "torch"
     resolved = resolve_backend(backend, value, sampling_locations, attention_weights)
     if resolved == "triton" and backward is None:
         choice = table_choice("ms_deform_attn", value, sampling_locations.shape[1]) if value.is_cuda else "atomic"
-        if choice == "torch" and backend == "auto":  # an `override` of "auto" to the reference
-            resolved = "torch"
         backward = choice if choice in MSDA_BACKWARDS else "atomic"
     if resolved == "torch":
         return ms_deform_attn_reference(value, value_spatial_shapes, value_level_start_index,
