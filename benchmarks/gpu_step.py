@@ -276,17 +276,6 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _driver() -> str | None:
-    import subprocess
-
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20)
-        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
@@ -315,18 +304,17 @@ def main(argv: list[str] | None = None) -> dict:
         raise UserError(f"gpu_step: unknown setups {sorted(unknown)}; use some of {', '.join(SETUPS)}")
     end = time.perf_counter() + args.budget_s
     info = machine(args.device)
-    info["driver"] = _driver() if args.device == "cuda" else None
 
     def log(msg: str) -> None:
         print(msg, flush=True)
-    results = []
+    report = dict(benchmark="gpu_step", machine=info, image=list(size), labels=list(labels), steps=steps,
+                  budget_s=args.budget_s, results=[])
+    args.out.mkdir(parents=True, exist_ok=True)
     for i, name in enumerate(configs):
         share_end = time.perf_counter() + (end - time.perf_counter()) / (len(configs) - i)
-        results.append(run_config(name, device, setups, size, labels, cap, steps, share_end, log))
-    report = dict(benchmark="gpu_step", machine=info, image=list(size), labels=list(labels), steps=steps,
-                  budget_s=args.budget_s, results=results)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu_step.json").write_text(json.dumps(report, indent=2) + "\n")
+        report["results"].append(run_config(name, device, setups, size, labels, cap, steps, share_end, log))
+        # after every config: a run killed by an outer timeout keeps what it measured
+        (args.out / "gpu_step.json").write_text(json.dumps(report, indent=2) + "\n")
     md = markdown(report)
     (args.out / "gpu_step.md").write_text(md)
     print(md)

@@ -2,8 +2,9 @@
 
 `backend="auto"` runs the PyTorch paths on CPU tensors; on CUDA tensors it runs the choice that
 the benchmark measured fastest on this kind of GPU for the call's compute dtype and size, read
-from `dispatch_table.json` (written by `rlipv2 bench kernels --write-table`, see `table_choice`),
-or `DEFAULT_CHOICES` for a GPU the table does not name. `"torch"` forces the PyTorch path;
+from `dispatch_table.json` (written by `rlipv2 bench kernels --write-table`, see `table_choice`;
+the environment variable RLIPV2_DISPATCH_TABLE names another table, as benchmarks/gpu/run_all.sh
+does with the one it has just measured), or `DEFAULT_CHOICES` for a GPU the table does not name. `"torch"` forces the PyTorch path;
 `"triton"` forces the kernels (on CPU only under `TRITON_INTERPRET=1`, the Triton interpreter the
 tests use) and fails loudly when they cannot run. `override` forces what "auto" picks (the
 training-step benchmark runs the same model on the references that way).
@@ -24,6 +25,7 @@ from rlipv2_scale.errors import UserError
 
 BACKENDS = ("auto", "triton", "torch")
 TABLE_PATH = Path(__file__).with_name("dispatch_table.json")
+TABLE_ENV = "RLIPV2_DISPATCH_TABLE"
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
 
 # What "auto" picks on a GPU the table does not name, per op and compute dtype, as
@@ -68,7 +70,7 @@ def device_keys(index: int) -> tuple[str, str]:
 @functools.lru_cache(maxsize=4)
 def load_table(path: str | None = None) -> dict:
     """The dispatch table: {"devices": {NAME_OR_CLASS: {op: {dtype: {tokens: choice}}}}}; empty if absent."""
-    p = Path(path) if path else TABLE_PATH
+    p = Path(path or os.environ.get(TABLE_ENV) or TABLE_PATH)
     if not p.is_file():
         return {"devices": {}}
     return json.loads(p.read_text())

@@ -1,5 +1,10 @@
 """`rlipv2 bench kernels` on CPU with tiny cases: report contents, table, chart, errors."""
 import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -119,3 +124,59 @@ def test_cuda_request_without_a_device_is_a_user_error():
         pytest.skip("a CUDA device is visible")
     with pytest.raises(UserError, match="no CUDA device"):
         microbench.run("cuda", "bf16")
+
+
+RUN_ALL = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu" / "run_all.sh"
+
+
+def test_run_all_parts_fit_eight_minutes_and_need_a_gpu(tmp_path):
+    text = RUN_ALL.read_text()
+    budget = {k: int(v) for k, v in re.findall(r"\b(T_[A-Z_]+)=(\d+)", text)}
+    parts = budget["T_ENV"] + budget["T_GATE"] + 2 * budget["T_BENCH"] + budget["T_TILES"] + budget["T_STEP"] \
+        + budget["T_SUMMARY"]
+    assert parts <= 480 and budget["T_STEP_BUDGET"] < budget["T_STEP"]
+    # every timed part uses its own timeout variable
+    for var in ("T_GATE", "T_BENCH", "T_TILES", "T_STEP", "T_SUMMARY"):
+        assert f'"${var}"' in text, var
+    assert subprocess.run(["bash", "-n", str(RUN_ALL)]).returncode == 0
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible")
+    run = subprocess.run(["bash", str(RUN_ALL)], env={**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable},
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1 and "needs torch and triton with a visible CUDA device" in run.stderr
+
+
+def _bench_report(dtype, rows, skipped=()):
+    results = [dict(op=op, case=case, backend=b, fwd_ms=f, fwdbwd_ms=fb, floor_share_fwdbwd=share)
+               for op, case, b, f, fb, share in rows]
+    return dict(machine=dict(card="NVIDIA Test", driver="1.0", torch="t", triton="x", cuda="c", commit="abc"),
+                dtype=dtype, results=results, skipped=list(skipped), correctness=[])
+
+
+def test_gpu_summary_sets_each_measure_beside_its_target(tmp_path):
+    from rlipv2_scale.kernels.bench import gpu_summary
+
+    bf16 = [("ms_deform_attn", "encoder", "torch", 4.0, 12.8, 0.003), ("ms_deform_attn", "encoder", "triton", 0.1, 0.76, 0.048),
+            ("ms_deform_attn", "encoder", "triton_dense", 0.1, 0.2, 0.18),
+            ("alif_bi_attention", "original (coarsest level)", "sdpa", 0.3, 1.4, None),
+            ("alif_bi_attention", "original (coarsest level)", "triton", 0.4, 2.0, None),
+            ("alif_bi_attention", "all levels", "eager", 2.2, 6.0, None),
+            ("alif_bi_attention", "all levels", "triton", 0.7, 3.0, None)]
+    fp32 = [("alif_bi_attention", "all levels", "eager", 5.8, 16.0, None),
+            ("alif_bi_attention", "all levels", "sdpa", 6.5, 36.0, None)]
+    (tmp_path / "kernels_cuda_bf16.json").write_text(json.dumps(_bench_report(
+        "bf16", bf16, [dict(op="alif_bi_attention", case="original", backend="xformers", error="xformers is not installed")])))
+    (tmp_path / "kernels_cuda_fp32.json").write_text(json.dumps(_bench_report("fp32", fp32)))
+    (tmp_path / "dispatch_table.json").write_text(json.dumps({"devices": {"NVIDIA Test": {
+        "alif_bi_attention": {"fp32": {"273": "torch", "22223": "eager"}}}}}))
+    summary = gpu_summary.summarize(tmp_path)
+    by = {c["what"]: c for c in summary["checks"]}
+    assert by["ALIF bf16 original: SDPA ms / Triton ms"]["value"] == pytest.approx(0.7)
+    assert by["ALIF bf16 original: SDPA ms / Triton ms"]["met"] is False
+    assert by["ALIF bf16 all levels: eager ms / Triton ms"]["value"] == pytest.approx(2.0)
+    assert by["ALIF fp32 all levels: eager ms / auto's choice (eager) ms"]["met"] is True
+    assert by["MSDA bf16 encoder f+b: share of the compulsory-bytes floor (best backward)"]["value"] == pytest.approx(18)
+    assert by["MSDA bf16 encoder forward: reference ms / Triton ms"]["value"] == pytest.approx(40)
+    assert any("xformers is not installed" in w and by[w]["met"] is False for w in by)
+    assert by["training step (gpu_step.py)"]["met"] is False          # the part that did not run is named
+    assert "| NO |" in (tmp_path / "summary.md").read_text()

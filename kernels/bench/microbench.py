@@ -311,6 +311,17 @@ def _commit() -> str:
         return "unknown"
 
 
+def _driver() -> str | None:
+    """The NVIDIA driver version, from nvidia-smi (None without it)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = out.stdout.strip().splitlines() if out.returncode == 0 else []
+    return lines[0].strip() if lines else None
+
+
 def machine(device: str) -> dict:
     info = dict(device=device, cpu=platform.processor() or platform.machine(), cpu_count=os.cpu_count(),
                 torch_threads=torch.get_num_threads(), python=platform.python_version(), torch=torch.__version__,
@@ -325,6 +336,7 @@ def machine(device: str) -> dict:
         major, minor = torch.cuda.get_device_capability()
         info["capability"] = f"sm_{major}{minor}"
         info["cuda"] = torch.version.cuda
+        info["driver"] = _driver()
     return info
 
 

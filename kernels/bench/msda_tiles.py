@@ -61,7 +61,7 @@ def accuracy() -> dict:
     return report
 
 
-def timings() -> list[dict]:
+def timings(dense_only: bool = False) -> list[dict]:
     import triton.testing
 
     rows = []
@@ -80,7 +80,7 @@ def timings() -> list[dict]:
         ms_deform_attn(leaves[0], shapes, starts, leaves[1], leaves[2], backend="triton",
                        backward=backward).backward(go)
     try:
-        for tile in TILES:
+        for tile in [] if dense_only else TILES:
             ms_deform_attn_triton._launch_config = lambda rows_, images, backward, tile=tile: tile
             f = triton.testing.do_bench(fwd, warmup=50, rep=200, return_mode="median")
             fb = triton.testing.do_bench(fwdbwd, warmup=50, rep=200, return_mode="median")
@@ -103,10 +103,12 @@ def timings() -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="benchmarks/results/gpu")
+    parser.add_argument("--dense-only", action="store_true",
+                        help="skip the atomic backward's tiles (searched before: msda_tiles_nvidia_h200.json)")
     args = parser.parse_args()
     out = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "accuracy_vs_fp64": accuracy()}
     print("bf16 accuracy vs fp64:", json.dumps(out["accuracy_vs_fp64"]), flush=True)
-    out["tiles"] = timings()
+    out["tiles"] = timings(args.dense_only)
     name = re.sub(r"[^A-Za-z0-9]+", "_", out["card"]).strip("_").lower()
     path = Path(args.out)
     path.mkdir(parents=True, exist_ok=True)
