@@ -185,6 +185,18 @@ def test_attention_core_matches_reference(b, h, nq, nk, d, splits, masked, dtype
         assert rel_err(g, w) <= tol, name
 
 
+@pytest.mark.parametrize("nq,nk", [(0, 5), (6, 0)])   # no queries; no keys (an empty label set)
+def test_attention_core_without_queries_or_keys(nq, nk):
+    gen = torch.Generator().manual_seed(3)
+    q, k, v, mask = _attn_inputs(2, 2, nq, nk, 8, torch.float32, gen, masked=False)
+    grad_out = torch.randn(2, 2, nq, 8, generator=gen)
+    want = _run_attn(lambda *t: attention_core_reference(*t, None, 0.3, 0.0, False), q, k, v, grad_out)
+    got = _run_attn(lambda *t: fused_attention(*t, None, 0.3), q, k, v, grad_out)
+    for name, g, w in zip(("output", "q", "k", "v"), got, want):
+        assert g.shape == w.shape and torch.equal(g, torch.zeros_like(g)) == torch.equal(w, torch.zeros_like(w)), name
+        assert torch.allclose(g, w), name
+
+
 @triton.jit
 def _fill_keep_mask(out_ptr, seed, nq, nk, p, BQ: tl.constexpr, BK: tl.constexpr):
     bh = tl.program_id(0).to(tl.int64)
@@ -258,6 +270,24 @@ def test_alif_bi_attention_triton_matches_torch_with_every_gradient(vector_gates
              "w_ov", "b_ov", "w_ol", "b_ol", "gate_v", "gate_l"]
     for name, g, w in zip(names, results[1], results[0]):
         assert rel_err(g, w) <= 1e-5, name
+
+
+def test_alif_triton_with_an_empty_label_set_matches_torch():
+    """No labels: the image reads nothing (its update is the output bias), the label side is empty."""
+    gen = torch.Generator().manual_seed(14)
+    tensors, heads, v_pad, _ = _alif_case(gen, False)
+    tensors[1] = tensors[1][:, :0]
+    l_pad = torch.zeros(2, 0, dtype=torch.bool)
+    v_pad, l_pad = on_device(v_pad, l_pad)
+    results = []
+    for backend in ("eager", "triton"):
+        leaves = [t.to(DEVICE).requires_grad_() for t in tensors]
+        v_new, l_new = alif_bi_attention(*leaves, heads, v_pad_mask=v_pad, l_pad_mask=l_pad, backend=backend)
+        assert l_new.shape == (2, 0, 24)
+        (v_new.square().sum() + l_new.sum()).backward()
+        results.append([t.cpu() for t in [v_new] + [t.grad for t in leaves]])
+    for i, (g, w) in enumerate(zip(results[1], results[0])):
+        assert g.shape == w.shape and (g.numel() == 0 or rel_err(g, w) <= 1e-5), i
 
 
 @pytest.mark.parametrize("splits", [2, 3])
