@@ -19,7 +19,7 @@ set -uo pipefail
 # Time budget, seconds per part (the sum stays within 480; a part that overruns is killed and
 # the summary names what is missing). T_STEP_BUDGET is gpu_step.py's own budget, leaving it
 # time to start, build the models and write its report inside T_STEP.
-T_ENV=15 T_GATE=110 T_BENCH=90 T_TILES=35 T_STEP=130 T_STEP_BUDGET=105 T_SUMMARY=10
+T_ENV=15 T_GATE=100 T_BENCH=100 T_TILES=30 T_STEP=125 T_STEP_BUDGET=100 T_SUMMARY=10
 TOTAL=$((T_ENV + T_GATE + 2 * T_BENCH + T_TILES + T_STEP + T_SUMMARY))
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
