@@ -259,11 +259,13 @@ def markdown(report: dict) -> str:
             continue
         for r in c["setups"]:
             if "error" in r:
-                lines.append(f"| {c['config']} | {r['setup']} | {r.get('dtype', '–')} | – | – | – | – | {r['error']} |")
+                lines.append(f"| {c['config']} | {r['setup']} | {r.get('dtype', '–')} | – | – | – | – | "
+                             f"{r['error']} |")
                 continue
             shares = " | ".join(f"{100 * r['share'][k]:.1f} %" for k in (*RANGES, "other"))
+            peak = r["peak_gib"] if r["peak_gib"] is not None else "–"
             lines.append(f"| {c['config']} | {r['setup']} | {r['dtype']} | {r['batch']} | {r['step_s']:.3f} | "
-                         f"{r['images_per_s']:.2f} | {r['peak_gib'] if r['peak_gib'] is not None else '–'} | {shares} |")
+                         f"{r['images_per_s']:.2f} | {peak} | {shares} |")
     lines.append("")
     for c in report["results"]:
         if "speedup_vs_reference" in c:

@@ -4,10 +4,11 @@
 the benchmark measured fastest on this kind of GPU for the call's compute dtype and size, read
 from `dispatch_table.json` (written by `rlipv2 bench kernels --write-table`, see `table_choice`;
 the environment variable RLIPV2_DISPATCH_TABLE names another table, as benchmarks/gpu/run_all.sh
-does with the one it has just measured), or `DEFAULT_CHOICES` for a GPU the table does not name. `"torch"` forces the PyTorch path;
-`"triton"` forces the kernels (on CPU only under `TRITON_INTERPRET=1`, the Triton interpreter the
-tests use) and fails loudly when they cannot run. `override` forces what "auto" picks (the
-training-step benchmark runs the same model on the references that way).
+does with the one it has just measured), or `DEFAULT_CHOICES` for a GPU the table does not name.
+`"torch"` forces the PyTorch path; `"triton"` forces the kernels (on CPU only under
+`TRITON_INTERPRET=1`, the Triton interpreter the tests use) and fails loudly when they cannot run.
+`override` forces what "auto" picks (the training-step benchmark runs the same model on the
+references that way).
 """
 from __future__ import annotations
 

@@ -156,7 +156,8 @@ def _bench_report(dtype, rows, skipped=()):
 def test_gpu_summary_sets_each_measure_beside_its_target(tmp_path):
     from rlipv2_scale.kernels.bench import gpu_summary
 
-    bf16 = [("ms_deform_attn", "encoder", "torch", 4.0, 12.8, 0.003), ("ms_deform_attn", "encoder", "triton", 0.1, 0.76, 0.048),
+    bf16 = [("ms_deform_attn", "encoder", "torch", 4.0, 12.8, 0.003),
+            ("ms_deform_attn", "encoder", "triton", 0.1, 0.76, 0.048),
             ("ms_deform_attn", "encoder", "triton_dense", 0.1, 0.2, 0.18),
             ("alif_bi_attention", "original (coarsest level)", "sdpa", 0.3, 1.4, None),
             ("alif_bi_attention", "original (coarsest level)", "triton", 0.4, 2.0, None),
@@ -164,8 +165,8 @@ def test_gpu_summary_sets_each_measure_beside_its_target(tmp_path):
             ("alif_bi_attention", "all levels", "triton", 0.7, 3.0, None)]
     fp32 = [("alif_bi_attention", "all levels", "eager", 5.8, 16.0, None),
             ("alif_bi_attention", "all levels", "sdpa", 6.5, 36.0, None)]
-    (tmp_path / "kernels_cuda_bf16.json").write_text(json.dumps(_bench_report(
-        "bf16", bf16, [dict(op="alif_bi_attention", case="original", backend="xformers", error="xformers is not installed")])))
+    no_xformers = dict(op="alif_bi_attention", case="original", backend="xformers", error="xformers is not installed")
+    (tmp_path / "kernels_cuda_bf16.json").write_text(json.dumps(_bench_report("bf16", bf16, [no_xformers])))
     (tmp_path / "kernels_cuda_fp32.json").write_text(json.dumps(_bench_report("fp32", fp32)))
     (tmp_path / "dispatch_table.json").write_text(json.dumps({"devices": {"NVIDIA Test": {
         "alif_bi_attention": {"fp32": {"273": "torch", "22223": "eager"}}}}}))
@@ -175,7 +176,8 @@ def test_gpu_summary_sets_each_measure_beside_its_target(tmp_path):
     assert by["ALIF bf16 original: SDPA ms / Triton ms"]["met"] is False
     assert by["ALIF bf16 all levels: eager ms / Triton ms"]["value"] == pytest.approx(2.0)
     assert by["ALIF fp32 all levels: eager ms / auto's choice (eager) ms"]["met"] is True
-    assert by["MSDA bf16 encoder f+b: share of the compulsory-bytes floor (best backward)"]["value"] == pytest.approx(18)
+    floor = by["MSDA bf16 encoder f+b: share of the compulsory-bytes floor (best backward)"]
+    assert floor["value"] == pytest.approx(18) and floor["met"] is True
     assert by["MSDA bf16 encoder forward: reference ms / Triton ms"]["value"] == pytest.approx(40)
     assert any("xformers is not installed" in w and by[w]["met"] is False for w in by)
     assert by["training step (gpu_step.py)"]["met"] is False          # the part that did not run is named
