@@ -68,6 +68,9 @@ def test_msda_rejects_inconsistent_shapes():
     with pytest.raises(UserError, match="attention_weights"):
         ms_deform_attn(torch.zeros(1, s, 1, 4), shapes, starts, torch.zeros(1, 3, 1, 1, 2, 2),
                        torch.zeros(1, 3, 1, 1, 3))
+    with pytest.raises(UserError, match="backward 'gather' is unknown"):
+        ms_deform_attn(torch.zeros(1, s, 1, 4), shapes, starts, torch.zeros(1, 3, 1, 1, 2, 2),
+                       torch.zeros(1, 3, 1, 1, 2), backward="gather")
 
 
 def _alif_params(dv, dl, inner, gen):
