@@ -320,3 +320,19 @@ def test_alif_triton_dropout_only_in_training():
     assert all(rel_err(a, b) <= 1e-5 for a, b in zip(evaluated, reference))
     trained = alif_bi_attention(*tensors, heads, training=True, **kw)
     assert all(rel_err(a, b) > 1e-3 for a, b in zip(trained, reference))
+
+
+@pytest.mark.parametrize("op,backend", [("ms_deform_attn", "triton"), ("ms_deform_attn", "triton_dense"),
+                                        ("alif_bi_attention", "triton")])
+def test_benchmark_rows_check_forward_and_gradients_against_fp64(op, backend):
+    """The accuracy check `rlipv2 bench kernels` runs before timing (and before writing a path into
+    the dispatch table), on tiny cases of its own builders."""
+    from rlipv2_scale.kernels.bench import microbench
+
+    if op == "ms_deform_attn":
+        case = microbench._msda_case("encoder", (40, 56), None, 1, torch.float32, DEVICE)
+    else:
+        case = microbench._alif_case("original", 6, 8, 1, torch.float32, DEVICE)
+    errors = microbench.check_case(case, backend)
+    assert errors["rel_err_vs_fp64"] <= 1e-5 and 0 < errors["grad_rel_err_vs_fp64"] <= 1e-5, errors
+    assert microbench.accurate(errors, "fp32")

@@ -182,3 +182,23 @@ def test_gpu_summary_sets_each_measure_beside_its_target(tmp_path):
     assert any("xformers is not installed" in w and by[w]["met"] is False for w in by)
     assert by["training step (gpu_step.py)"]["met"] is False          # the part that did not run is named
     assert "| NO |" in (tmp_path / "summary.md").read_text()
+
+
+def test_a_written_table_is_what_auto_then_picks(tmp_path, monkeypatch):
+    """The regeneration path end to end: a CUDA report -> write_table -> RLIPV2_DISPATCH_TABLE ->
+    table_choice, for a card the shipped table does not name."""
+    from types import SimpleNamespace
+
+    from rlipv2_scale.kernels import dispatch
+
+    path = microbench.write_table(_cuda_report(), tmp_path / "measured.json")
+    monkeypatch.setenv(dispatch.TABLE_ENV, str(path))
+    monkeypatch.setattr(dispatch, "device_keys", lambda index: ("NVIDIA Test", "sm_90"))
+    dispatch.load_table.cache_clear()
+    try:
+        t = SimpleNamespace(is_cuda=True, dtype=torch.bfloat16, device=SimpleNamespace(index=0))
+        assert dispatch.table_choice("alif_bi_attention", t, 273) == "torch"
+        assert dispatch.table_choice("alif_bi_attention", t, 22223) == "triton"
+        assert dispatch.table_choice("ms_deform_attn", t, 22223) == "atomic"
+    finally:
+        dispatch.load_table.cache_clear()
