@@ -38,20 +38,23 @@ def _labels(num_obj: int, num_rel: int) -> tuple[list[str], list[str]]:
     return objs, rels
 
 
-def _attributed_share(prof: torch.profiler.profile, step_us: float) -> dict[str, float]:
-    """Forward time of each range plus the backward time of the autograd nodes its ops created."""
-    events = list(prof.events())
+def _attributed_share(prof: torch.profiler.profile, step_us: float,
+                      time_of=lambda e: e.cpu_time_total) -> dict[str, float]:
+    """Forward time of each range plus the backward time of the autograd nodes its ops created.
+    `time_of`: an event's time (`e.device_time_total` for GPU time, as benchmarks/gpu_step.py
+    does); only host-side events count, a GPU profile's device copies of the ranges would not."""
+    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CPU]
     fwd_ops = [e for e in events if e.sequence_nr >= 0 and not e.name.startswith("autograd::engine")]
     bwd = [e for e in events if e.name.startswith("autograd::engine::evaluate_function")]
     shares = {}
     for name in RANGES:
         ranges = [e for e in events if e.name == name]
-        fwd_us = sum(e.cpu_time_total for e in ranges)
+        fwd_us = sum(time_of(e) for e in ranges)
         seqs = set()
         for r in ranges:
             seqs.update(op.sequence_nr for op in fwd_ops if op.thread == r.thread
                         and r.time_range.start <= op.time_range.start and op.time_range.end <= r.time_range.end)
-        bwd_us = sum(e.cpu_time_total for e in bwd if e.sequence_nr in seqs)
+        bwd_us = sum(time_of(e) for e in bwd if e.sequence_nr in seqs)
         shares[name] = round((fwd_us + bwd_us) / step_us, 4)
     return shares
 

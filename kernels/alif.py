@@ -7,11 +7,14 @@ back, gated (a 0-dim gate: RLIPv2's "VXAc"; a per-channel vector: the Tagger's "
 scale) and added to the normalised inputs. Padded keys are masked; a query whose keys are all
 padded reads nothing (zero update, never NaN).
 
-This file holds the PyTorch reference; the Triton path (`alif_triton.py`) runs the whole block as
-one autograd function whose attention core is fused: the two directions are two masked
-attentions over the same Q/K pair with the roles of queries and keys swapped, so the vision
-direction keeps row log-sum-exps over labels and the language direction keeps row log-sum-exps
-of `A^T`, i.e. column log-sum-exps of `A` over image tokens; neither writes the logit matrix.
+This file holds the PyTorch paths: the eager reference (`attention_core_reference`: explicit
+logits, masked softmax, products) and the default PyTorch core (`attention_core_sdpa`: the same
+through `scaled_dot_product_attention`, one call per direction, fused kernels on CUDA). The
+Triton path (`alif_triton.py`) runs the whole block as one autograd function whose attention
+core is fused: the two directions are two masked attentions over the same Q/K pair with the
+roles of queries and keys swapped, so the vision direction keeps row log-sum-exps over labels and
+the language direction keeps row log-sum-exps of `A^T`, i.e. column log-sum-exps of `A` over
+image tokens; neither writes the logit matrix.
 """
 from __future__ import annotations
 
@@ -19,7 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from rlipv2_scale.errors import UserError
-from rlipv2_scale.kernels.dispatch import resolve_backend
+from rlipv2_scale.kernels.dispatch import forced_choice, resolve_backend, table_choice
+
+ALIF_BACKENDS = ("auto", "triton", "torch", "eager")
 
 
 def _heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -49,6 +54,22 @@ def attention_core_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     return torch.matmul(probs, v)
 
 
+def attention_core_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_pad_mask: torch.Tensor | None,
+                        scale: float, dropout_p: float, training: bool) -> torch.Tensor:
+    """`attention_core_reference` through `F.scaled_dot_product_attention` (same arguments).
+
+    SDPA backends disagree on a query whose keys are all padded (NaN or zero); such a row is given
+    every key instead and its output zeroed afterwards, so no backend ever sees an empty row and
+    the zeroed rows pass no gradient back."""
+    p = dropout_p if (dropout_p > 0.0 and training and torch.is_grad_enabled()) else 0.0
+    if key_pad_mask is None:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=p, scale=scale)
+    empty = key_pad_mask.all(dim=-1)                                     # [B]
+    keep = ~(key_pad_mask & ~empty[:, None])                             # True = attend
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :], dropout_p=p, scale=scale)
+    return out.masked_fill(empty[:, None, None, None], 0.0)
+
+
 def _check(v: torch.Tensor, l: torch.Tensor, v_pos: torch.Tensor, num_heads: int, w_q: torch.Tensor,
            v_pad_mask: torch.Tensor | None, l_pad_mask: torch.Tensor | None, dropout_p: float) -> None:
     if v.dim() != 3 or l.dim() != 3 or v.shape[0] != l.shape[0]:
@@ -66,6 +87,20 @@ def _check(v: torch.Tensor, l: torch.Tensor, v_pos: torch.Tensor, num_heads: int
         raise UserError(f"alif_bi_attention: dropout_p must be in [0, 1), got {dropout_p}")
 
 
+def _choose(backend: str, v: torch.Tensor, l: torch.Tensor) -> str:
+    """"triton" | "torch" (SDPA core) | "eager" (the reference core) for this call."""
+    if backend not in ALIF_BACKENDS:
+        raise UserError(f"alif_bi_attention: backend {backend!r} is unknown; use one of {', '.join(ALIF_BACKENDS)}")
+    if backend == "auto" and forced_choice("alif_bi_attention"):
+        backend = forced_choice("alif_bi_attention")
+    if backend == "eager":
+        return "eager"
+    resolved = resolve_backend(backend, v, l)
+    if backend == "auto" and resolved == "triton":  # on CUDA: the path measured fastest (dispatch.py)
+        return table_choice("alif_bi_attention", v, v.shape[1])
+    return resolved
+
+
 def alif_bi_attention(v: torch.Tensor, l: torch.Tensor, v_pos: torch.Tensor,
                       w_q: torch.Tensor, b_q: torch.Tensor | None, w_k: torch.Tensor, b_k: torch.Tensor | None,
                       w_vv: torch.Tensor, b_vv: torch.Tensor | None, w_vl: torch.Tensor, b_vl: torch.Tensor | None,
@@ -80,12 +115,13 @@ def alif_bi_attention(v: torch.Tensor, l: torch.Tensor, v_pos: torch.Tensor,
     Weights follow `nn.Linear` (`w_q`: [inner, dv], `w_ov`: [dv, inner], ...). Masks are bool with
     True on padding (None: no masking, the original's behaviour). Dropout on both attention
     probabilities applies only when `training` and autograd is enabled. Returns (v_new, l_new).
+    `backend`: "auto" | "triton" (the fused block) | "torch" (SDPA core) | "eager" (the reference
+    core); "auto" picks per device, dtype and image-token count (see dispatch.py).
     """
     _check(v, l, v_pos, num_heads, w_q, v_pad_mask, l_pad_mask, dropout_p)
     p = dropout_p if (training and torch.is_grad_enabled()) else 0.0
-    # fp32 on an H100: the fused block ran 0.14× the reference over all levels (fp32 products take
-    # no tensor cores at full precision), so "auto" keeps Triton for 16-bit compute.
-    if resolve_backend(backend, v, l, auto_dtypes=(torch.float16, torch.bfloat16)) == "triton":
+    choice = _choose(backend, v, l)
+    if choice == "triton":
         from rlipv2_scale.kernels.alif_triton import fused_alif_block
         return fused_alif_block(v, l, v_pos, w_q, b_q, w_k, b_k, w_vv, b_vv, w_vl, b_vl, w_ov, b_ov, w_ol, b_ol,
                                 gate_v, gate_l, num_heads, v_pad_mask, l_pad_mask, p)
@@ -94,8 +130,9 @@ def alif_bi_attention(v: torch.Tensor, l: torch.Tensor, v_pos: torch.Tensor,
     k = _heads(F.linear(l, w_k, b_k), num_heads)
     vv = _heads(F.linear(v, w_vv, b_vv), num_heads)
     vl = _heads(F.linear(l, w_vl, b_vl), num_heads)
-    out_v = attention_core_reference(q, k, vl, l_pad_mask, scale, p, training)
-    out_l = attention_core_reference(k, q, vv, v_pad_mask, scale, p, training)
+    core = attention_core_reference if choice == "eager" else attention_core_sdpa
+    out_v = core(q, k, vl, l_pad_mask, scale, p, training)
+    out_l = core(k, q, vv, v_pad_mask, scale, p, training)
     v_new = v + gate_v * F.linear(_merge_heads(out_v), w_ov, b_ov)
     l_new = l + gate_l * F.linear(_merge_heads(out_l), w_ol, b_ol)
     return v_new, l_new

@@ -266,6 +266,8 @@ def _num_splits(base_programs: int, loop_blocks: int, requested: int | None,
     tile atomically, so it aims at eight: the H200 tile search showed the backward dominating,
     with its long-loop kernels (dk/dv over 22k image tokens, dq of the labels) running 1-2
     programs per SM."""
+    if loop_blocks == 0:  # nothing to loop over (no keys): one program, whose loop is empty
+        return 1, 1
     if requested is None:
         if _interpreting() or loop_blocks < min_loop:
             requested = 1
@@ -301,6 +303,9 @@ def core_forward(q, k, v, kmask, scale: float, dropout_p: float, seed: int, spli
     nk = k.shape[2]
     cfg = _config(dim, q.dtype, "fwd")
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if nq == 0 or nk == 0:  # an empty label set: nothing to read, a zero update (as the reference)
+        out = torch.zeros(bsz, nq, heads, dim, device=q.device, dtype=q.dtype).transpose(1, 2)
+        return out, torch.full((bsz * heads, nq), float("-inf"), device=q.device, dtype=acc_dtype)
     m_blocks = triton.cdiv(nq, cfg["BLOCK_M"])
     n_splits, per_split = _num_splits(m_blocks * bsz * heads, triton.cdiv(nk, cfg["BLOCK_N"]), splits)
     if n_splits == 1:
@@ -350,6 +355,11 @@ def core_backward(q, k, v, kmask, out, lse, grad_out, scale, dropout_p, seed, sp
     """Writes (or adds, per mode) the gradients of q, k, v into the [B,H,N,D] views dq, dk, dv."""
     bsz, heads, nq, dim = q.shape
     nk = k.shape[2]
+    if nq == 0 or nk == 0:  # no logits: every gradient from this direction is zero
+        for grad, mode in ((dq, mode_q), (dk, mode_k), (dv, mode_v)):
+            if mode == STORE:
+                grad.zero_()
+        return
     if grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()
     flags = _flags(kmask, dropout_p)

@@ -11,7 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from rlipv2_scale.errors import UserError
-from rlipv2_scale.kernels.dispatch import resolve_backend
+from rlipv2_scale.kernels.dispatch import forced_choice, resolve_backend, table_choice
+
+MSDA_BACKWARDS = ("atomic", "dense_coarse")  # the Triton backward variants (ms_deform_attn_triton.py)
 
 
 def _check_shapes(value: torch.Tensor, value_spatial_shapes: torch.Tensor, value_level_start_index: torch.Tensor,
@@ -66,17 +68,27 @@ def ms_deform_attn_reference(value: torch.Tensor, value_spatial_shapes: torch.Te
 
 def ms_deform_attn(value: torch.Tensor, value_spatial_shapes: torch.Tensor, value_level_start_index: torch.Tensor,
                    sampling_locations: torch.Tensor, attention_weights: torch.Tensor,
-                   backend: str = "auto") -> torch.Tensor:
+                   backend: str = "auto", backward: str | None = None) -> torch.Tensor:
     """Multi-scale deformable attention.
 
     value [N, S, M, D]; value_spatial_shapes [L, 2] long (H, W); value_level_start_index [L] long;
     sampling_locations [N, Lq, M, L, P, 2] in [0, 1] (x, y); attention_weights [N, Lq, M, L, P].
     Returns [N, Lq, M*D] in value's dtype. `backend`: "auto" | "triton" | "torch" (see dispatch.py).
+    `backward`: the Triton backward variant, "atomic" | "dense_coarse" (None: the dispatch
+    table's choice on CUDA, "atomic" elsewhere).
     """
     _check_shapes(value, value_spatial_shapes, value_level_start_index, sampling_locations, attention_weights)
-    if resolve_backend(backend, value, sampling_locations, attention_weights) == "torch":
+    if backward is not None and backward not in MSDA_BACKWARDS:
+        raise UserError(f"ms_deform_attn: backward {backward!r} is unknown; use one of {', '.join(MSDA_BACKWARDS)}")
+    if backend == "auto" and forced_choice("ms_deform_attn") == "torch":  # an `override` to the reference
+        backend = "torch"
+    resolved = resolve_backend(backend, value, sampling_locations, attention_weights)
+    if resolved == "triton" and backward is None:
+        choice = table_choice("ms_deform_attn", value, sampling_locations.shape[1]) if value.is_cuda else "atomic"
+        backward = choice if choice in MSDA_BACKWARDS else "atomic"
+    if resolved == "torch":
         return ms_deform_attn_reference(value, value_spatial_shapes, value_level_start_index,
                                         sampling_locations, attention_weights)
     from rlipv2_scale.kernels.ms_deform_attn_triton import MSDeformAttnFunction
     return MSDeformAttnFunction.apply(value, value_spatial_shapes, value_level_start_index,
-                                      sampling_locations, attention_weights)
+                                      sampling_locations, attention_weights, backward)

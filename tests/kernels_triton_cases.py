@@ -18,6 +18,7 @@ triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
 from rlipv2_scale.kernels import alif_bi_attention, attention_core_reference, ms_deform_attn  # noqa: E402
+from rlipv2_scale.kernels import ms_deform_attn_triton  # noqa: E402
 from rlipv2_scale.kernels.alif_triton import _keep, fused_alif_block, fused_attention  # noqa: E402
 
 DEVICE = "cpu" if INTERPRETER else "cuda"
@@ -50,34 +51,52 @@ def _msda_inputs(n, lq, m, d, levels, points, dtype, gen):
     return shapes, starts, value, loc, attn
 
 
-def _run_msda(backend, shapes, starts, value, loc, attn, grad_out):
+def _run_msda(backend, shapes, starts, value, loc, attn, grad_out, backward=None):
     shapes, starts, grad_out = on_device(shapes, starts, grad_out)
     leaves = [t.to(DEVICE).requires_grad_() for t in (value, loc, attn)]
-    out = ms_deform_attn(leaves[0], shapes, starts, leaves[1], leaves[2], backend=backend)
+    out = ms_deform_attn(leaves[0], shapes, starts, leaves[1], leaves[2], backend=backend, backward=backward)
     out.backward(grad_out)
     return [t.cpu() for t in [out] + [t.grad for t in leaves]]
 
 
+# The backward variants: "atomic"; "dense_coarse" with every test level dense (they are all
+# small); and "mixed": dense only up to 12 pixels, so levels of both kinds meet in one call.
+VARIANTS = ["atomic", "dense_coarse", "mixed"]
+
+
+@pytest.fixture
+def variant(request, monkeypatch):
+    if request.param == "mixed":
+        monkeypatch.setattr(ms_deform_attn_triton, "DENSE_MAX_PIXELS", 12)
+        return "dense_coarse"
+    return request.param
+
+
+@pytest.mark.parametrize("variant", VARIANTS, indirect=True)
 @pytest.mark.parametrize("n,lq,m,d,levels,points,dtype", [
     (2, 9, 2, 4, [[5, 7], [3, 4], [1, 2]], 3, torch.float32),
     (1, 70, 3, 6, [[4, 4], [2, 3]], 2, torch.float32),      # heads and D not powers of 2, several programs
     (3, 5, 1, 8, [[6, 2], [1, 1], [3, 5], [2, 2]], 1, torch.float32),
+    (1, 37, 2, 4, [[9, 8], [2, 5]], 2, torch.float32),      # a level larger than one pixel chunk
     (2, 6, 2, 4, [[5, 7], [3, 4]], 2, torch.float64),
 ])
-def test_msda_forward_and_gradients_match_reference(n, lq, m, d, levels, points, dtype):
+def test_msda_forward_and_gradients_match_reference(n, lq, m, d, levels, points, dtype, variant):
     gen = torch.Generator().manual_seed(lq)
     shapes, starts, value, loc, attn = _msda_inputs(n, lq, m, d, levels, points, dtype, gen)
     # a non-contiguous output gradient, as a transposing caller would hand back
     grad_out = torch.randn(lq, n, m * d, generator=gen, dtype=dtype).transpose(0, 1)
-    want = _run_msda("torch", shapes, starts, value, loc, attn, grad_out)
-    got = _run_msda("triton", shapes, starts, value, loc, attn, grad_out)
+    # the reference in fp64 (the tolerance is the kernel's own rounding)
+    want = _run_msda("torch", shapes, starts, *(t.double() for t in (value, loc, attn)), grad_out.double())
+    want = [w.to(dtype) for w in want]
+    got = _run_msda("triton", shapes, starts, value, loc, attn, grad_out, backward=variant)
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     for name, g, w in zip(("output", "value", "locations", "weights"), got, want):
         assert g.dtype == w.dtype and g.shape == w.shape
         assert rel_err(g, w) <= tol, name
 
 
-def test_msda_value_gradient_sums_colliding_samples():
+@pytest.mark.parametrize("variant", VARIANTS, indirect=True)
+def test_msda_value_gradient_sums_colliding_samples(variant):
     """Every query samples the same point: grad_value needs every atomic add of the tile."""
     shapes, starts, s = _levels([[3, 3]])
     value = torch.randn(1, s, 2, 4)
@@ -85,41 +104,44 @@ def test_msda_value_gradient_sums_colliding_samples():
     attn = torch.rand(1, 40, 2, 1, 2)
     grad_out = torch.randn(1, 40, 8)
     want = _run_msda("torch", shapes, starts, value, loc, attn, grad_out)
-    got = _run_msda("triton", shapes, starts, value, loc, attn, grad_out)
+    got = _run_msda("triton", shapes, starts, value, loc, attn, grad_out, backward=variant)
     assert rel_err(got[1], want[1]) <= 1e-5
 
 
+@pytest.mark.parametrize("variant", VARIANTS[:2], indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_msda_half_precision_inputs_keep_their_dtype(dtype):
+def test_msda_half_precision_inputs_keep_their_dtype(dtype, variant):
     gen = torch.Generator().manual_seed(5)
     shapes, starts, value, loc, attn = _msda_inputs(2, 7, 2, 8, [[5, 7], [3, 4]], 2, torch.float32, gen)
     value, loc, attn = (t.to(dtype) for t in (value, loc, attn))
     grad_out = torch.randn(2, 7, 16, generator=gen).to(dtype)
     want = _run_msda("torch", shapes, starts, *(t.float() for t in (value, loc, attn)), grad_out.float())
-    got = _run_msda("triton", shapes, starts, value, loc, attn, grad_out)
+    got = _run_msda("triton", shapes, starts, value, loc, attn, grad_out, backward=variant)
     for g, w in zip(got, want):
         assert g.dtype == dtype
         assert rel_err(g, w) <= 2e-2
 
 
-def test_msda_mixed_dtypes_as_under_autocast():
+@pytest.mark.parametrize("variant", VARIANTS[:2], indirect=True)
+def test_msda_mixed_dtypes_as_under_autocast(variant):
     """bf16 values with fp32 locations and weights: output in bf16, each gradient in its input's dtype."""
     gen = torch.Generator().manual_seed(6)
     shapes, starts, value, loc, attn = _msda_inputs(1, 6, 2, 8, [[5, 7], [3, 4]], 2, torch.float32, gen)
     value = value.to(torch.bfloat16)
     grad_out = torch.randn(1, 6, 16, generator=gen).to(torch.bfloat16)
     want = _run_msda("torch", shapes, starts, value, loc, attn, grad_out)
-    got = _run_msda("triton", shapes, starts, value, loc, attn, grad_out)
+    got = _run_msda("triton", shapes, starts, value, loc, attn, grad_out, backward=variant)
     for g, w, dtype in zip(got, want, (torch.bfloat16, torch.bfloat16, torch.float32, torch.float32)):
         assert g.dtype == w.dtype == dtype
         assert rel_err(g, w) <= 1e-2
 
 
-def test_msda_without_queries_returns_empty():
+@pytest.mark.parametrize("variant", VARIANTS[:2], indirect=True)
+def test_msda_without_queries_returns_empty(variant):
     shapes, starts, s = _levels([[2, 2]])
     value = torch.randn(1, s, 1, 4, device=DEVICE, requires_grad=True)
     out = ms_deform_attn(value, shapes.to(DEVICE), starts.to(DEVICE), torch.zeros(1, 0, 1, 1, 2, 2, device=DEVICE),
-                         torch.zeros(1, 0, 1, 1, 2, device=DEVICE), backend="triton")
+                         torch.zeros(1, 0, 1, 1, 2, device=DEVICE), backend="triton", backward=variant)
     assert out.shape == (1, 0, 4)
     out.sum().backward()
     assert torch.equal(value.grad, torch.zeros_like(value))
@@ -161,6 +183,18 @@ def test_attention_core_matches_reference(b, h, nq, nk, d, splits, masked, dtype
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     for name, g, w in zip(("output", "q", "k", "v"), got, want):
         assert rel_err(g, w) <= tol, name
+
+
+@pytest.mark.parametrize("nq,nk", [(0, 5), (6, 0)])   # no queries; no keys (an empty label set)
+def test_attention_core_without_queries_or_keys(nq, nk):
+    gen = torch.Generator().manual_seed(3)
+    q, k, v, mask = _attn_inputs(2, 2, nq, nk, 8, torch.float32, gen, masked=False)
+    grad_out = torch.randn(2, 2, nq, 8, generator=gen)
+    want = _run_attn(lambda *t: attention_core_reference(*t, None, 0.3, 0.0, False), q, k, v, grad_out)
+    got = _run_attn(lambda *t: fused_attention(*t, None, 0.3), q, k, v, grad_out)
+    for name, g, w in zip(("output", "q", "k", "v"), got, want):
+        assert g.shape == w.shape and torch.equal(g, torch.zeros_like(g)) == torch.equal(w, torch.zeros_like(w)), name
+        assert torch.allclose(g, w), name
 
 
 @triton.jit
@@ -238,6 +272,24 @@ def test_alif_bi_attention_triton_matches_torch_with_every_gradient(vector_gates
         assert rel_err(g, w) <= 1e-5, name
 
 
+def test_alif_triton_with_an_empty_label_set_matches_torch():
+    """No labels: the image reads nothing (its update is the output bias), the label side is empty."""
+    gen = torch.Generator().manual_seed(14)
+    tensors, heads, v_pad, _ = _alif_case(gen, False)
+    tensors[1] = tensors[1][:, :0]
+    l_pad = torch.zeros(2, 0, dtype=torch.bool)
+    v_pad, l_pad = on_device(v_pad, l_pad)
+    results = []
+    for backend in ("eager", "triton"):
+        leaves = [t.to(DEVICE).requires_grad_() for t in tensors]
+        v_new, l_new = alif_bi_attention(*leaves, heads, v_pad_mask=v_pad, l_pad_mask=l_pad, backend=backend)
+        assert l_new.shape == (2, 0, 24)
+        (v_new.square().sum() + l_new.sum()).backward()
+        results.append([t.cpu() for t in [v_new] + [t.grad for t in leaves]])
+    for i, (g, w) in enumerate(zip(results[1], results[0])):
+        assert g.shape == w.shape and (g.numel() == 0 or rel_err(g, w) <= 1e-5), i
+
+
 @pytest.mark.parametrize("splits", [2, 3])
 def test_fused_alif_block_with_split_k_accumulates_both_directions(splits):
     """Forced key splits: q and k gradients are then summed by atomics from both directions."""
@@ -268,3 +320,19 @@ def test_alif_triton_dropout_only_in_training():
     assert all(rel_err(a, b) <= 1e-5 for a, b in zip(evaluated, reference))
     trained = alif_bi_attention(*tensors, heads, training=True, **kw)
     assert all(rel_err(a, b) > 1e-3 for a, b in zip(trained, reference))
+
+
+@pytest.mark.parametrize("op,backend", [("ms_deform_attn", "triton"), ("ms_deform_attn", "triton_dense"),
+                                        ("alif_bi_attention", "triton")])
+def test_benchmark_rows_check_forward_and_gradients_against_fp64(op, backend):
+    """The accuracy check `rlipv2 bench kernels` runs before timing (and before writing a path into
+    the dispatch table), on tiny cases of its own builders."""
+    from rlipv2_scale.kernels.bench import microbench
+
+    if op == "ms_deform_attn":
+        case = microbench._msda_case("encoder", (40, 56), None, 1, torch.float32, DEVICE)
+    else:
+        case = microbench._alif_case("original", 6, 8, 1, torch.float32, DEVICE)
+    errors = microbench.check_case(case, backend)
+    assert errors["rel_err_vs_fp64"] <= 1e-5 and 0 < errors["grad_rel_err_vs_fp64"] <= 1e-5, errors
+    assert microbench.accurate(errors, "fp32")

@@ -79,6 +79,16 @@ def test_msda_kernels_fit_an_h100(dtype, backward, rows):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("dtype,prec", [(torch.bfloat16, "tf32"), (torch.float32, "tf32x3")])
+def test_msda_dense_backward_kernel_fits_an_h100(dtype, prec):
+    block_q, block_pix, warps = ms_deform_attn_triton.DENSE_TILE
+    shared, spills = _compile(ms_deform_attn_triton._msda_bwd_dense_kernel, dtype,
+                              dict(M=8, D=32, BLOCK_Q=block_q, BLOCK_PIX=block_pix, BLOCK_D=32, ACC=tl.float32,
+                                   USE_DOT=True, PREC=prec), warps)
+    assert shared <= SHARED_LIMIT and spills == 0
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("kernel,name", [("fwd", "_attn_fwd_kernel"), ("dq", "_attn_bwd_dq_kernel"),
                                          ("dkdv", "_attn_bwd_dkdv_kernel")])

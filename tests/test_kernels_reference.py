@@ -68,6 +68,9 @@ def test_msda_rejects_inconsistent_shapes():
     with pytest.raises(UserError, match="attention_weights"):
         ms_deform_attn(torch.zeros(1, s, 1, 4), shapes, starts, torch.zeros(1, 3, 1, 1, 2, 2),
                        torch.zeros(1, 3, 1, 1, 3))
+    with pytest.raises(UserError, match="backward 'gather' is unknown"):
+        ms_deform_attn(torch.zeros(1, s, 1, 4), shapes, starts, torch.zeros(1, 3, 1, 1, 2, 2),
+                       torch.zeros(1, 3, 1, 1, 2), backward="gather")
 
 
 def _alif_params(dv, dl, inner, gen):
@@ -100,8 +103,9 @@ def _naive_alif(v, l, pos, params, gate_v, gate_l, heads, v_pad, l_pad):
     return v_out, l_out
 
 
+@pytest.mark.parametrize("backend", ["torch", "eager"])   # the SDPA core and the eager reference
 @pytest.mark.parametrize("vector_gates", [False, True])
-def test_alif_reference_matches_per_head_loops(vector_gates):
+def test_alif_reference_matches_per_head_loops(vector_gates, backend):
     gen = torch.Generator().manual_seed(1)
     b, nv, lt, dv, dl, inner, heads = 2, 6, 4, 8, 12, 16, 4
     params = _alif_params(dv, dl, inner, gen)
@@ -111,7 +115,7 @@ def test_alif_reference_matches_per_head_loops(vector_gates):
     gate_v = torch.rand(dv, generator=gen, dtype=torch.float64) if vector_gates else torch.tensor(0.25)
     gate_l = torch.rand(dl, generator=gen, dtype=torch.float64) if vector_gates else torch.tensor(0.5)
     got = alif_bi_attention(v, l, pos, *params, gate_v, gate_l, heads, v_pad_mask=v_pad, l_pad_mask=l_pad,
-                            backend="torch")
+                            backend=backend)
     want = _naive_alif(v, l, pos, params, gate_v, gate_l, heads, v_pad, l_pad)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
@@ -150,6 +154,58 @@ def test_alif_all_labels_padded_gives_zero_update_and_finite_gradients():
     assert all(torch.isfinite(t.grad).all() for t in [v, l, *params])
 
 
+def _alif_grads(backend, tensors, heads, v_pad, l_pad, dropout_p=0.0):
+    leaves = [t.detach().clone().requires_grad_() for t in tensors]
+    v_new, l_new = alif_bi_attention(*leaves, heads, v_pad_mask=v_pad, l_pad_mask=l_pad, dropout_p=dropout_p,
+                                     training=dropout_p > 0, backend=backend)
+    gen = torch.Generator().manual_seed(99)
+    ((v_new * torch.randn(v_new.shape, generator=gen)).sum()
+     + (l_new * torch.randn(l_new.shape, generator=gen)).sum()).backward()
+    return [v_new, l_new] + [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("labels", [5, 0])   # 0: an empty label set
+@pytest.mark.parametrize("vector_gates", [False, True])
+def test_alif_sdpa_path_equals_the_eager_reference_in_fp32(vector_gates, labels):
+    gen = torch.Generator().manual_seed(4)
+    b, nv, dv, dl, inner, heads = 3, 7, 8, 12, 16, 2
+    tensors = [v.float() for v in _alif_params(dv, dl, inner, gen)]
+    v, l, pos = (torch.randn(b, n, c, generator=gen) for n, c in ((nv, dv), (labels, dl), (nv, dv)))
+    gate_v = torch.rand(dv, generator=gen) if vector_gates else torch.tensor(0.25)
+    gate_l = torch.rand(dl, generator=gen) if vector_gates else torch.tensor(0.5)
+    tensors = [v, l, pos, *tensors, gate_v, gate_l]
+    v_pad = torch.zeros(b, nv, dtype=torch.bool)
+    v_pad[1] = True            # an image whose tokens are all padded: its labels read nothing
+    v_pad[2, 4:] = True
+    l_pad = torch.zeros(b, labels, dtype=torch.bool)
+    if labels:
+        l_pad[0] = True        # an image whose labels are all padded
+        l_pad[2, 3:] = True
+    got = _alif_grads("torch", tensors, heads, v_pad, l_pad)
+    want = _alif_grads("eager", tensors, heads, v_pad, l_pad)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert torch.isfinite(g).all(), i
+        torch.testing.assert_close(g, w, rtol=2e-5, atol=2e-6, msg=f"output/gradient {i}")
+    # all keys padded: the update is the output projection's bias alone (attention read nothing)
+    b_ov, b_ol = tensors[12], tensors[14]
+    torch.testing.assert_close(got[1][1], l[1] + gate_l * b_ol, rtol=1e-6, atol=1e-6)
+    if labels:
+        torch.testing.assert_close(got[0][0], v[0] + gate_v * b_ov, rtol=1e-6, atol=1e-6)
+
+
+def test_alif_sdpa_path_applies_dropout_only_in_training():
+    gen = torch.Generator().manual_seed(5)
+    tensors = [t.float() for t in _alif_params(8, 12, 16, gen)]
+    v, l, pos = (torch.randn(2, n, c, generator=gen) for n, c in ((6, 8), (4, 12), (6, 8)))
+    tensors = [v, l, pos, *tensors, torch.tensor(0.5), torch.tensor(0.5)]
+    plain = _alif_grads("eager", tensors, 2, None, None)
+    dropped = _alif_grads("torch", tensors, 2, None, None, dropout_p=0.5)
+    assert (dropped[0] - plain[0]).abs().max() > 1e-3
+    with torch.no_grad():   # no autograd: no dropout, as the reference
+        out = alif_bi_attention(*tensors, 2, dropout_p=0.5, training=True, backend="torch")
+    torch.testing.assert_close(out[0], plain[0], rtol=2e-5, atol=2e-6)
+
+
 def test_dispatch_picks_torch_on_cpu_and_rejects_bad_requests(monkeypatch):
     x = torch.zeros(1)
     assert resolve_backend("auto", x) == "torch"
@@ -164,19 +220,61 @@ def test_dispatch_picks_torch_on_cpu_and_rejects_bad_requests(monkeypatch):
         resolve_backend("triton", x)
 
 
-def test_auto_dispatch_keeps_triton_to_the_dtypes_a_kernel_names(monkeypatch):
+def test_auto_dispatch_reads_the_table_by_device_dtype_and_nearest_token_count(monkeypatch, tmp_path):
+    import json
     from types import SimpleNamespace
 
-    monkeypatch.setattr("rlipv2_scale.kernels.dispatch.triton_importable", lambda: True)
-    half = (torch.float16, torch.bfloat16)
+    from rlipv2_scale.kernels import dispatch
 
-    def cuda(dtype):       # a CUDA tensor as the dispatch sees one, on a machine without a GPU
-        return SimpleNamespace(is_cuda=True, dtype=dtype)
+    table = {"devices": {
+        "sm_90": {"alif_bi_attention": {"bf16": {"273": "torch", "22223": "triton"}, "fp32": {"273": "eager"}}},
+        "NVIDIA Special": {"alif_bi_attention": {"bf16": {"1000": "eager"}}}}}
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps(table))
+    monkeypatch.setattr(dispatch, "TABLE_PATH", path)
+    dispatch.load_table.cache_clear()
+    names = {0: ("NVIDIA H100 80GB HBM3", "sm_90"), 1: ("NVIDIA Special", "sm_90"), 2: ("Other", "sm_80")}
+    monkeypatch.setattr(dispatch, "device_keys", names.get)
 
-    assert resolve_backend("auto", cuda(torch.bfloat16), auto_dtypes=half) == "triton"
-    assert resolve_backend("auto", cuda(torch.float32), auto_dtypes=half) == "torch"
-    assert resolve_backend("auto", cuda(torch.float32)) == "triton"            # kernels that name none
-    assert resolve_backend("triton", cuda(torch.float32), auto_dtypes=half) == "triton"   # asked for: given
-    monkeypatch.setattr("torch.is_autocast_enabled", lambda device: device == "cuda")
-    monkeypatch.setattr("torch.get_autocast_dtype", lambda device: torch.bfloat16)
-    assert resolve_backend("auto", cuda(torch.float32), auto_dtypes=half) == "triton"   # fp32 inputs, bf16 products
+    def cuda(dtype, index=0):       # a CUDA tensor as the dispatch sees one, on a machine without a GPU
+        return SimpleNamespace(is_cuda=True, dtype=dtype, device=SimpleNamespace(index=index))
+    try:
+        choose = dispatch.table_choice
+        assert choose("alif_bi_attention", cuda(torch.bfloat16), 300) == "torch"
+        assert choose("alif_bi_attention", cuda(torch.bfloat16), 5000) == "triton"   # nearer 22,223 (log scale)
+        assert choose("alif_bi_attention", cuda(torch.bfloat16), 2000) == "torch"
+        assert choose("alif_bi_attention", cuda(torch.float32), 22223) == "eager"
+        assert choose("alif_bi_attention", cuda(torch.bfloat16, 1), 20) == "eager"   # the name before the class
+        # a device the table does not name, and a dtype it has no entry for: the documented defaults
+        assert choose("alif_bi_attention", cuda(torch.bfloat16, 2), 273) == "torch"
+        assert choose("alif_bi_attention", cuda(torch.bfloat16, 2), 22223) == "triton"
+        assert choose("alif_bi_attention", cuda(torch.float16), 22223) == "triton"
+        assert choose("ms_deform_attn", cuda(torch.float32), 22223) == "atomic"
+        monkeypatch.setattr("torch.is_autocast_enabled", lambda device: device == "cuda")
+        monkeypatch.setattr("torch.get_autocast_dtype", lambda device: torch.bfloat16)
+        assert choose("alif_bi_attention", cuda(torch.float32), 22223) == "triton"   # fp32 inputs, bf16 products
+        with dispatch.override(alif_bi_attention="eager"):
+            assert choose("alif_bi_attention", cuda(torch.float32), 22223) == "eager"
+        assert choose("alif_bi_attention", cuda(torch.float32), 22223) == "triton"
+    finally:
+        dispatch.load_table.cache_clear()
+
+
+def test_the_shipped_dispatch_table_names_only_known_choices():
+    from rlipv2_scale.kernels import dispatch
+
+    choices = {"alif_bi_attention": {"triton", "torch", "eager"}, "ms_deform_attn": {"atomic", "dense_coarse"}}
+    table = dispatch.load_table()
+    for device, ops in table["devices"].items():
+        for op, by_dtype in ops.items():
+            for dtype, entry in by_dtype.items():
+                assert dtype in dispatch.DTYPE_NAMES.values(), (device, op, dtype)
+                assert entry and all(int(k) > 0 and v in choices[op] for k, v in entry.items()), (device, op)
+
+
+def test_alif_rejects_an_unknown_backend():
+    gen = torch.Generator().manual_seed(6)
+    tensors = [t.float() for t in _alif_params(8, 12, 16, gen)]
+    v, l = torch.randn(1, 3, 8), torch.randn(1, 2, 12)
+    with pytest.raises(UserError, match="unknown"):
+        alif_bi_attention(v, l, v, *tensors, torch.tensor(0.1), torch.tensor(0.1), 2, backend="sdpa")

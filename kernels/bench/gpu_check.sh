@@ -5,39 +5,18 @@
 #   2. only if the gate passes: `rlipv2 bench kernels` at 800x1333 in bf16, then in fp32.
 # Usage, from anywhere: bash kernels/bench/gpu_check.sh   (results: $OUT, default benchmarks/results)
 # PYTHON picks the interpreter (default: the tree's .venv if present, else python3).
+# benchmarks/gpu/run_all.sh does all of this and more (dispatch table, tiles, training step).
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 OUT="${OUT:-$ROOT/benchmarks/results}"
-mkdir -p "$OUT"
-if [ -n "${PYTHON:-}" ]; then PY="$PYTHON"
-elif [ -x "$ROOT/.venv/bin/python" ]; then PY="$ROOT/.venv/bin/python"
-else PY=python3
-fi
-cd "$ROOT"
-
-# Import the package from this tree even where it is not pip-installed: setup.py maps the
-# top-level kernels/ folder to rlipv2_scale.kernels, so the root joins the package's search path.
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-BOOT="import sys, rlipv2_scale; rlipv2_scale.__path__.append('$ROOT')"
-
-if ! "$PY" -c "import torch, triton, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-  echo "gpu_check: needs torch and triton with a visible CUDA device (PYTHON=$PY)" >&2
-  exit 1
-fi
-
-{
-  date -u
-  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true
-  "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
-  git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo "commit unknown"
-} > "$OUT/gpu_check_env.txt" 2>&1
-cat "$OUT/gpu_check_env.txt"
+source "$ROOT/kernels/bench/gpu_env.sh"
+gpu_env_check
+gpu_env_describe "$OUT/gpu_check_env.txt"
 
 echo "== correctness gate"
-timeout 200 "$PY" -c "$BOOT; import pytest; sys.exit(pytest.main(['tests/kernels_triton_cases.py', '-q', '-x',
-    '-p', 'no:cacheprovider', '-o', 'addopts=', '--junitxml=$OUT/kernels_gate.xml']))" 2>&1 | tee "$OUT/kernels_gate.txt"
-gate=${PIPESTATUS[0]}
+gpu_env_gate 200
+gate=$?
 if [ "$gate" -ne 0 ]; then
   echo "correctness gate failed (status $gate): no benchmark run; see $OUT/kernels_gate.txt"
   exit 1

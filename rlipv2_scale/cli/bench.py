@@ -11,7 +11,7 @@ def _kernels(args: argparse.Namespace) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("bf16" if device == "cuda" else "fp32")
-    microbench.write_report(device, dtype, args.out, reduced=args.reduced, reps=args.reps)
+    microbench.write_report(device, dtype, args.out, reduced=args.reduced, reps=args.reps, table_path=args.write_table)
     return 0
 
 
@@ -26,3 +26,6 @@ def register(tree) -> None:
     size.add_argument("--full", dest="reduced", action="store_false", help="image 800x1333 (the default on cuda)")
     p.add_argument("--reps", type=int, default=5, help="timed repetitions per measurement on cpu")
     p.add_argument("--out", default="benchmarks/results", help="folder for the JSON report and PNG chart")
+    p.add_argument("--write-table", nargs="?", const="kernels/dispatch_table.json", default=None, metavar="PATH",
+                   help="CUDA, full size: merge the fastest accurate path per case into this dispatch table "
+                        "(default kernels/dispatch_table.json), which backend='auto' reads")
