@@ -278,3 +278,11 @@ def test_alif_rejects_an_unknown_backend():
     v, l = torch.randn(1, 3, 8), torch.randn(1, 2, 12)
     with pytest.raises(UserError, match="unknown"):
         alif_bi_attention(v, l, v, *tensors, torch.tensor(0.1), torch.tensor(0.1), 2, backend="sdpa")
+
+
+def test_auto_keeps_the_reference_alif_core_off_cuda(monkeypatch):
+    """CPU runs (the demo, the tests) keep the eager core and its dropout draws under "auto"."""
+    from rlipv2_scale.kernels import alif
+
+    assert alif._choose("auto", torch.zeros(1, 2, 4), torch.zeros(1, 3, 4)) == "eager"
+    assert alif._choose("torch", torch.zeros(1, 2, 4), torch.zeros(1, 3, 4)) == "torch"
