@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import pytest
@@ -241,8 +242,8 @@ def test_step_time_adds_optimizer_deepspeed_and_communication():
     assert step_time(cost, m, 3, 2, 2, forward_backward_s=1.0)["communication"] == pytest.approx(z3_comm)
 
 
-def test_fit_costs_separates_per_parameter_per_tensor_and_per_step_costs():
-    from rlipv2_scale.scale.calibrate import MachineConstants, fit_costs
+def test_fit_costs_separates_per_parameter_per_tensor_and_per_step_costs(tmp_path):
+    from rlipv2_scale.scale.calibrate import MachineConstants, fit_costs, load_constants
 
     # 1e-9 s per parameter, 1e-5 s per tensor, 2e-3 s per step
     def t(params, tensors):
@@ -254,9 +255,13 @@ def test_fit_costs_separates_per_parameter_per_tensor_and_per_step_costs():
     x = fit_costs([(1e6, 10, 1e-3), (1e3, 100, 0.5e-3), (1e3, 20, 0.6e-3)])
     assert min(x) >= 0
     m = MachineConstants(device="cpu", threads=1, deepspeed_s={"1": [1.0, 2.0, 3.0]})
-    assert MachineConstants.from_dict(m.to_dict()) == m
-    with pytest.raises(UserError, match="unknown key"):
-        MachineConstants.from_dict({**m.to_dict(), "flops": 1})
+    assert load_constants(m.save(tmp_path / "m.json")) == m
+    (tmp_path / "bad.json").write_text(json.dumps({**m.to_dict(), "flops": 1}))
+    with pytest.raises(UserError, match="unknown config key .*flops"):
+        load_constants(tmp_path / "bad.json")
+    (tmp_path / "bad.json").write_text(json.dumps({**m.to_dict(), "threads": "two"}))
+    with pytest.raises(UserError, match="threads.*expected an integer"):
+        load_constants(tmp_path / "bad.json")
 
 
 def test_plan_with_measured_constants_adds_the_optimizer_deepspeed_and_latency():

@@ -3,9 +3,11 @@ from pathlib import Path
 
 import pytest
 
+from rlipv2_scale.config import save_config
 from rlipv2_scale.errors import UserError
 from rlipv2_scale.scale.report import collect, planned_rate, scaling_table, summarise_run
 from rlipv2_scale.scale.sweep import Sweep, SweepRun
+from rlipv2_scale.train.config import run_config_from_dict
 
 
 def write_run(run_dir: Path, *, world: int, batch: int = 2, rates=(1.0, 4.0, 5.0, 6.0), maps=((2, 1.5), (4, 3.0)),
@@ -21,7 +23,9 @@ def write_run(run_dir: Path, *, world: int, batch: int = 2, rates=(1.0, 4.0, 5.0
             if step == i:
                 lines.append({"step": i, "val/mAP": m, "val/images": 4.0})
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
-    (run_dir / "config.yaml").write_text(f"data:\n  batch_size: {batch}\ntrain:\n  grad_accum: 1\n  zero_stage: {stage}\n")
+    save_config(run_config_from_dict({"model": {"name": "tiny"}, "train": {"zero_stage": stage},
+                                      "data": {"sources": [{"name": "x", "local": "x"}], "batch_size": batch}}),
+                run_dir / "config.yaml")
     return run_dir
 
 

@@ -32,12 +32,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from rlipv2_scale.config import from_dict
 from rlipv2_scale.errors import UserError
 from rlipv2_scale.scale.measure import device_sync
 
@@ -72,15 +73,6 @@ class MachineConstants:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    @classmethod
-    def from_dict(cls, data: dict) -> "MachineConstants":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise UserError(f"machine constants: unknown key(s) {', '.join(unknown)}; write them with "
-                            f"`rlipv2 scale calibrate`")
-        return cls(**data)
-
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -93,9 +85,11 @@ def load_constants(path: str | os.PathLike) -> MachineConstants:
     if not path.is_file():
         raise UserError(f"machine constants '{path}' do not exist: measure them with `rlipv2 scale calibrate`")
     try:
-        return MachineConstants.from_dict(json.loads(path.read_text()))
-    except (json.JSONDecodeError, TypeError) as exc:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
         raise UserError(f"'{path}' is not a machine-constants file of `rlipv2 scale calibrate`: {exc}") from exc
+    # The project's one strict loader: unknown keys and wrong types are errors naming the key.
+    return from_dict(MachineConstants, data, prefix=f"machine constants '{path}'")
 
 
 def best_time(fn: Callable[[], object], repeat: int = 5, warmup: int = 2, sync: Callable[[], None] = lambda: None) -> float:

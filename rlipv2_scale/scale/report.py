@@ -23,9 +23,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from rlipv2_scale.errors import UserError
+from rlipv2_scale.train.config import load_run_config
 from rlipv2_scale.scale.sweep import INDEX, PSEUDO_KEYS, SweepRun, load_sweep
 
 METRICS = "metrics.jsonl"
@@ -86,11 +86,10 @@ def summarise_run(run_dir: str | os.PathLike, name: str | None = None, values: d
     train = [r for r in records if "loss" in r and "samples" in r]
     if not train:
         raise UserError(f"{path} holds no training record (step, samples, loss)")
-    cfg: dict[str, Any] = {}
-    if (run_dir / "config.yaml").is_file():
-        cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-    batch = cfg.get("data", {}).get("batch_size")
-    accum = cfg.get("train", {}).get("grad_accum", 1)
+    # The run's resolved config, through the one strict loader.
+    cfg = load_run_config(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else None
+    batch = cfg.data.batch_size if cfg is not None else None
+    accum = cfg.train.grad_accum if cfg is not None else 1
     last = train[-1]
     if world_size is None:
         if not batch:
@@ -106,7 +105,7 @@ def summarise_run(run_dir: str | os.PathLike, name: str | None = None, values: d
                  if r.get("val/mAP") is not None]
     return RunSummary(
         name=name or run_dir.name, run_dir=str(run_dir), values=dict(values or {}), world_size=world_size,
-        zero_stage=cfg.get("train", {}).get("zero_stage"), batch_size=batch, steps=int(last["step"]),
+        zero_stage=cfg.train.zero_stage if cfg is not None else None, batch_size=batch, steps=int(last["step"]),
         images_seen=int(last["samples"]), final_loss=float(last["loss"]),
         images_per_s=statistics.median(steady) if steady else None, peak_memory_bytes=max(memory) if memory else None,
         loss_curve=[(int(r["samples"]), float(r["loss"])) for r in train], map_curve=map_curve)
