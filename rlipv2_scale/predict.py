@@ -20,8 +20,9 @@ from rlipv2_scale.eval.label_space import LabelSpace
 from rlipv2_scale.models.postprocess import PostProcess
 
 
-def load_model(path: str | Path) -> torch.nn.Module:
-    """A model in eval mode from a model directory, a training checkpoint or a run directory."""
+def load_model(path: str | Path, trust_pickle: bool = False) -> torch.nn.Module:
+    """A model in eval mode from a model directory, a training checkpoint or a run directory
+    (`trust_pickle`: see `train.checkpoint.gathered_state_dict`)."""
     from rlipv2_scale.models.original import CONFIG_FILE, load_model_dir
 
     path = Path(path)
@@ -37,7 +38,7 @@ def load_model(path: str | Path) -> torch.nn.Module:
     assert ckpt is not None
     cfg = load_run_config(ckpt / "config.yaml")
     model = build_model(cfg.model, pretrained=False)
-    ckpt_io.load_strict(model, ckpt_io.gathered_state_dict(ckpt), str(ckpt))
+    ckpt_io.load_strict(model, ckpt_io.gathered_state_dict(ckpt, trust_pickle), str(ckpt))
     return model.eval()
 
 

@@ -29,7 +29,7 @@ def torch_load(path: str | Path, allow: Iterable[Any] = (), trust_pickle: bool =
         with torch.serialization.safe_globals(list(allow)):
             return _load(path, weights_only=True)
     except pickle.UnpicklingError as exc:
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+        found = re.search(r"unsupported (?:global: )?GLOBAL ([\w.]+)", str(exc), re.IGNORECASE)
         if found is None:
             raise UserError(f"{what} '{path}' cannot be read as a torch.save file (not a pickle of "
                             "weights)") from None

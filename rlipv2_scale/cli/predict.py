@@ -12,6 +12,8 @@ def register(tree) -> None:
     p.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files (JPEG, PNG)")
     p.add_argument("--checkpoint", type=Path, required=True,
                    help="model directory (e.g. runs/demo/model), training run directory or checkpoint")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="unpickle checkpoint files holding objects other than weights (can run code: trusted files only)")
     p.add_argument("--objects", required=True, help='comma-separated object texts, e.g. "person,cup,table"')
     p.add_argument("--relations", required=True, help='comma-separated relation texts, e.g. "holding,on"')
     p.add_argument("--out", type=Path, required=True, help="folder for the drawn images and predictions.json")
@@ -31,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--top and --size must be positive")
     objects = parse_labels(args.objects, "objects")
     relations = parse_labels(args.relations, "relations")
-    model = load_model(args.checkpoint)
+    model = load_model(args.checkpoint, args.trust_pickle)
     preds = predict_images(model, args.images, objects, relations, eval_size=args.size)
     written = draw_predictions(preds, objects, relations, args.out, threshold=args.threshold, top=args.top)
     (args.out / "predictions.json").write_text(json.dumps(

@@ -46,7 +46,7 @@ def _export(args: argparse.Namespace) -> int:
 
     ckpt = resolve_resume(str(args.checkpoint), args.checkpoint)
     cfg = load_run_config(ckpt / "config.yaml")
-    state = export_checkpoint(ckpt, args.out, build_model(cfg.model, pretrained=False))
+    state = export_checkpoint(ckpt, args.out, build_model(cfg.model, pretrained=False), args.trust_pickle)
     print(f"exported {len(state)} tensors from {ckpt} to {args.out}")
     return 0
 
@@ -61,3 +61,5 @@ def register(tree) -> None:
     p = tree.command("export", "write a checkpoint's weights as one plain safetensors state dict", _export)
     p.add_argument("checkpoint", type=Path, help="checkpoints/step_XXXXXXXX directory, or a run directory (latest)")
     p.add_argument("out", type=Path, help="output .safetensors file")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="unpickle files holding objects other than weights (can run code: trusted files only)")
