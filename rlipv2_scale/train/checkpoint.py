@@ -165,10 +165,16 @@ def gathered_state_dict(ckpt: str | Path, trust_pickle: bool = False, hint: str 
         try:
             state = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="pytorch_model",
                                                                           exclude_frozen_parameters=False)
+        except (KeyError, ValueError, IndexError, TypeError) as exc:   # shards missing or not DeepSpeed's
+            raise UserError(f"'{ds_dir}' is not a complete DeepSpeed checkpoint ({exc!r})") from None
         finally:
             zero_to_fp32.torch = real
     else:   # ZeRO stage 0: the module state is stored whole
-        state = load(ds_dir / "mp_rank_00_model_states.pt")["module"]
+        state = load(ds_dir / "mp_rank_00_model_states.pt")
+        if not isinstance(state, dict) or not isinstance(state.get("module"), dict):
+            raise UserError(f"'{ds_dir / 'mp_rank_00_model_states.pt'}' holds no module state dict; pass a "
+                            f"checkpoint written by `rlipv2 train`")
+        state = state["module"]
     return {k: v.detach().float().clone() if v.is_floating_point() else v.detach().clone()
             for k, v in state.items()}
 
