@@ -31,7 +31,8 @@ _TIME = re.compile(r"\d+(?::\d+){0,2}|\d+-\d+(?::\d+){0,2}|UNLIMITED|INFINITE") 
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
 _NAMES = re.compile(r"[A-Za-z0-9_.-]+(?:,[A-Za-z0-9_.-]+)*")
 _MEM = re.compile(r"\d+[KMGT]?")
-_NODE_VALUE = re.compile(r'(?:[^"`\\$\x00-\x1f\x7f]|\$[A-Za-z_]\w*|\$\{[A-Za-z_]\w*\})*')
+_VAR = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_NODE_VALUE = re.compile(r'(?:[^"`\\$\x00-\x1f\x7f]|\$[A-Za-z_][A-Za-z0-9_]*|\$\{[A-Za-z_][A-Za-z0-9_]*\})*')
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 # Node-local scratch unless --scratch: expanded on the node.
@@ -79,7 +80,7 @@ class SlurmOptions:
             if value is not None and not pattern.fullmatch(value):
                 raise ValueError(f"{flag} {value!r} is not a SLURM value of that kind; e.g. {example}")
         for key, value in self.env.items():
-            if not key.isidentifier() or not _NODE_VALUE.fullmatch(value):
+            if not _VAR.fullmatch(key) or not _NODE_VALUE.fullmatch(value):
                 raise ValueError(f"--env {key}={value!r}: a NAME and a one-line value that may name node variables "
                                  "($NAME, ${NAME}) but holds no quotes, backticks, backslashes or other $")
         if self.scratch is not None and not _NODE_VALUE.fullmatch(self.scratch):
