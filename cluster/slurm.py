@@ -72,13 +72,14 @@ class SlurmOptions:
                                    ("--cpus-per-task", self.cpus_per_task, 1)):
             if value is not None and value < least:
                 raise ValueError(f"{flag} must be ≥ {least}, got {value}")
-        for flag, value, pattern, example in (
-                ("--partition", self.partition, _NAMES, "gpu or gpu,gpu-long"),
-                ("--account", self.account, _NAME, "proj123"),
-                ("--time", self.time, _TIME, "2-00:00:00, 12:00:00 or 90 (minutes)"),
-                ("--mem", self.mem, _MEM, "64G"), ("--job-name", self.job_name, _NAME, "rlipv2")):
+        for flag, value, pattern, what in (
+                ("--partition", self.partition, _NAMES, "a partition name or comma-separated list, e.g. gpu"),
+                ("--account", self.account, _NAME, "an account name, e.g. proj123"),
+                ("--time", self.time, _TIME, "a SLURM time limit, e.g. 2-00:00:00, 12:00:00 or 90 (minutes)"),
+                ("--mem", self.mem, _MEM, "a memory size, e.g. 64G"),
+                ("--job-name", self.job_name, _NAME, "a name of letters, digits, '_', '.' and '-'")):
             if value is not None and not pattern.fullmatch(value):
-                raise ValueError(f"{flag} {value!r} is not a SLURM value of that kind; e.g. {example}")
+                raise ValueError(f"{flag} {value!r} is not {what}")
         for key, value in self.env.items():
             if not _VAR.fullmatch(key) or not _NODE_VALUE.fullmatch(value):
                 raise ValueError(f"--env {key}={value!r}: a NAME and a one-line value that may name node variables "
