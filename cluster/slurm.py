@@ -24,6 +24,19 @@ from rlipv2_scale.errors import UserError
 
 TEMPLATES = Path(__file__).parent / "templates"
 
+# What users give is checked before it is written into a script (nothing from a flag may run as a
+# command). #SBATCH values must fit SLURM's own formats; values placed in double quotes on the node
+# (--env, --scratch) may name node variables ($NAME, ${NAME}) and hold nothing else the shell expands.
+_TIME = re.compile(r"\d+(?::\d+){0,2}|\d+-\d+(?::\d+){0,2}|UNLIMITED|INFINITE")   # sbatch --time formats
+_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+_NAMES = re.compile(r"[A-Za-z0-9_.-]+(?:,[A-Za-z0-9_.-]+)*")
+_MEM = re.compile(r"\d+[KMGT]?")
+_VAR = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_NODE_VALUE = re.compile(r'(?:[^"`\\$\x00-\x1f\x7f]|\$[A-Za-z_][A-Za-z0-9_]*|\$\{[A-Za-z_][A-Za-z0-9_]*\})*')
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+# Node-local scratch unless --scratch: expanded on the node.
+DEFAULT_SCRATCH = "${SLURM_TMPDIR:-${TMPDIR:-/tmp}}"
 # Exported to every job: NCCL reports errors instead of hanging, and fails fast on a dead peer.
 DEFAULT_ENV = {
     "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
@@ -46,7 +59,7 @@ class SlurmOptions:
     signal: str = "USR1@120"               # signal and lead time before the limit
     job_name: str = "rlipv2"
     max_requeues: int = 50
-    scratch: str = "${SLURM_TMPDIR:-${TMPDIR:-/tmp}}"   # node-local scratch, resolved on the node
+    scratch: str | None = None             # node-local scratch (default: DEFAULT_SCRATCH)
     setup: list[str] = field(default_factory=list)      # site lines: module load, conda activate, ...
     container: str | None = None           # prefix of each node's launcher, e.g. "apptainer exec --nv img.sif"
     extra_sbatch: list[str] = field(default_factory=list)
@@ -54,20 +67,37 @@ class SlurmOptions:
     python: str = sys.executable
 
     def __post_init__(self) -> None:
-        if self.nodes < 1:
-            raise ValueError(f"--nodes must be ≥ 1, got {self.nodes}")
-        if self.gpus_per_node < 0:
-            raise ValueError(f"--gpus-per-node must be ≥ 0, got {self.gpus_per_node}")
+        for flag, value, least in (("--nodes", self.nodes, 1), ("--gpus-per-node", self.gpus_per_node, 0),
+                                   ("--procs-per-node", self.procs_per_node, 1),
+                                   ("--cpus-per-task", self.cpus_per_task, 1)):
+            if value is not None and value < least:
+                raise ValueError(f"{flag} must be ≥ {least}, got {value}")
+        for flag, value, pattern, what in (
+                ("--partition", self.partition, _NAMES, "a partition name or comma-separated list, e.g. gpu"),
+                ("--account", self.account, _NAME, "an account name, e.g. proj123"),
+                ("--time", self.time, _TIME, "a SLURM time limit, e.g. 2-00:00:00, 12:00:00 or 90 (minutes)"),
+                ("--mem", self.mem, _MEM, "a memory size, e.g. 64G"),
+                ("--job-name", self.job_name, _NAME, "a name of letters, digits, '_', '.' and '-'")):
+            if value is not None and not pattern.fullmatch(value):
+                raise ValueError(f"{flag} {value!r} is not {what}")
         for key, value in self.env.items():
-            # Values go into double quotes in the batch script: $VARS expand, nothing else is special.
-            if not key.isidentifier() or any(c in value for c in '"`\\\n'):
-                raise ValueError(f"--env {key}={value}: a NAME and a value without quotes, backticks or backslashes")
+            if not _VAR.fullmatch(key) or not _NODE_VALUE.fullmatch(value):
+                raise ValueError(f"--env {key}={value!r}: a NAME and a one-line value that may name node variables "
+                                 "($NAME, ${NAME}) but holds no quotes, backticks, backslashes or other $")
+        if self.scratch is not None and not _NODE_VALUE.fullmatch(self.scratch):
+            raise ValueError(f"--scratch {self.scratch!r}: a one-line path that may name node variables ($NAME, "
+                             "${NAME}) but holds no quotes, backticks, backslashes or other $")
+        if self.container is not None and _CONTROL.search(self.container):
+            raise ValueError(f"--container {self.container!r} must be one line")
+        for line in self.extra_sbatch:
+            if _CONTROL.search(line) or not line.startswith("-"):
+                raise ValueError(f"--sbatch {line!r} must be one option on one line, e.g. --qos=high")
         if not re.fullmatch(r"(?:[BR]:)?(?:SIG)?[A-Z0-9]+(?:@\d+)?", self.signal):
             raise ValueError(f"--signal '{self.signal}' is not of the form USR1@120")
 
     @property
     def ranks_per_node(self) -> int:
-        return self.procs_per_node or max(self.gpus_per_node, 1)
+        return self.procs_per_node if self.procs_per_node is not None else max(self.gpus_per_node, 1)
 
     @property
     def signal_name(self) -> str:
@@ -88,6 +118,8 @@ def expand_sweep(sweep: list[str]) -> list[list[str]]:
     for item in sweep:
         if "=" not in item:
             raise UserError(f"sweep '{item}' is not of the form key=v1,v2,...")
+        if _CONTROL.search(item):   # the job reads a member's overrides as one tab-separated line
+            raise UserError(f"sweep {item!r}: values must not hold tabs, line breaks or other control characters")
         key, values = item.split("=", 1)
         axes.append([f"{key}={v}" for v in split_values(values)])
     return [list(combo) for combo in itertools.product(*axes)] if axes else []
@@ -109,6 +141,9 @@ def render_job(recipe: str | Path, opts: SlurmOptions, overrides: list[str] | No
     for combo in combos:                       # every array member must validate too
         _load_recipe(recipe, overrides + combo)
     run_dir = Path(run_dir or cfg.run.path).resolve()
+    for what, text in (("recipe file name", recipe.name), ("run directory", str(run_dir))):
+        if _CONTROL.search(text):   # both are written into #SBATCH and comment lines
+            raise UserError(f"{what} {text!r} holds a line break or control character; rename it")
     job_dir = run_dir / "slurm"
     job_dir.mkdir(parents=True, exist_ok=True)
     resolved = job_dir / "recipe.yaml"
@@ -117,7 +152,7 @@ def render_job(recipe: str | Path, opts: SlurmOptions, overrides: list[str] | No
     sweep_file = None
     if combos:
         sweep_file = job_dir / "sweep.txt"
-        sweep_file.write_text("".join(" ".join(shlex.quote(o) for o in c) + "\n" for c in combos))
+        sweep_file.write_text("".join("\t".join(c) + "\n" for c in combos))
 
     # The node's cores shared by its ranks (one task per node runs every rank of the node).
     env = {**DEFAULT_ENV, "OMP_NUM_THREADS": f"${{OMP_NUM_THREADS:-{max(1, opts.cpus // opts.ranks_per_node)}}}"}
@@ -134,7 +169,7 @@ def render_job(recipe: str | Path, opts: SlurmOptions, overrides: list[str] | No
         setup=opts.setup, container=opts.container, run_dir=shlex.quote(str(run_dir)), sweep_file=shlex.quote(str(sweep_file or "")),
         resolved_recipe=shlex.quote(str(resolved)), port_base=20000, port_range=20000, env=env,
         node_script=shlex.quote(str(job_dir / "node.sh")), max_requeues=opts.max_requeues,
-        scratch=opts.scratch, python=shlex.quote(opts.python), procs_per_node=opts.ranks_per_node,
+        scratch=opts.scratch or DEFAULT_SCRATCH, python=shlex.quote(opts.python), procs_per_node=opts.ranks_per_node,
     )
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     (job_dir / "node.sh").write_text(jenv.get_template("node.sh.j2").render(values))

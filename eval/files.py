@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import pickle
 from pathlib import Path
 from typing import Any
 
@@ -19,20 +18,6 @@ def read_json(path: str | Path, what: str) -> Any:
             return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{what} file {str(path)!r} is not valid JSON ({exc})") from None
-
-
-def read_detections(path: str | Path, what: str) -> Any:
-    """JSON, or the pickle the official V-COCO export writes (only load pickles you trust)."""
-    path = Path(path)
-    if path.suffix in (".pkl", ".pickle"):
-        if not path.is_file():
-            raise UserError(f"{what} file {str(path)!r} does not exist")
-        try:
-            with path.open("rb") as f:
-                return pickle.load(f)
-        except (pickle.UnpicklingError, EOFError, AttributeError, ImportError) as exc:
-            raise UserError(f"{what} file {str(path)!r} is not a readable pickle ({exc})") from None
-    return read_json(path, what)
 
 
 def read_unseen_triplets(path: str | Path, space: LabelSpace) -> tuple[Triplet, ...]:

@@ -27,15 +27,17 @@ from __future__ import annotations
 
 import contextlib
 import io
+import pickle
+import warnings
 from collections import defaultdict
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from rlipv2_scale.errors import UserError
 from rlipv2_scale.eval.ap import area_ap
-from rlipv2_scale.eval.files import read_detections, read_json
+from rlipv2_scale.eval.files import read_json
 
 OVERLAP = 0.5
 
@@ -273,6 +275,26 @@ def read_image_ids(path: str | Path) -> list[int]:
         raise UserError(f"image-id file {str(path)!r} must hold one numeric image id per line") from None
 
 
-def evaluate_vcoco_files(vcoco: str | Path, coco: str | Path, image_ids: str | Path, detections: str | Path) -> dict:
+def read_detections(path: str | Path, trust_pickle: bool = False) -> Any:
+    """JSON, or the pickle the official V-COCO export writes. Unpickling runs whatever the file names,
+    so a pickle is read only when the user vouches for it (`--trust-pickle`)."""
+    path = Path(path)
+    if path.suffix not in (".pkl", ".pickle"):
+        return read_json(path, "detections")
+    if not path.is_file():
+        raise UserError(f"detections file {str(path)!r} does not exist")
+    if not trust_pickle:
+        raise UserError(f"detections file {str(path)!r} is a pickle, and reading one can run code from it; give "
+                        "the detections as JSON, or pass --trust-pickle if you trust the file")
+    warnings.warn(f"unpickling '{path}' (--trust-pickle): this can run code from the file")
+    try:
+        with path.open("rb") as f:
+            return pickle.load(f)
+    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError) as exc:
+        raise UserError(f"detections file {str(path)!r} is not a readable pickle ({exc})") from None
+
+
+def evaluate_vcoco_files(vcoco: str | Path, coco: str | Path, image_ids: str | Path, detections: str | Path,
+                         trust_pickle: bool = False) -> dict:
     return evaluate_vcoco(read_json(vcoco, "V-COCO annotations"), read_json(coco, "COCO instances"),
-                          read_image_ids(image_ids), read_detections(detections, "detections"))
+                          read_image_ids(image_ids), read_detections(detections, trust_pickle))

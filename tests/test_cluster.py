@@ -1,4 +1,7 @@
 """SLURM jobs: rendering and submit-time validation here; a live one-node cluster in test_cluster_live."""
+import os
+import subprocess
+
 import pytest
 
 from rlipv2_scale.cli import main
@@ -109,3 +112,59 @@ def test_stale_shared_memory_is_only_what_no_live_process_uses(tmp_path):
     (proc / "self").mkdir()                        # not a pid: skipped
     assert clean_stale(shm, proc) == ["000000_barrier", "000000_locals"]
     assert sorted(p.name for p in shm.iterdir()) == ["000001_locals", "000001_shard_states", "other_file"]
+
+
+HOSTILE = "$(touch {m})"
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["--partition", "gpu\ntouch {m}"], "--partition"), (["--account", "a;touch {m}"], "--account"),
+    (["--env", "X=$(touch {m})"], "--env"), (["--env", "X=${{Y:-$(touch {m})}}"], "--env"),
+    (["--env", "X=`touch {m}`"], "--env"), (["--scratch", '/l/"; touch {m}; "'], "--scratch"),
+    (["--procs-per-node", "0"], "--procs-per-node"), (["--procs-per-node", "-1"], "--procs-per-node"),
+    (["--cpus-per-task", "0"], "--cpus-per-task"), (["--time", "banana"], "--time"), (["--mem", "lots"], "--mem"),
+    (["--job-name", "a b"], "--job-name"), (["--sbatch", "--qos=x\ntouch {m}"], "--sbatch"),
+    (["--container", "img\ntouch {m}"], "--container"), (["--sweep", "train.seed=1,2\ntouch {m}"], "sweep"),
+])
+def test_hostile_values_are_refused_before_anything_is_written(recipe, tmp_path, capsys, args, flag):
+    marker = tmp_path / "MARKER"
+    args = [a.format(m=marker) for a in args]
+    assert main(["cluster", "submit", str(recipe), "--dry-run", "--gpus-per-node", "0", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("rlipv2: error:") and flag in err, err
+    assert not (tmp_path / "run" / "slurm").exists() and not marker.exists()
+
+
+def test_hostile_values_that_are_accepted_stay_literal_when_the_job_runs(recipe, tmp_path):
+    """The rendered batch script and node launcher run in a sandbox (srun, scontrol and the python
+    interpreter stubbed): nothing a user typed runs, every value arrives as typed."""
+    marker = tmp_path / "MARKER"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/sh\necho node1\n")
+    (bin_dir / "srun").write_text('#!/bin/sh\nshift\nexec "$@"\n')             # drop --kill-on-bad-exit
+    record = tmp_path / "argv"
+    (bin_dir / "python").write_text(f'#!/bin/sh\n[ "$2" = torch.distributed.run ] || exit 0\n'
+                                    f'printf "%s\\0" "$@" "TMPDIR=$TMPDIR" "Y=$Y" "HF=$HF" > {record}\n')
+    for stub in bin_dir.iterdir():
+        stub.chmod(0o755)
+    run = tmp_path / f"run {HOSTILE.format(m=marker)}"
+    scratch = tmp_path / "scr a;b'c"
+    hostile_value = f"x`touch {marker}`;{HOSTILE.format(m=marker)}"
+    literal = f"a b;c|d'e (touch {marker})"
+    opts = SlurmOptions(gpus_per_node=0, env={"Y": literal, "HF": "$HOME/hf"}, scratch=str(scratch),
+                        python=str(bin_dir / "python"))
+    _, path = render_job(recipe, opts, sweep=[f"run.name=plain,{hostile_value}"], run_dir=run)
+    job = path.parent
+    for f in ("job.sbatch", "node.sh"):
+        assert subprocess.run(["bash", "-n", str(job / f)]).returncode == 0, f
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "HOME": str(tmp_path / "home"), "SLURM_JOB_ID": "7",
+           "SLURM_ARRAY_TASK_ID": "1", "SLURM_JOB_NODELIST": "node1", "SLURM_JOB_NAME": "rlipv2",
+           "SLURMD_NODENAME": "node1", "SLURM_NNODES": "1", "SLURM_NODEID": "0"}
+    proc = subprocess.run(["bash", str(job / "job.sbatch")], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert not marker.exists()
+    argv = record.read_text().split("\0")[:-1]
+    assert f"run.name={hostile_value}" in argv and f"run.dir={run}/1" in argv
+    assert f"TMPDIR={scratch}/rlipv2-7-0" in argv and f"HF={tmp_path}/home/hf" in argv
+    assert f"Y={literal}" in argv

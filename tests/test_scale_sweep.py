@@ -72,12 +72,12 @@ def test_slurm_sweep_renders_one_array_per_node_count(tmp_path):
     two = [r for r in sweep.runs if r.nodes == 2]
     assert [Path(r.run_dir).name for r in two] == ["0", "1", "2"] and all(r.world_size == 8 for r in two)
     assert load_sweep(tmp_path / "sw").runs[5].run_dir == two[2].run_dir
-    # values holding commas (YAML lists) travel through the array's line-per-index file, quoted
+    # values holding commas (YAML lists) travel through the array's line-per-index file, tab-separated
     betas = plan_sweep(DEMO, ["optim.betas=[0.9, 0.99],[0.9, 0.999]"], tmp_path / "sw2", _base(tmp_path),
                        mode="slurm")
     betas = render_slurm(betas, SlurmOptions(gpus_per_node=4))
     lines = (Path(betas.jobs[0]["script"]).parent / "sweep.txt").read_text().splitlines()
-    assert lines == ["'optim.betas=[0.9, 0.99]'", "'optim.betas=[0.9, 0.999]'"]
+    assert lines == ["optim.betas=[0.9, 0.99]", "optim.betas=[0.9, 0.999]"]
     assert [r.overrides for r in betas.runs] == [["optim.betas=[0.9, 0.99]"], ["optim.betas=[0.9, 0.999]"]]
 
 

@@ -24,7 +24,7 @@ def _submit(args: argparse.Namespace) -> int:
                             cpus_per_task=args.cpus_per_task, partition=args.partition, account=args.account,
                             time=args.time, mem=args.mem, signal=args.signal, job_name=args.job_name,
                             setup=args.setup or [], container=args.container, extra_sbatch=args.sbatch or [],
-                            env=_env(args.env or []), **({"scratch": args.scratch} if args.scratch else {}))
+                            env=_env(args.env or []), scratch=args.scratch)
     except ValueError as exc:
         raise UserError(str(exc)) from exc
     script, path = render_job(args.recipe, opts, overrides=args.overrides, sweep=args.sweep, run_dir=args.run_dir)

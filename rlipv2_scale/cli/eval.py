@@ -66,7 +66,10 @@ def add_vcoco_arguments(p: argparse.ArgumentParser) -> None:
     files.add_argument("--coco", type=Path, help="COCO instances (instances_vcoco_all_2014.json)")
     files.add_argument("--image-ids", type=Path, help="image ids of the split (vcoco_test.ids)")
     files.add_argument("--detections", type=Path,
-                       help="detections in the official format (.pkl from the official export, or the same as JSON)")
+                       help="detections in the official format (JSON, or the .pkl of the official export with "
+                            "--trust-pickle)")
+    files.add_argument("--trust-pickle", action="store_true",
+                       help="read a .pkl --detections file (unpickling can run code: trusted files only)")
     model = add_model_arguments(p, "V-COCO root (annotations/test_vcoco.json, annotations/corre_vcoco.npy, "
                                    "images/val2014/, and the official toolkit's data/: vcoco/vcoco_test.json, "
                                    "instances_vcoco_all_2014.json, splits/vcoco_test.ids)")
@@ -188,7 +191,7 @@ def run_vcoco(args: argparse.Namespace) -> int:
     if missing:
         raise UserError(f"rlipv2 eval vcoco: give --vcoco, --coco, --image-ids and --detections (missing "
                         f"{', '.join(missing)}), or run a model with --checkpoint DIR --data ROOT")
-    res = evaluate_vcoco_files(args.vcoco, args.coco, args.image_ids, args.detections)
+    res = evaluate_vcoco_files(args.vcoco, args.coco, args.image_ids, args.detections, args.trust_pickle)
     return _report("V-COCO role AP", [(name, res[key]) for name, key in VCOCO_ROWS], res, args.json)
 
 

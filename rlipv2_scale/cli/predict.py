@@ -12,6 +12,8 @@ def register(tree) -> None:
     p.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files (JPEG, PNG)")
     p.add_argument("--checkpoint", required=True,
                    help="model directory (rlipv2 export / demo / import-checkpoint), Hub id, training run or checkpoint")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="unpickle checkpoint files holding objects other than weights (can run code: trusted files only)")
     p.add_argument("--objects", help='comma-separated object texts, e.g. "person,cup,table" (default: the '
                                      "model's own label lists, for fine-tuned models)")
     p.add_argument("--relations", help='comma-separated relation texts, e.g. "holding,on"')
@@ -36,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     if args.top <= 0 or (args.size is not None and args.size <= 0) or args.batch_size <= 0:
         raise UserError("--top, --size and --batch-size must be positive")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = open_model(args.checkpoint, device)
+    model = open_model(args.checkpoint, device, trust_pickle=args.trust_pickle)
     card = model.card
     if (args.objects is None) != (args.relations is None):
         raise UserError("give both --objects and --relations, or neither (then the model's own label lists)")

@@ -17,6 +17,21 @@ def _ints(text: str) -> list[int]:
     return values
 
 
+def _at_least(args: argparse.Namespace, minimum: int, *names: str) -> None:
+    """Counts (ranks, nodes, images, ...) below `minimum` are refused instead of planning nonsense."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < minimum:
+            raise UserError(f"--{name.replace('_', '-')} {value} must be an integer ≥ {minimum}")
+
+
+def _resolution(text: str) -> tuple[int, int]:
+    h, x, w = text.partition("x")
+    if not (x and h.isdigit() and w.isdigit() and int(h) > 0 and int(w) > 0):
+        raise UserError(f"--resolution '{text}' must be HEIGHTxWIDTH in pixels, e.g. 800x1333")
+    return int(h), int(w)
+
+
 def _plan(args: argparse.Namespace) -> int:
     from rlipv2_scale.scale.cost import GPUS
     from rlipv2_scale.scale.plan import build_plan, format_table, write_outputs
@@ -24,14 +39,19 @@ def _plan(args: argparse.Namespace) -> int:
 
     if args.gpu not in GPUS:
         raise UserError(f"--gpu '{args.gpu}' is unknown; choose one of {', '.join(GPUS)}")
+    gpus, (h, w) = _ints(args.gpus), _resolution(args.resolution)
+    if not 0 < args.mfu <= 1:   # a share of peak; the step time divides by it
+        raise UserError(f"--mfu {args.mfu} must be a share of peak FLOP/s in (0, 1], e.g. 0.35")
+    if not 0 < args.interconnect < float("inf"):
+        raise UserError(f"--interconnect {args.interconnect} must be a bandwidth in GB/s above 0, e.g. 50")
+    _at_least(args, 1, "images_per_epoch")
     cfg = load_run_config(args.recipe, args.overrides)
-    h, w = (int(v) for v in args.resolution.split("x"))
     machine = None
     if args.machine:
         from rlipv2_scale.scale.calibrate import load_constants
 
         machine = load_constants(args.machine)
-    rep = build_plan(cfg, args.recipe, _ints(args.gpus), gpu=args.gpu, inter_node_gbps=args.interconnect,
+    rep = build_plan(cfg, args.recipe, gpus, gpu=args.gpu, inter_node_gbps=args.interconnect,
                      mfu=args.mfu, resolution=(h, w), images_per_epoch=args.images_per_epoch,
                      measure_at=args.measure_at, machine=machine)
     print(format_table(rep))
@@ -46,6 +66,7 @@ def _plan(args: argparse.Namespace) -> int:
 def _calibrate(args: argparse.Namespace) -> int:
     from rlipv2_scale.scale.calibrate import calibrate
 
+    _at_least(args, 1, "threads", "repeat", "probe_params")
     if args.device.startswith("cuda"):
         import torch
 
@@ -66,6 +87,8 @@ def _calibrate(args: argparse.Namespace) -> int:
 def _sweep(args: argparse.Namespace) -> int:
     from rlipv2_scale.scale.sweep import plan_sweep, render_slurm, run_local
 
+    _at_least(args, 1, "nproc", "nodes")
+    _at_least(args, 0, "gpus_per_node")
     axes = list(args.overrides)
     base = list(args.set or [])
     if args.slurm:

@@ -49,10 +49,10 @@ def _export(args: argparse.Namespace) -> int:
     from rlipv2_scale.train.export import export_run, export_safetensors
 
     if args.out.suffix == ".safetensors":
-        n = export_safetensors(args.source, args.out)
+        n = export_safetensors(args.source, args.out, trust_pickle=args.trust_pickle)
         print(f"exported {n} tensors of {args.source} to {args.out}")
     else:
-        out = export_run(args.source, args.out)
+        out = export_run(args.source, args.out, trust_pickle=args.trust_pickle)
         print(f"exported {args.source} to the model directory {out} (use it with rlipv2 predict / eval --checkpoint "
               f"/ data tag, train.init_from, or RLIPv2.from_pretrained)")
     return 0
@@ -74,3 +74,5 @@ def register(tree) -> None:
     p.add_argument("source", type=Path, help="run directory (its latest checkpoint) or a checkpoints/step_* directory")
     p.add_argument("--out", type=Path, required=True,
                    help="model directory to write; a path ending in .safetensors writes only the weights")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="unpickle checkpoint files holding objects other than weights (can run code: trusted files only)")

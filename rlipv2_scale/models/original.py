@@ -17,9 +17,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import pickle
 import re
-import warnings
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -311,24 +309,12 @@ def load_original(path: str | Path, trust_pickle: bool = False) -> dict[str, tor
     Read with `weights_only=True`, allowing the `argparse.Namespace` of training checkpoints. Files
     that need other pickled objects are refused unless `trust_pickle` (full unpickling can run code).
     """
+    from rlipv2_scale.safe_load import torch_load
+
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint '{path}' does not exist")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            data = _torch_load(path, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
-        if found is None:
-            raise UserError(f"checkpoint '{path}' cannot be read as a torch.save file (not a pickle of "
-                            "weights)") from None
-        if not trust_pickle:
-            raise UserError(f"checkpoint '{path}' holds pickled objects besides the weights ({found.group(1)}); "
-                            "if you trust the file, pass --trust-pickle to unpickle it fully") from None
-        warnings.warn(f"unpickling '{path}' fully (--trust-pickle): this can run code from the file")
-        data = _torch_load(path, weights_only=False)
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise UserError(f"checkpoint '{path}' cannot be read as a torch.save file: {exc}") from None
+    data = torch_load(path, allow=[argparse.Namespace], trust_pickle=trust_pickle)
     if isinstance(data, Mapping) and "model" in data:
         data = data["model"]
     if not isinstance(data, Mapping) or not data or not all(isinstance(v, torch.Tensor) for v in data.values()):
@@ -336,15 +322,6 @@ def load_original(path: str | Path, trust_pickle: bool = False) -> dict[str, tor
         raise UserError(f"checkpoint '{path}' has no state dict under 'model' (found {keys}); expected an "
                         "original RLIPv2 checkpoint")
     return dict(data)
-
-
-def _torch_load(path: Path, weights_only: bool) -> Any:
-    try:   # memory-mapped: a 1.5 GB Swin-L file is not read into memory twice
-        return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
-    except RuntimeError as exc:
-        if "mmap" not in str(exc):
-            raise
-        return torch.load(path, map_location="cpu", weights_only=weights_only)   # legacy (non-zip) format
 
 
 def resolve_import_config(config: str, overrides: list[str] | None = None) -> ModelConfig:

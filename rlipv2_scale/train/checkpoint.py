@@ -21,13 +21,14 @@ import json
 import os
 import re
 import shutil
+import types
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from rlipv2_scale.errors import UserError
+from rlipv2_scale.safe_load import TRUST_HINT, torch_load
 
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
 TRAINER_STATE = "trainer.json"
@@ -126,20 +127,52 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def gathered_state_dict(ckpt: str | Path) -> dict[str, torch.Tensor]:
+def _deepspeed_globals() -> list[Any]:
+    """What DeepSpeed pickles into the trainer's checkpoints besides tensors and plain containers
+    (found by listing the unsafe globals of ZeRO 0-3 checkpoints written by `tests/train_toy.py`)."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, fragment_address]
+
+
+def gathered_state_dict(ckpt: str | Path, trust_pickle: bool = False, hint: str = TRUST_HINT) -> dict[str, torch.Tensor]:
     """The full fp32 model state dict of a checkpoint, ZeRO partitions gathered, frozen
-    parameters and buffers included. Runs in one process, no distributed setup."""
+    parameters and buffers included. Runs in one process, no distributed setup.
+
+    Every file is read weights-only, allowing DeepSpeed's own classes: a file pickling anything
+    else is refused with `hint` as the fix, unless `trust_pickle`."""
     ckpt = Path(ckpt)
     ds_dir = ckpt / "pytorch_model"
     if not ds_dir.is_dir():
         raise UserError(f"'{ckpt}' is not a training checkpoint (no pytorch_model/ inside); pass a "
                         f"checkpoints/step_XXXXXXXX directory")
-    if any(ds_dir.glob("*zero_pp_rank_*_optim_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="pytorch_model",
-                                                         exclude_frozen_parameters=False)
+    def load(path: str | Path, *args: Any, **kwargs: Any) -> Any:
+        return torch_load(path, allow=_deepspeed_globals(), trust_pickle=trust_pickle, hint=hint)
+
+    if any(ds_dir.glob("*zero_pp_rank_*_optim_states.pt")):
+        from deepspeed.utils import zero_to_fp32
+
+        # DeepSpeed's gatherer calls `torch.load(..., weights_only=False)` on every shard: it gets
+        # a `torch` whose `load` is the weights-only one above (the real torch is left alone).
+        safe_torch = types.ModuleType("torch")
+        safe_torch.__getattr__ = lambda name: getattr(torch, name)
+        safe_torch.load = load
+        real, zero_to_fp32.torch = zero_to_fp32.torch, safe_torch
+        try:
+            state = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="pytorch_model",
+                                                                          exclude_frozen_parameters=False)
+        except (KeyError, ValueError, IndexError, TypeError) as exc:   # shards missing or not DeepSpeed's
+            raise UserError(f"'{ds_dir}' is not a complete DeepSpeed checkpoint ({exc!r})") from None
+        finally:
+            zero_to_fp32.torch = real
     else:   # ZeRO stage 0: the module state is stored whole
-        state = torch.load(ds_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+        state = load(ds_dir / "mp_rank_00_model_states.pt")
+        if not isinstance(state, dict) or not isinstance(state.get("module"), dict):
+            raise UserError(f"'{ds_dir / 'mp_rank_00_model_states.pt'}' holds no module state dict; pass a "
+                            f"checkpoint written by `rlipv2 train`")
+        state = state["module"]
     return {k: v.detach().float().clone() if v.is_floating_point() else v.detach().clone()
             for k, v in state.items()}

@@ -31,6 +31,7 @@ from torch import nn
 from rlipv2_scale.config import save_config, to_dict
 from rlipv2_scale.data.batch import Batch
 from rlipv2_scale.errors import DataError, UserError
+from rlipv2_scale.safe_load import torch_load
 from rlipv2_scale.train import checkpoint as ckpt_io
 from rlipv2_scale.train.config import RunConfig
 from rlipv2_scale.train.launch import (COMPLETED_MARKER, EXIT_PREEMPTED, PREEMPTED_MARKER, DistInfo,
@@ -181,8 +182,10 @@ class Trainer:
         if not loader_file.is_file():
             raise UserError(f"checkpoint '{path}' has no loader state for rank {self.info.rank}")
         self.accelerator.load_state(str(path))      # restores the RNG of this rank last
-        self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-        self.loader.load_state_dict(torch.load(loader_file, weights_only=False))
+        # Plain data only (no code from the file): what the trainer wrote there holds nothing else.
+        not_ours = "it was not written by `rlipv2 train`; resume from a checkpoint the trainer wrote"
+        self.scheduler.load_state_dict(torch_load(path / "scheduler.pt", hint=not_ours))
+        self.loader.load_state_dict(torch_load(loader_file, hint=not_ours))
         self.step, self.epoch, self.samples = state["step"], state["epoch"], state["samples"]
         self.skipped = state["skipped_steps"]
 

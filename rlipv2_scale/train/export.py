@@ -65,26 +65,28 @@ def run_card(cfg: RunConfig, ckpt: Path) -> ModelCard:
                      metrics=metrics)
 
 
-def checkpoint_weights(ckpt: Path) -> tuple[RunConfig, dict[str, torch.Tensor]]:
-    """(run config, gathered fp32 weights) of a checkpoint, the weights checked against its model."""
+def checkpoint_weights(ckpt: Path, trust_pickle: bool = False, hint: str | None = None,
+                       ) -> tuple[RunConfig, dict[str, torch.Tensor]]:
+    """(run config, gathered fp32 weights) of a checkpoint, the weights checked against its model.
+    Pickled objects other than weights are refused unless `trust_pickle` (`hint`: how to allow them)."""
     cfg = load_run_config(ckpt / "config.yaml")
-    state = ckpt_io.gathered_state_dict(ckpt)
+    state = ckpt_io.gathered_state_dict(ckpt, trust_pickle, **({"hint": hint} if hint else {}))
     load_state(build_model(cfg.model, pretrained=False), state, str(ckpt))
     return cfg, state
 
 
-def export_run(source: str | os.PathLike, out: str | os.PathLike) -> Path:
+def export_run(source: str | os.PathLike, out: str | os.PathLike, trust_pickle: bool = False) -> Path:
     """`rlipv2 export RUN --out DIR`: the checkpoint of `source` as a model directory."""
     ckpt = find_checkpoint(source)
-    cfg, state = checkpoint_weights(ckpt)
+    cfg, state = checkpoint_weights(ckpt, trust_pickle)
     return save_model_dir(out, cfg.model, state, run_card(cfg, ckpt), tokenizer=tokenizer_of(cfg.model))
 
 
-def export_safetensors(source: str | os.PathLike, out: str | os.PathLike) -> int:
+def export_safetensors(source: str | os.PathLike, out: str | os.PathLike, trust_pickle: bool = False) -> int:
     """`rlipv2 export RUN --out FILE.safetensors`: only the weights, one plain state dict."""
     from safetensors.torch import save_file
 
-    _, state = checkpoint_weights(find_checkpoint(source))
+    _, state = checkpoint_weights(find_checkpoint(source), trust_pickle)
     out = Path(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -97,7 +99,7 @@ def export_safetensors(source: str | os.PathLike, out: str | os.PathLike) -> int
 
 
 @contextlib.contextmanager
-def as_model_dir(source: str | os.PathLike) -> Iterator[str]:
+def as_model_dir(source: str | os.PathLike, trust_pickle: bool = False) -> Iterator[str]:
     """A model directory for `source`: itself (or a Hub id) as given, or a run / checkpoint exported on
     the fly into a temporary directory, through the same code as `rlipv2 export`."""
     path = Path(source)
@@ -105,12 +107,13 @@ def as_model_dir(source: str | os.PathLike) -> Iterator[str]:
         yield str(source)
         return
     with tempfile.TemporaryDirectory(prefix="rlipv2-export-") as tmp:
-        yield str(export_run(path, Path(tmp) / "model"))
+        yield str(export_run(path, Path(tmp) / "model", trust_pickle))
 
 
-def open_model(source: str | os.PathLike, device: str | torch.device = "cpu") -> torch.nn.Module:
+def open_model(source: str | os.PathLike, device: str | torch.device = "cpu",
+               trust_pickle: bool = False) -> torch.nn.Module:
     """A model in eval mode from a model directory, a Hub id, a run directory or a checkpoint."""
-    with as_model_dir(source) as model_dir:
+    with as_model_dir(source, trust_pickle) as model_dir:
         return load_pretrained(model_dir, device)
 
 
@@ -126,4 +129,7 @@ def init_weights(source: str | os.PathLike) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    return checkpoint_weights(find_checkpoint(path))[1]
+    ckpt = find_checkpoint(path)
+    hint = (f"train.init_from reads weights only: if you trust it, convert it with `rlipv2 export {ckpt} --out "
+            f"OUT.safetensors --trust-pickle` and initialise from OUT.safetensors")
+    return checkpoint_weights(ckpt, hint=hint)[1]
