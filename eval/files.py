@@ -8,6 +8,7 @@ from typing import Any
 
 from rlipv2_scale.errors import UserError
 from rlipv2_scale.eval.label_space import LabelSpace, Triplet
+from rlipv2_scale.eval.relation_json import RelationFile, decode_listed
 
 
 def read_json(path: str | Path, what: str) -> Any:
@@ -19,6 +20,19 @@ def read_json(path: str | Path, what: str) -> Any:
             return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{what} file {str(path)!r} is not valid JSON ({exc})") from None
+
+
+def read_relations(path: str | Path, what: str, space: LabelSpace, box_key: str, rel_key: str, *,
+                   with_score: bool = False, optional: tuple[str, ...] = ()) -> RelationFile | Any:
+    """A file in the listed form decoded straight into columns (`relation_json.decode_listed`: no dict
+    per box, which is most of the time and memory of json.load here); any other file, the objects
+    json.load makes of it, for the list-of-dicts path to accept (another form) or to reject naming the
+    malformed entry."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} file {str(path)!r} does not exist")
+    fast = decode_listed(path.read_bytes(), space, box_key, rel_key, with_score=with_score, optional=optional)
+    return fast if fast is not None else read_json(path, what)
 
 
 def read_detections(path: str | Path, what: str) -> Any:
