@@ -35,6 +35,18 @@ def read_relations(path: str | Path, what: str, space: LabelSpace, box_key: str,
     return fast if fast is not None else read_json(path, what)
 
 
+def read_ground_truth(path: str | Path, space: LabelSpace, rel_key: str, what: str = "ground truth", *,
+                      required: bool = False) -> RelationFile | Any:
+    """Ground truth (or training annotations: `required` keys) {file_name, annotations, `rel_key`}."""
+    keys = ("annotations", rel_key)
+    return read_relations(path, what, space, *keys, optional=() if required else keys)
+
+
+def read_predictions(path: str | Path, space: LabelSpace, rel_key: str) -> RelationFile | Any:
+    """Predictions {file_name, predictions, `rel_key` with scores}, or the per-query form."""
+    return read_relations(path, "predictions", space, "predictions", rel_key, with_score=True, optional=(rel_key,))
+
+
 def read_detections(path: str | Path, what: str) -> Any:
     """JSON, or the pickle the official V-COCO export writes (only load pickles you trust)."""
     path = Path(path)

@@ -42,7 +42,7 @@ import numpy as np
 from rlipv2_scale.errors import UserError
 from rlipv2_scale.eval.ap import eleven_point_ap
 from rlipv2_scale.eval.boxes import continuous_iou, pixel_iou
-from rlipv2_scale.eval.files import read_relations
+from rlipv2_scale.eval.files import read_ground_truth, read_predictions
 from rlipv2_scale.eval.label_space import LabelSpace, hico_label_space
 from rlipv2_scale.eval.relation_json import (Candidates, GroundTruth, RelationFile, flatten_relations,
                                              load_candidates, load_ground_truth)
@@ -174,12 +174,10 @@ def evaluate_hico_files(gt: str | Path, pred: str | Path, *, train: str | Path |
     """`evaluate_hico` of files: listed-form files are decoded straight into columns (see
     `files.read_relations`), any other form read as JSON; same numbers, same one-line errors."""
     space = label_space or hico_label_space()
-    boxes_rels = ("annotations", "hoi_annotation")
     return evaluate_hico(
-        read_relations(gt, "ground truth", space, *boxes_rels, optional=boxes_rels),
-        read_relations(pred, "predictions", space, "predictions", "hoi_prediction", with_score=True,
-                       optional=("hoi_prediction",)),
-        train=None if train is None else read_relations(train, "training annotations", space, *boxes_rels),
+        read_ground_truth(gt, space, "hoi_annotation"), read_predictions(pred, space, "hoi_prediction"),
+        train=None if train is None else read_ground_truth(train, space, "hoi_annotation", "training annotations",
+                                                           required=True),
         label_space=space, **options)
 
 

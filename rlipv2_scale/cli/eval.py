@@ -197,15 +197,14 @@ OI_ROWS = (("R@50", "recall@50"), ("wmAP_rel", "wmAP_rel"), ("wmAP_phr", "wmAP_p
 
 
 def run_oi(args: argparse.Namespace) -> int:
-    from rlipv2_scale.eval.files import read_json
-    from rlipv2_scale.eval.oi_sgg import evaluate_oi_sgg
+    from rlipv2_scale.eval.oi_sgg import evaluate_oi_sgg_files
 
     if args.checkpoint is not None:
         return _run_oi_checkpoint(args)
     if args.gt is None or args.pred is None:
         raise UserError("rlipv2 eval oi-sgg: give --gt FILE and --pred FILE, or run a model with "
                         "--checkpoint DIR --data ROOT")
-    res = evaluate_oi_sgg(read_json(args.gt, "ground truth"), read_json(args.pred, "predictions"), nms=not args.no_nms)
+    res = evaluate_oi_sgg_files(args.gt, args.pred, nms=not args.no_nms)
     return _report("Open Images v6 SGG", [(name, res[key]) for name, key in OI_ROWS], res, args.json)
 
 
