@@ -214,13 +214,18 @@ class _ScoredRel(_Rel, gc=False):
 
 @lru_cache(maxsize=None)
 def _listed_decoder(box_key: str, rel_key: str, with_score: bool, optional: frozenset) -> msgspec.json.Decoder:
+    """Decoder of one image's entry."""
     def field(key: str):
         return msgspec.field(name=key, default_factory=list) if key in optional else msgspec.field(name=key)
     image = msgspec.defstruct("ListedImage", [
         ("file_name", str), ("verb_scores", msgspec.Raw, msgspec.field(default_factory=msgspec.Raw)),
         ("boxes", list[_Box], field(box_key)),
         ("rels", list[_ScoredRel if with_score else _Rel], field(rel_key))], kw_only=True, gc=False)
-    return msgspec.json.Decoder(list[image])
+    return msgspec.json.Decoder(image)
+
+
+_RAW_LIST = msgspec.json.Decoder(list[msgspec.Raw])
+CHUNK = 128  # images decoded into Python objects at a time (their columns are kept, the objects dropped)
 
 
 @dataclass
@@ -234,23 +239,36 @@ class RelationFile:
 def decode_listed(data: bytes, space: LabelSpace, box_key: str, rel_key: str, *, with_score: bool = False,
                   optional: tuple[str, ...] = ()) -> RelationFile | None:
     """JSON text of a list of images with `box_key` boxes and `rel_key` relations (`optional` ones may be
-    absent: no boxes / no relations) decoded into typed structs, never a dict per box, then columns. None
+    absent: no boxes / no relations) decoded into typed structs, never a dict per box, then columns, a
+    chunk of images at a time (the objects of a whole file would take several times its size). None
     when the text is anything else: not JSON, another form (per-query entries: `verb_scores`), a value
     of the wrong type, an id out of range; the caller then reads the file as plain JSON and the checks
     of the list-of-dicts path name the entry or accept the other form."""
+    decode = _listed_decoder(box_key, rel_key, with_score, frozenset(optional)).decode
     gc_was_enabled = gc.isenabled()
     gc.disable()  # (millions of new acyclic objects: the collector's passes over them would cost a quarter)
     try:
-        entries = _listed_decoder(box_key, rel_key, with_score, frozenset(optional)).decode(data)
-        if with_score and any(map(len, map(attrgetter("verb_scores"), entries))):
-            return None
-        flat = _flatten([e.boxes for e in entries], [e.rels for e in entries], space, with_score, attrgetter)
-        return RelationFile([e.file_name for e in entries], flat)
+        raws = _RAW_LIST.decode(data)  # each image's text, not yet decoded
+        names, parts = [], []
+        for start in range(0, len(raws), CHUNK):
+            entries = list(map(decode, raws[start:start + CHUNK]))
+            if with_score and any(map(len, map(attrgetter("verb_scores"), entries))):
+                return None
+            parts.append(_flatten([e.boxes for e in entries], [e.rels for e in entries], space, with_score,
+                                  attrgetter))
+            names += [e.file_name for e in entries]
     except (msgspec.ValidationError, msgspec.DecodeError, ValueError):
         return None
     finally:
         if gc_was_enabled:
             gc.enable()
+    if len(parts) <= 1:
+        return RelationFile(names, parts[0] if parts else _flatten([], [], space, with_score))
+    offset = np.repeat(np.cumsum([0] + [len(p.boxes) for p in parts[:-1]]), [len(p.sub) for p in parts])
+    n_box, n_rel, boxes, box_cat, sub, obj, verb = (np.concatenate([getattr(p, k) for p in parts]) for k in
+                                                    ("n_box", "n_rel", "boxes", "box_cat", "sub", "obj", "verb"))
+    score = np.concatenate([p.score for p in parts]) if with_score else None
+    return RelationFile(names, FlatRelations(n_box, n_rel, boxes, box_cat, sub + offset, obj + offset, verb, score))
 
 
 def _validate_relations(entry: dict, name: str, role: str, rel_key: str, n_boxes: int, space: LabelSpace) -> list:
