@@ -6,6 +6,8 @@ import pickle
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from rlipv2_scale.errors import UserError
 from rlipv2_scale.eval.label_space import LabelSpace, Triplet
 from rlipv2_scale.eval.relation_json import RelationFile, decode_listed
@@ -45,6 +47,44 @@ def read_ground_truth(path: str | Path, space: LabelSpace, rel_key: str, what: s
 def read_predictions(path: str | Path, space: LabelSpace, rel_key: str) -> RelationFile | Any:
     """Predictions {file_name, predictions, `rel_key` with scores}, or the per-query form."""
     return read_relations(path, "predictions", space, "predictions", rel_key, with_score=True, optional=(rel_key,))
+
+
+class _CocoImage(msgspec.Struct, gc=False):
+    id: int
+    width: float
+    height: float
+
+
+class _CocoAnnotation(msgspec.Struct, gc=False):
+    id: int
+    image_id: int
+    category_id: int
+    bbox: tuple[float, float, float, float]
+    area: float
+    ignore: int = 0
+
+
+class _CocoCategory(msgspec.Struct, gc=False):
+    id: int
+
+
+class _CocoInstances(msgspec.Struct, gc=False):
+    images: list[_CocoImage]
+    annotations: list[_CocoAnnotation]
+    categories: list[_CocoCategory]
+
+
+def read_coco_instances(path: str | Path) -> Any:
+    """A COCO instances file as the dicts pycocotools indexes, with only the fields the V-COCO toolkit
+    reads (`eval.vcoco._Annotations`): the segmentation polygons, most of the file, are skipped rather
+    than built by json.load. Any other file: read_json's objects (and errors)."""
+    path = Path(path)
+    if path.is_file():
+        try:
+            return msgspec.to_builtins(msgspec.json.decode(path.read_bytes(), type=_CocoInstances))
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            pass
+    return read_json(path, "COCO instances")
 
 
 def read_detections(path: str | Path, what: str) -> Any:

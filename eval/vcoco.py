@@ -35,7 +35,7 @@ import numpy as np
 
 from rlipv2_scale.errors import UserError
 from rlipv2_scale.eval.ap import area_ap
-from rlipv2_scale.eval.files import read_detections, read_json
+from rlipv2_scale.eval.files import read_coco_instances, read_detections, read_json
 
 OVERLAP = 0.5
 
@@ -274,5 +274,5 @@ def read_image_ids(path: str | Path) -> list[int]:
 
 
 def evaluate_vcoco_files(vcoco: str | Path, coco: str | Path, image_ids: str | Path, detections: str | Path) -> dict:
-    return evaluate_vcoco(read_json(vcoco, "V-COCO annotations"), read_json(coco, "COCO instances"),
+    return evaluate_vcoco(read_json(vcoco, "V-COCO annotations"), read_coco_instances(coco),
                           read_image_ids(image_ids), read_detections(detections, "detections"))
