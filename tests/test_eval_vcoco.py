@@ -131,8 +131,8 @@ def test_files_round_trip(tmp_path):
 
 @pytest.mark.parametrize("edit", [
     lambda c: None,
-    lambda c: c["annotations"][1].update(ignore=1),  # the toolkit drops it
-    lambda c: c["annotations"][2].update(bbox=[300.5, 300.25, 99.5, 100.0], area=9950.0),
+    lambda c: c["annotations"][2].update(ignore=1),  # the toolkit drops it
+    lambda c: c["annotations"][3].update(bbox=[0.5, 0.25, 79.5, 120.0], area=9540.0),
     lambda c: c["annotations"][0].update(id=10.0),  # not the typed form: read as plain JSON, same numbers
 ])
 def test_coco_instances_file_reads_only_what_the_toolkit_uses(edit, tmp_path):
