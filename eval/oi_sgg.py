@@ -136,7 +136,8 @@ def evaluate_oi_sgg_files(gt: str | Path, pred: str | Path, *, nms: bool = True,
                            read_predictions(pred, space, "rel_predictions"), nms=nms, label_space=space)
 
 
-def evaluate_oi_sgg(gt: list[dict] | RelationFile, preds: list[dict] | RelationFile, *, nms: bool = True, label_space: LabelSpace | None = None) -> dict:
+def evaluate_oi_sgg(gt: list[dict] | RelationFile, preds: list[dict] | RelationFile, *, nms: bool = True,
+                    label_space: LabelSpace | None = None) -> dict:
     """Ground truth {file_name, annotations, rel_annotations}; predictions {file_name, predictions,
     rel_predictions [{subject_id, object_id, category_id, score}]} or the per-query form."""
     space = label_space or oi_label_space()

@@ -14,6 +14,11 @@ Predictions, matched to ground truth by `file_name`, in either form:
 `category_id`s are the label space's ids (COCO ids and verb ids 1..117 for HICO-DET).
 
 Every malformed value raises `UserError` naming the image and the field.
+
+From a file, `decode_listed` (through `eval.files.read_relations`) decodes the listed form with msgspec
+into typed structs and then columns (`RelationFile`), never building a dict per box; a file it does
+not accept goes through json.load and the list-of-dicts checks, which accept the other forms or name
+the malformed entry, so that both paths score alike and a malformed file never scores.
 """
 from __future__ import annotations
 
