@@ -33,7 +33,8 @@ def read_relations(path: str | Path, what: str, space: LabelSpace, box_key: str,
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{what} file {str(path)!r} does not exist")
-    fast = decode_listed(path.read_bytes(), space, box_key, rel_key, with_score=with_score, optional=optional)
+    fast = decode_listed(path.read_bytes(), space, box_key, rel_key, with_score=with_score, optional=optional,
+                         what=what)
     return fast if fast is not None else read_json(path, what)
 
 

@@ -23,6 +23,7 @@ the malformed entry, so that both paths score alike and a malformed file never s
 from __future__ import annotations
 
 import gc
+import re
 from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
@@ -241,14 +242,34 @@ class RelationFile:
     flat: FlatRelations
 
 
+_WRONG_TYPE = re.compile(r"Expected `(int|float|str)`, got `(bool|str)` - at `\$\.(.+)`")
+_EXPECTED = {"int": "an integer", "float": "a number", "str": "a string"}
+
+
+def _refuse_wrong_type(exc: msgspec.ValidationError, raws: list, decode, what: str) -> None:
+    """A boolean or a string where a number belongs: a UserError naming the entry. (json.load's path
+    would read true as 1 and "3" as 3, numpy's conversions, and score the file.)"""
+    m = _WRONG_TYPE.fullmatch(str(exc))
+    if m is None:
+        return
+    for raw in raws:  # the first entry that fails is the one the message is about
+        try:
+            decode(raw)
+        except msgspec.ValidationError:
+            name = msgspec.json.decode(raw).get("file_name")
+            raise UserError(f"{what} for image {name!r}: {m[3]} must be {_EXPECTED[m[1]]}, got a "
+                            f"{'boolean' if m[2] == 'bool' else 'string'}") from None
+
+
 def decode_listed(data: bytes, space: LabelSpace, box_key: str, rel_key: str, *, with_score: bool = False,
-                  optional: tuple[str, ...] = ()) -> RelationFile | None:
+                  optional: tuple[str, ...] = (), what: str = "predictions") -> RelationFile | None:
     """JSON text of a list of images with `box_key` boxes and `rel_key` relations (`optional` ones may be
     absent: no boxes / no relations) decoded into typed structs, never a dict per box, then columns, a
     chunk of images at a time (the objects of a whole file would take several times its size). None
     when the text is anything else: not JSON, another form (per-query entries: `verb_scores`), a value
     of the wrong type, an id out of range; the caller then reads the file as plain JSON and the checks
-    of the list-of-dicts path name the entry or accept the other form."""
+    of the list-of-dicts path name the entry or accept the other form. A boolean or string where a
+    number belongs raises the `UserError` (naming the `what` entry) here."""
     decode = _listed_decoder(box_key, rel_key, with_score, frozenset(optional)).decode
     gc_was_enabled = gc.isenabled()
     gc.disable()  # (millions of new acyclic objects: the collector's passes over them would cost a quarter)
@@ -256,7 +277,11 @@ def decode_listed(data: bytes, space: LabelSpace, box_key: str, rel_key: str, *,
         raws = _RAW_LIST.decode(data)  # each image's text, not yet decoded
         names, parts = [], []
         for start in range(0, len(raws), CHUNK):
-            entries = list(map(decode, raws[start:start + CHUNK]))
+            try:
+                entries = list(map(decode, raws[start:start + CHUNK]))
+            except msgspec.ValidationError as exc:
+                _refuse_wrong_type(exc, raws[start:start + CHUNK], decode, what)
+                raise
             if with_score and any(map(len, map(attrgetter("verb_scores"), entries))):
                 return None
             parts.append(_flatten([e.boxes for e in entries], [e.rels for e in entries], space, with_score,

@@ -391,7 +391,12 @@ def to_per_query_json(entry: dict) -> dict:
 
 @pytest.mark.parametrize("text, message", [
     ('[{"file_name": "a.jpg", "predictions": [{"bbox": [0, 0, 9, 9], "category_id": "cup"}]}]',
-     r"'a.jpg'.*predictions\[0\].category_id must be a number, got 'cup'"),
+     r"^predictions for image 'a.jpg': predictions\[0\].category_id must be an integer, got a string$"),
+    ('[{"file_name": "a.jpg", "predictions": [{"bbox": [0, 0, 9, 9], "category_id": true}]}]',
+     r"^predictions for image 'a.jpg': predictions\[0\].category_id must be an integer, got a boolean$"),
+    ('[{"file_name": "a.jpg", "predictions": [{"bbox": [0, 0, 9, 9], "category_id": 1}], '
+     '"hoi_prediction": [{"subject_id": 0, "object_id": 0, "category_id": 0, "score": "0.5"}]}]',
+     r"^predictions for image 'a.jpg': hoi_prediction\[0\].score must be a number, got a string$"),
     ('[{"file_name": "a.jpg", "predictions": [{"bbox": null, "category_id": 1}]}]',
      r"'a.jpg'.*predictions\[0\].bbox must be 4 numbers"),
     ('[{"file_name": "a.jpg", "predictions": [{"bbox": [0, 0, 9, NaN], "category_id": 1}]}]',
