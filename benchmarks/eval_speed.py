@@ -12,6 +12,11 @@ peak RSS of each child from `os.wait4`. The files are generated in a child proce
 process stays small: a child's peak RSS counts its parent's at spawn time (reported as
 `parent_rss_mib`). Every run's four numbers must agree to 1e-9 (asserted).
 
+`--coco` measures instead what V-COCO's file scoring reads that is large: a COCO instances file of
+V-COCO's size (10,346 images, 8 annotations each with a polygon), json.load against
+`eval.files.read_coco_instances`, as subprocesses (`results/eval_speed_vcoco_coco.json`). Open Images
+SGG files go through the same columnar reader as HICO-DET's.
+
 Generates a test set of the real HICO-DET size (9,658 images; per image 100 queries = 200 predicted
 boxes and 100 scored triplets, the community JSON form), runs both implementations on the same
 already-parsed Python objects (best of `--repeat` runs each, interleaved, wall and CPU time), asserts
@@ -34,7 +39,8 @@ data's JSON text, what `rlipv2 eval hico-det` passes; `--input generated` hands 
 own objects, whose scattered memory layout makes every read slower.
 
     python benchmarks/eval_speed.py [--images 9658] [--per-query-images 500] [--repeat 3] [--original SCRIPT]
-                                    [--work DIR] [--out PATH]
+                                    [--work DIR] [--files-only] [--out PATH]
+    python benchmarks/eval_speed.py --coco [--repeat 3] [--work DIR]     V-COCO's COCO instances file, read
 """
 from __future__ import annotations
 
@@ -199,6 +205,50 @@ def end_to_end(work: Path, repeat: int, original: Path | None) -> dict:
     return out
 
 
+COCO_IMAGES, COCO_PER_IMAGE = 10346, 8  # about V-COCO's instances_vcoco_all_2014.json
+
+
+def write_coco(path: Path, seed: int) -> None:
+    """A COCO instances file of V-COCO's size, each annotation with a 48-coordinate polygon."""
+    rng = np.random.default_rng(seed)
+    anns = [{"segmentation": [np.round(rng.uniform(0, 480, 48), 2).tolist()],
+             "area": round(float(rng.uniform(10, 5e4)), 2), "iscrowd": 0, "image_id": i,
+             "bbox": np.round(rng.uniform(0, 300, 4), 2).tolist(), "category_id": int(rng.integers(1, 91)),
+             "id": i * COCO_PER_IMAGE + k + 1} for i in range(COCO_IMAGES) for k in range(COCO_PER_IMAGE)]
+    images = [{"id": i, "width": 640, "height": 480, "file_name": f"COCO_val2014_{i:012d}.jpg"}
+              for i in range(COCO_IMAGES)]
+    with path.open("w") as f:
+        json.dump({"info": {}, "images": images, "licenses": [], "annotations": anns,
+                   "categories": [{"id": c, "name": str(c), "supercategory": "x"} for c in range(1, 91)]}, f)
+
+
+def read_coco(how: str, path: Path) -> None:
+    from rlipv2_scale.eval.files import read_coco_instances, read_json
+
+    data = read_json(path, "COCO instances") if how == "json" else read_coco_instances(path)
+    assert len(data["annotations"]) == COCO_IMAGES * COCO_PER_IMAGE
+
+
+def coco_comparison(work: Path, repeat: int, seed: int) -> dict:
+    """Reading V-COCO's COCO instances file: json.load (before) against `read_coco_instances`, each a
+    subprocess (wall, CPU, peak RSS; best of `repeat`, interleaved)."""
+    path = work / "coco_instances.json"
+    if not path.is_file():
+        subprocess.run([sys.executable, __file__, "--write-coco", str(path), "--seed", str(seed)], check=True)
+    runs: dict[str, list] = {"json": [], "read_coco_instances": []}
+    for _ in range(repeat):
+        for how in runs:
+            runs[how].append(_child([sys.executable, __file__, "--read-coco", how, str(path)]))
+    out: dict = {"images": COCO_IMAGES, "annotations": COCO_IMAGES * COCO_PER_IMAGE,
+                 "size_mib": round(path.stat().st_size / 2**20, 1), "parent_rss_mib": round(_rss_mib(), 1)}
+    for how, r in runs.items():
+        out[how] = {"wall_s": min(x[0] for x in r), "cpu_s": min(x[1] for x in r),
+                    "peak_rss_mib": round(min(x[2] for x in r), 1), "runs": [list(map(float, x)) for x in r]}
+    out["speedup_cpu"] = out["json"]["cpu_s"] / out["read_coco_instances"]["cpu_s"]
+    out["speedup_wall"] = out["json"]["wall_s"] / out["read_coco_instances"]["wall_s"]
+    return out
+
+
 def _load(work: Path) -> list:
     out = []
     for name in ("gt", "pred", "train"):
@@ -226,24 +276,51 @@ def main() -> None:
                              "default: a temporary folder)")
     parser.add_argument("--files-only", action="store_true", help="only the end-to-end comparison from files")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "eval_speed.json")
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--coco", action="store_true",
+                        help="instead: reading a COCO instances file of V-COCO's size, json.load against "
+                             "read_coco_instances (default --out: results/eval_speed_vcoco_coco.json)")
     parser.add_argument("--write-files", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--write-coco", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--read-coco", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--run-loop", type=Path, nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.run_loop:
         return run_loop(*args.run_loop)
     if args.write_files:
         return write_files(args.write_files, args.images, args.candidates, args.seed)
+    if args.write_coco:
+        return write_coco(args.write_coco, args.seed)
+    if args.read_coco:
+        return read_coco(args.read_coco[0], Path(args.read_coco[1]))
+    results = Path(__file__).parent / "results"
+    machine = {"cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+               "python": platform.python_version(), "numpy": np.__version__,
+               "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+               "load_average_before": [round(x, 2) for x in os.getloadavg()]}
 
     tmp = None if args.work else tempfile.TemporaryDirectory(prefix="eval_speed_")
     work = args.work or Path(tmp.name)
+    if args.coco:
+        coco = coco_comparison(work, args.repeat, args.seed)
+        machine["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+        out = args.out or results / "eval_speed_vcoco_coco.json"
+        out.write_text(json.dumps({"benchmark": "V-COCO: reading the COCO instances file, json.load vs "
+                                                "read_coco_instances (only the fields the toolkit reads)",
+                                   "machine": machine, "repeat": args.repeat, "seed": args.seed, **coco}, indent=2))
+        Console().print(f"COCO instances ({coco['size_mib']} MiB): json.load {coco['json']['cpu_s']:.2f} s CPU, "
+                        f"{coco['json']['peak_rss_mib']:.0f} MiB; read_coco_instances "
+                        f"{coco['read_coco_instances']['cpu_s']:.2f} s CPU, "
+                        f"{coco['read_coco_instances']['peak_rss_mib']:.0f} MiB ({coco['speedup_cpu']:.1f}x CPU)")
+        if tmp is not None:
+            tmp.cleanup()
+        return None
     stamp = {"images": args.images, "candidates": args.candidates, "seed": args.seed}
     start = time.perf_counter()
     if not (work / "stamp.json").is_file() or json.loads((work / "stamp.json").read_text()) != stamp:
         subprocess.run([sys.executable, __file__, "--write-files", str(work), "--images", str(args.images),
                         "--candidates", str(args.candidates), "--seed", str(args.seed)], check=True)
     gen_s = time.perf_counter() - start
-    load_before = os.getloadavg()
     files = end_to_end(work, args.repeat, args.original)
     runs = []
     if not args.files_only:
@@ -269,11 +346,7 @@ def main() -> None:
         "benchmark": "HICO-DET evaluation: `rlipv2 eval hico-det` from files vs the original's evaluator and the "
                      "per-candidate loop (eval.reference_loops), end to end; vectorised (eval.hico) vs the loop in "
                      "process",
-        "machine": {"cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-                    "python": platform.python_version(), "numpy": np.__version__,
-                    "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-                    "load_average_before": [round(x, 2) for x in load_before],
-                    "load_average_after": [round(x, 2) for x in os.getloadavg()]},
+        "machine": dict(machine, load_average_after=[round(x, 2) for x in os.getloadavg()]),
         "images": args.images, "candidates_per_image": args.candidates, "seed": args.seed, "repeat": args.repeat,
         "input": args.input, "generate_s": gen_s, "files": files, "runs": runs,
         "note": "files: each command is a subprocess on the same generated JSON files (wall time, CPU time = user + "
@@ -308,8 +381,9 @@ def main() -> None:
             table.add_row(r["input"].split(":")[0], str(r["images"]), f"{r['loop_s']:.2f}", f"{r['vectorised_s']:.2f}",
                           f"{r['speedup']:.1f}x", f"{r['speedup_cpu']:.1f}x", f"{r['mAP']:.6f}")
         console.print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    out = args.out or results / "eval_speed.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
     if tmp is not None:
         tmp.cleanup()
 
