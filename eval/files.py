@@ -5,8 +5,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from rlipv2_scale.errors import UserError
 from rlipv2_scale.eval.label_space import LabelSpace, Triplet
+from rlipv2_scale.eval.relation_json import RelationFile, decode_listed
 
 
 def read_json(path: str | Path, what: str) -> Any:
@@ -18,6 +21,70 @@ def read_json(path: str | Path, what: str) -> Any:
             return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{what} file {str(path)!r} is not valid JSON ({exc})") from None
+
+
+def read_relations(path: str | Path, what: str, space: LabelSpace, box_key: str, rel_key: str, *,
+                   with_score: bool = False, optional: tuple[str, ...] = ()) -> RelationFile | Any:
+    """A file in the listed form decoded straight into columns (`relation_json.decode_listed`: no dict
+    per box, which is most of the time and memory of json.load here); any other file, the objects
+    json.load makes of it, for the list-of-dicts path to accept (another form) or to reject naming the
+    malformed entry."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} file {str(path)!r} does not exist")
+    fast = decode_listed(path.read_bytes(), space, box_key, rel_key, with_score=with_score, optional=optional,
+                         what=what)
+    return fast if fast is not None else read_json(path, what)
+
+
+def read_ground_truth(path: str | Path, space: LabelSpace, rel_key: str, what: str = "ground truth", *,
+                      required: bool = False) -> RelationFile | Any:
+    """Ground truth (or training annotations: `required` keys) {file_name, annotations, `rel_key`}."""
+    keys = ("annotations", rel_key)
+    return read_relations(path, what, space, *keys, optional=() if required else keys)
+
+
+def read_predictions(path: str | Path, space: LabelSpace, rel_key: str) -> RelationFile | Any:
+    """Predictions {file_name, predictions, `rel_key` with scores}, or the per-query form."""
+    return read_relations(path, "predictions", space, "predictions", rel_key, with_score=True, optional=(rel_key,))
+
+
+class _CocoImage(msgspec.Struct, gc=False):
+    id: int
+    width: float
+    height: float
+
+
+class _CocoAnnotation(msgspec.Struct, gc=False):
+    id: int
+    image_id: int
+    category_id: int
+    bbox: tuple[float, float, float, float]
+    area: float
+    ignore: int = 0
+
+
+class _CocoCategory(msgspec.Struct, gc=False):
+    id: int
+
+
+class _CocoInstances(msgspec.Struct, gc=False):
+    images: list[_CocoImage]
+    annotations: list[_CocoAnnotation]
+    categories: list[_CocoCategory]
+
+
+def read_coco_instances(path: str | Path) -> Any:
+    """A COCO instances file as the dicts pycocotools indexes, with only the fields the V-COCO toolkit
+    reads (`eval.vcoco._Annotations`): the segmentation polygons, most of the file, are skipped rather
+    than built by json.load. Any other file: read_json's objects (and errors)."""
+    path = Path(path)
+    if path.is_file():
+        try:
+            return msgspec.to_builtins(msgspec.json.decode(path.read_bytes(), type=_CocoInstances))
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            pass
+    return read_json(path, "COCO instances")
 
 
 def read_unseen_triplets(path: str | Path, space: LabelSpace) -> tuple[Triplet, ...]:

@@ -34,6 +34,7 @@ to apply it to each image's top-100 before matching (as `--use_nms_filter` does)
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -41,9 +42,10 @@ import numpy as np
 from rlipv2_scale.errors import UserError
 from rlipv2_scale.eval.ap import eleven_point_ap
 from rlipv2_scale.eval.boxes import continuous_iou, pixel_iou
+from rlipv2_scale.eval.files import read_ground_truth, read_predictions
 from rlipv2_scale.eval.label_space import LabelSpace, hico_label_space
-from rlipv2_scale.eval.relation_json import (Candidates, GroundTruth, flatten_relations, load_candidates,
-                                             load_ground_truth)
+from rlipv2_scale.eval.relation_json import (Candidates, GroundTruth, RelationFile, flatten_relations,
+                                             load_candidates, load_ground_truth)
 from rlipv2_scale.eval.triplet_nms import TripletNMS
 
 TOP_K = 100
@@ -59,10 +61,11 @@ class Ranked:
     tp: np.ndarray
 
 
-def count_training_triplets(train: list[dict], space: LabelSpace) -> dict[int, int]:
+def count_training_triplets(train: list[dict] | RelationFile, space: LabelSpace) -> dict[int, int]:
     """Triplet code -> number of training instances (the rare / non-rare split)."""
     try:  # all images at once; anything odd goes to the per-relation loop, which names it
-        f = flatten_relations(train, space, "annotations", "hoi_annotation")
+        f = train.flat if isinstance(train, RelationFile) else flatten_relations(train, space, "annotations",
+                                                                                 "hoi_annotation")
         codes, counts = np.unique(space.triplet_code(f.box_cat[f.sub], f.box_cat[f.obj], f.verb), return_counts=True)
         return dict(zip(codes.tolist(), counts.tolist()))
     except (KeyError, TypeError, ValueError, AttributeError, IndexError):
@@ -166,7 +169,20 @@ def _mean(values: list[float]) -> float | None:
     return float(np.mean(values)) if values else None
 
 
-def evaluate_hico(gt: list[dict], preds: list[dict], *, train: list[dict] | None = None,
+def evaluate_hico_files(gt: str | Path, pred: str | Path, *, train: str | Path | None = None,
+                        label_space: LabelSpace | None = None, **options) -> dict:
+    """`evaluate_hico` of files: listed-form files are decoded straight into columns (see
+    `files.read_relations`), any other form read as JSON; same numbers, same one-line errors."""
+    space = label_space or hico_label_space()
+    return evaluate_hico(
+        read_ground_truth(gt, space, "hoi_annotation"), read_predictions(pred, space, "hoi_prediction"),
+        train=None if train is None else read_ground_truth(train, space, "hoi_annotation", "training annotations",
+                                                           required=True),
+        label_space=space, **options)
+
+
+def evaluate_hico(gt: list[dict] | RelationFile, preds: list[dict] | RelationFile, *,
+                  train: list[dict] | RelationFile | None = None,
                   zero_shot: str | Iterable[Sequence[int]] | None = None, label_space: LabelSpace | None = None,
                   strict: bool = False, nms: TripletNMS | None = None, top_k: int = TOP_K) -> dict:
     """HICO-DET-protocol mAP of `preds` against `gt` (both in the QPIC-family JSON form, see

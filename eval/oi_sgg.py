@@ -23,12 +23,15 @@ with); here its phrase predictions are false positives and the result says so in
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from rlipv2_scale.eval.boxes import pairwise_pixel_iou, pixel_iou
+from rlipv2_scale.eval.files import read_ground_truth, read_predictions
 from rlipv2_scale.eval.hico import Ranked, rank_candidates, triplet_ap
 from rlipv2_scale.eval.label_space import LabelSpace
-from rlipv2_scale.eval.relation_json import Candidates, GroundTruth, load_candidates, load_ground_truth
+from rlipv2_scale.eval.relation_json import Candidates, GroundTruth, RelationFile, load_candidates, load_ground_truth
 from rlipv2_scale.eval.triplet_nms import TripletNMS, grouped_nms
 
 N_OBJECTS, N_PREDICATES = 288, 30
@@ -125,7 +128,16 @@ def _weighted(ap: np.ndarray, n_gt: np.ndarray) -> float:
     return float(out)
 
 
-def evaluate_oi_sgg(gt: list[dict], preds: list[dict], *, nms: bool = True, label_space: LabelSpace | None = None) -> dict:
+def evaluate_oi_sgg_files(gt: str | Path, pred: str | Path, *, nms: bool = True,
+                          label_space: LabelSpace | None = None) -> dict:
+    """`evaluate_oi_sgg` of files, listed-form files decoded straight into columns (`files.read_relations`)."""
+    space = label_space or oi_label_space()
+    return evaluate_oi_sgg(read_ground_truth(gt, space, "rel_annotations"),
+                           read_predictions(pred, space, "rel_predictions"), nms=nms, label_space=space)
+
+
+def evaluate_oi_sgg(gt: list[dict] | RelationFile, preds: list[dict] | RelationFile, *, nms: bool = True,
+                    label_space: LabelSpace | None = None) -> dict:
     """Ground truth {file_name, annotations, rel_annotations}; predictions {file_name, predictions,
     rel_predictions [{subject_id, object_id, category_id, score}]} or the per-query form."""
     space = label_space or oi_label_space()

@@ -14,14 +14,23 @@ Predictions, matched to ground truth by `file_name`, in either form:
 `category_id`s are the label space's ids (COCO ids and verb ids 1..117 for HICO-DET).
 
 Every malformed value raises `UserError` naming the image and the field.
+
+From a file, `decode_listed` (through `eval.files.read_relations`) decodes the listed form with msgspec
+into typed structs and then columns (`RelationFile`), never building a dict per box; a file it does
+not accept goes through json.load and the list-of-dicts checks, which accept the other forms or name
+the malformed entry, so that both paths score alike and a malformed file never scores.
 """
 from __future__ import annotations
 
+import gc
+import re
 from collections import Counter
 from dataclasses import dataclass
+from functools import lru_cache
 from itertools import chain
-from operator import itemgetter
+from operator import attrgetter, itemgetter
 
+import msgspec
 import numpy as np
 
 from rlipv2_scale.errors import UserError
@@ -120,16 +129,17 @@ def _check_range(ids: np.ndarray, n: int, file_name: str, role: str, field_name:
                         f"(the image has {n} boxes)")
 
 
-def _columns(items, keys: tuple[str, ...], n: int) -> np.ndarray:
-    """[n, len(keys)] float64 of the listed dicts' fields, in one pass at C speed (raises KeyError /
-    TypeError / ValueError on anything malformed; the slow checks then name the culprit)."""
-    get = itemgetter(*keys)
+def _columns(items, keys: tuple[str, ...], n: int, getter=itemgetter) -> np.ndarray:
+    """[n, len(keys)] float64 of the listed dicts' fields (or, with `getter=attrgetter`, the decoded
+    structs' attributes), in one pass at C speed (raises KeyError / TypeError / ValueError on anything
+    malformed; the slow checks then name the culprit)."""
+    get = getter(*keys)
     values = map(get, items) if len(keys) == 1 else chain.from_iterable(map(get, items))
     return np.fromiter(values, dtype=np.float64, count=n * len(keys)).reshape(n, len(keys))
 
 
-def _box_column(items, n: int) -> np.ndarray:
-    bboxes = list(map(itemgetter("bbox"), items))
+def _box_column(items, n: int, getter=itemgetter) -> np.ndarray:
+    bboxes = list(map(getter("bbox"), items))
     if n and set(map(len, bboxes)) != {4}:  # (a set is the cheapest all-equal test here)
         raise ValueError("a bbox is not 4 numbers")
     return np.fromiter(chain.from_iterable(bboxes), dtype=np.float64, count=4 * n).reshape(n, 4)
@@ -156,17 +166,17 @@ class FlatRelations:
     score: np.ndarray | None  # [R]
 
 
-def _flatten(boxes_of: list, rels_of: list, space: LabelSpace, with_score: bool) -> FlatRelations:
+def _flatten(boxes_of: list, rels_of: list, space: LabelSpace, with_score: bool, getter=itemgetter) -> FlatRelations:
     """One pass per field over every image's dicts, then one vectorised validation. Raises KeyError /
     TypeError / ValueError / AttributeError on anything malformed; the slow per-entry checks then name
     the culprit. (The listed dicts are read once each: that reading is most of the evaluator's time.)"""
     n_box = np.fromiter(map(len, boxes_of), dtype=np.int64, count=len(boxes_of))
     n_rel = np.fromiter(map(len, rels_of), dtype=np.int64, count=len(rels_of))
     n, r = int(n_box.sum()), int(n_rel.sum())
-    boxes = _box_column(chain.from_iterable(boxes_of), n)
-    cat_ids = _columns(chain.from_iterable(boxes_of), ("category_id",), n)[:, 0]
+    boxes = _box_column(chain.from_iterable(boxes_of), n, getter)
+    cat_ids = _columns(chain.from_iterable(boxes_of), ("category_id",), n, getter)[:, 0]
     keys = ("subject_id", "object_id", "category_id") + (("score",) if with_score else ())
-    rel = _columns(chain.from_iterable(rels_of), keys, r)
+    rel = _columns(chain.from_iterable(rels_of), keys, r, getter)
     cat_ids, ids = _whole(cat_ids), _whole(rel[:, :3])
     obj_table, verb_table = space.id_lookup("object"), space.id_lookup("verb")
     if cat_ids is None or ids is None or not (np.isfinite(boxes).all() and np.isfinite(rel[:, 3:]).all()):
@@ -193,6 +203,104 @@ def flatten_relations(entries: list[dict], space: LabelSpace, box_key: str, rel_
     return _flatten([e[box_key] for e in entries], [e[rel_key] for e in entries], space, with_score=False)
 
 
+class _Box(msgspec.Struct, gc=False):
+    bbox: tuple[float, float, float, float]
+    category_id: int
+
+
+class _Rel(msgspec.Struct, gc=False):
+    subject_id: int
+    object_id: int
+    category_id: int
+
+
+class _ScoredRel(_Rel, gc=False):
+    score: float
+
+
+@lru_cache(maxsize=None)
+def _listed_decoder(box_key: str, rel_key: str, with_score: bool, optional: frozenset) -> msgspec.json.Decoder:
+    """Decoder of one image's entry."""
+    def field(key: str):
+        return msgspec.field(name=key, default_factory=list) if key in optional else msgspec.field(name=key)
+    image = msgspec.defstruct("ListedImage", [
+        ("file_name", str), ("verb_scores", msgspec.Raw, msgspec.field(default_factory=msgspec.Raw)),
+        ("boxes", list[_Box], field(box_key)),
+        ("rels", list[_ScoredRel if with_score else _Rel], field(rel_key))], kw_only=True, gc=False)
+    return msgspec.json.Decoder(image)
+
+
+_RAW_LIST = msgspec.json.Decoder(list[msgspec.Raw])
+CHUNK = 128  # images decoded into Python objects at a time (their columns are kept, the objects dropped)
+
+
+@dataclass
+class RelationFile:
+    """A whole file in the listed form (ground truth, or predictions in the community form), decoded by
+    `decode_listed` straight into columns; the evaluators take it wherever they take the list of dicts."""
+    file_names: list[str]
+    flat: FlatRelations
+
+
+_WRONG_TYPE = re.compile(r"Expected `(int|float|str)`, got `(bool|str)` - at `\$\.(.+)`")
+_EXPECTED = {"int": "an integer", "float": "a number", "str": "a string"}
+
+
+def _refuse_wrong_type(exc: msgspec.ValidationError, raws: list, decode, what: str) -> None:
+    """A boolean or a string where a number belongs: a UserError naming the entry. (json.load's path
+    would read true as 1 and "3" as 3, numpy's conversions, and score the file.)"""
+    m = _WRONG_TYPE.fullmatch(str(exc))
+    if m is None:
+        return
+    for raw in raws:  # the first entry that fails is the one the message is about
+        try:
+            decode(raw)
+        except msgspec.ValidationError:
+            name = msgspec.json.decode(raw).get("file_name")
+            raise UserError(f"{what} for image {name!r}: {m[3]} must be {_EXPECTED[m[1]]}, got a "
+                            f"{'boolean' if m[2] == 'bool' else 'string'}") from None
+
+
+def decode_listed(data: bytes, space: LabelSpace, box_key: str, rel_key: str, *, with_score: bool = False,
+                  optional: tuple[str, ...] = (), what: str = "predictions") -> RelationFile | None:
+    """JSON text of a list of images with `box_key` boxes and `rel_key` relations (`optional` ones may be
+    absent: no boxes / no relations) decoded into typed structs, never a dict per box, then columns, a
+    chunk of images at a time (the objects of a whole file would take several times its size). None
+    when the text is anything else: not JSON, another form (per-query entries: `verb_scores`), a value
+    of the wrong type, an id out of range; the caller then reads the file as plain JSON and the checks
+    of the list-of-dicts path name the entry or accept the other form. A boolean or string where a
+    number belongs raises the `UserError` (naming the `what` entry) here."""
+    decode = _listed_decoder(box_key, rel_key, with_score, frozenset(optional)).decode
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # (millions of new acyclic objects: the collector's passes over them would cost a quarter)
+    try:
+        raws = _RAW_LIST.decode(data)  # each image's text, not yet decoded
+        names, parts = [], []
+        for start in range(0, len(raws), CHUNK):
+            try:
+                entries = list(map(decode, raws[start:start + CHUNK]))
+            except msgspec.ValidationError as exc:
+                _refuse_wrong_type(exc, raws[start:start + CHUNK], decode, what)
+                raise
+            if with_score and any(map(len, map(attrgetter("verb_scores"), entries))):
+                return None
+            parts.append(_flatten([e.boxes for e in entries], [e.rels for e in entries], space, with_score,
+                                  attrgetter))
+            names += [e.file_name for e in entries]
+    except (msgspec.ValidationError, msgspec.DecodeError, ValueError):
+        return None
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    if len(parts) <= 1:
+        return RelationFile(names, parts[0] if parts else _flatten([], [], space, with_score))
+    offset = np.repeat(np.cumsum([0] + [len(p.boxes) for p in parts[:-1]]), [len(p.sub) for p in parts])
+    n_box, n_rel, boxes, box_cat, sub, obj, verb = (np.concatenate([getattr(p, k) for p in parts]) for k in
+                                                    ("n_box", "n_rel", "boxes", "box_cat", "sub", "obj", "verb"))
+    score = np.concatenate([p.score for p in parts]) if with_score else None
+    return RelationFile(names, FlatRelations(n_box, n_rel, boxes, box_cat, sub + offset, obj + offset, verb, score))
+
+
 def _validate_relations(entry: dict, name: str, role: str, rel_key: str, n_boxes: int, space: LabelSpace) -> list:
     """Per-field checks of an entry's relation list (subject / object ids, verb ids); returns it."""
     rels = entry.get(rel_key, [])
@@ -217,11 +325,18 @@ def _validate_gt_entry(i: int, entry, space: LabelSpace, rel_key: str) -> None:
     _validate_relations(entry, name, "ground truth", rel_key, len(anns), space)
 
 
-def load_ground_truth(entries: list[dict], space: LabelSpace, rel_key: str = "hoi_annotation") -> GroundTruth:
+def load_ground_truth(entries: list[dict] | RelationFile, space: LabelSpace,
+                      rel_key: str = "hoi_annotation") -> GroundTruth:
+    if isinstance(entries, RelationFile):
+        return _ground_truth(entries.file_names, entries.flat)
     if not isinstance(entries, list):
         raise UserError("ground truth must be a JSON list of images")
     try:
-        return _load_ground_truth_fast(entries, space, rel_key)
+        names = [e["file_name"] for e in entries]
+        if not all(isinstance(n, str) for n in names):
+            raise TypeError("file_name")
+        return _ground_truth(names, _flatten([e.get("annotations", []) for e in entries],
+                                             [e.get(rel_key, []) for e in entries], space, with_score=False))
     except (KeyError, TypeError, ValueError, AttributeError, IndexError):
         for i, entry in enumerate(entries):
             _validate_gt_entry(i, entry, space, rel_key)
@@ -229,17 +344,12 @@ def load_ground_truth(entries: list[dict], space: LabelSpace, rel_key: str = "ho
                         f"{rel_key})") from None
 
 
-def _load_ground_truth_fast(entries: list[dict], space: LabelSpace, rel_key: str) -> GroundTruth:
-    names = [e["file_name"] for e in entries]
-    if not all(isinstance(n, str) for n in names):
-        raise TypeError("file_name")
+def _ground_truth(names: list[str], f: FlatRelations) -> GroundTruth:
     if len(set(names)) != len(names):
         dup = next(n for n, c in Counter(names).items() if c > 1)
         raise UserError(f"ground truth lists image {dup!r} twice")
-    f = _flatten([e.get("annotations", []) for e in entries], [e.get(rel_key, []) for e in entries], space,
-                 with_score=False)
     box_offset = np.concatenate([[0], np.cumsum(f.n_box)])
-    rel_img = np.repeat(np.arange(len(entries)), f.n_rel)
+    rel_img = np.repeat(np.arange(len(names)), f.n_rel)
     return GroundTruth(names, box_offset, f.boxes, f.box_cat, rel_img, f.sub, f.obj, f.verb)
 
 
@@ -339,37 +449,50 @@ def rank_within_images(seg_img: np.ndarray, seg_len: np.ndarray, score: np.ndarr
     return order if top_k is None else order[within < top_k]
 
 
-def load_candidates(preds: list[dict], gt: GroundTruth, space: LabelSpace, *, top_k: int | None,
+def _image_of(name, k: int, index: dict[str, int], seen: set[str]) -> int:
+    """The ground-truth image of prediction entry `k`, or a one-line error naming it."""
+    if not isinstance(name, str):
+        raise UserError(f"prediction entry {k} has no 'file_name' string")
+    if name not in index:
+        raise UserError(f"predictions name image {name!r}, which is not in the ground truth")
+    if name in seen:
+        raise UserError(f"predictions list image {name!r} twice")
+    seen.add(name)
+    return index[name]
+
+
+def load_candidates(preds: list[dict] | RelationFile, gt: GroundTruth, space: LabelSpace, *, top_k: int | None,
                     use_valid: bool = True, rel_key: str = "hoi_prediction") -> Candidates:
     """Validate predictions and keep, per image, the `top_k` candidates by score after multiplying it
     by the valid verb-object matrix; the sort is stable (ties keep their listed order)."""
-    if not isinstance(preds, list):
-        raise UserError("predictions must be a JSON list of images")
     index = {n: i for i, n in enumerate(gt.file_names)}
     seen: set[str] = set()
-    community, community_img, raw = [], [], []
-    for k, entry in enumerate(preds):
-        name = entry.get("file_name") if isinstance(entry, dict) else None
-        if not isinstance(name, str):
-            raise UserError(f"prediction entry {k} has no 'file_name' string")
-        if name not in index:
-            raise UserError(f"predictions name image {name!r}, which is not in the ground truth")
-        if name in seen:
-            raise UserError(f"predictions list image {name!r} twice")
-        seen.add(name)
-        if "verb_scores" in entry or "predictions" not in entry:
-            raw.append((index[name], entry, name))
-        else:
-            community.append(entry)
-            community_img.append(index[name])
     parts = []  # (segment images, segment lengths, sub, obj, verb, score, boxes, box_cat)
-    if community:
-        try:
-            parts.append(_community_candidates(community, community_img, space, rel_key))
-        except (KeyError, TypeError, ValueError, AttributeError, IndexError):
-            for entry in community:
-                _validate_pred_entry(entry, entry["file_name"], space, rel_key)
-            raise UserError(f"predictions are not in the expected form (file_name, predictions, {rel_key})") from None
+    raw = []
+    if isinstance(preds, RelationFile):
+        f = preds.flat
+        img = np.fromiter((_image_of(n, k, index, seen) for k, n in enumerate(preds.file_names)), np.int64,
+                          count=len(preds.file_names))
+        parts.append((img, f.n_rel, f.sub, f.obj, f.verb, f.score, f.boxes, f.box_cat))
+    elif not isinstance(preds, list):
+        raise UserError("predictions must be a JSON list of images")
+    else:
+        community, community_img = [], []
+        for k, entry in enumerate(preds):
+            i = _image_of(entry.get("file_name") if isinstance(entry, dict) else None, k, index, seen)
+            if "verb_scores" in entry or "predictions" not in entry:
+                raw.append((i, entry, entry["file_name"]))
+            else:
+                community.append(entry)
+                community_img.append(i)
+        if community:
+            try:
+                parts.append(_community_candidates(community, community_img, space, rel_key))
+            except (KeyError, TypeError, ValueError, AttributeError, IndexError):
+                for entry in community:
+                    _validate_pred_entry(entry, entry["file_name"], space, rel_key)
+                raise UserError(f"predictions are not in the expected form (file_name, predictions, "
+                                f"{rel_key})") from None
     for i, entry, name in raw:
         boxes, cats = _pred_boxes(entry, name, space)
         if "verb_scores" not in entry:

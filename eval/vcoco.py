@@ -37,7 +37,7 @@ import numpy as np
 
 from rlipv2_scale.errors import UserError
 from rlipv2_scale.eval.ap import area_ap
-from rlipv2_scale.eval.files import read_json
+from rlipv2_scale.eval.files import read_coco_instances, read_json
 
 OVERLAP = 0.5
 
@@ -296,5 +296,5 @@ def read_detections(path: str | Path, trust_pickle: bool = False) -> Any:
 
 def evaluate_vcoco_files(vcoco: str | Path, coco: str | Path, image_ids: str | Path, detections: str | Path,
                          trust_pickle: bool = False) -> dict:
-    return evaluate_vcoco(read_json(vcoco, "V-COCO annotations"), read_json(coco, "COCO instances"),
+    return evaluate_vcoco(read_json(vcoco, "V-COCO annotations"), read_coco_instances(coco),
                           read_image_ids(image_ids), read_detections(detections, trust_pickle))

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -71,6 +73,29 @@ def test_hico_det_errors_are_one_line(hico_files, capsys):
     assert run(["eval", "hico-det", "--gt", str(hico_files / "gt.json"), "--pred", str(hico_files / "pred.json"),
                 "--zero-shot", "NF"]) == 2
     assert "file of unseen triplets" in capsys.readouterr().out
+
+
+def test_malformed_file_through_the_real_entry_point(hico_files):
+    """The command as users run it: one line naming the entry, status 2, no traceback."""
+    pred = json.loads((hico_files / "pred.json").read_text())
+    pred[5]["predictions"][2]["bbox"] = [1, 2, 3]
+    (hico_files / "bad.json").write_text(json.dumps(pred))
+    proc = subprocess.run([sys.executable, "-m", "rlipv2_scale.cli", "eval", "hico-det", "--gt",
+                           str(hico_files / "gt.json"), "--pred", str(hico_files / "bad.json")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "rlipv2: error: predictions for image 'img_000005.jpg': predictions[2].bbox must be 4 numbers "
+        "[x1, y1, x2, y2], got [1, 2, 3]"]
+
+
+def test_commands_start_without_torch():
+    """Building the command line imports no heavy library (torch alone takes seconds and 0.3 GB, which
+    `rlipv2 eval` from files does not need); commands import what they use when they run."""
+    code = ("import sys; from rlipv2_scale.cli import build_parser; build_parser(); "
+            "print(sorted({'torch', 'streaming', 'transformers', 'timm'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 def test_oi_sgg_command(tmp_path):

@@ -11,11 +11,11 @@ from hypothesis import strategies as st
 
 from rlipv2_scale.errors import UserError
 from rlipv2_scale.eval.ap import eleven_point_ap
-from rlipv2_scale.eval.files import read_unseen_triplets
-from rlipv2_scale.eval.hico import evaluate_hico
+from rlipv2_scale.eval.files import read_relations, read_unseen_triplets
+from rlipv2_scale.eval.hico import evaluate_hico, evaluate_hico_files
 from rlipv2_scale.eval.label_space import LabelSpace, hico_label_space
 from rlipv2_scale.eval.reference_loops import evaluate_hico_loops, expand_per_query
-from rlipv2_scale.eval.relation_json import _whole, rank_within_images
+from rlipv2_scale.eval.relation_json import RelationFile, _whole, rank_within_images
 from rlipv2_scale.eval.synthetic import random_relation_data, to_per_query, toy_label_space
 from rlipv2_scale.eval.triplet_nms import TripletNMS
 
@@ -337,11 +337,80 @@ def _ok():
     (lambda g, p: g[0]["annotations"][0].update(bbox="x"), r"ground truth for image 'a.jpg'.*annotations\[0\].bbox"),
     (lambda g, p: p.append(dict(p[0])), r"'a.jpg' twice"),
 ])
-def test_bad_input_names_the_image_and_field(mutate, message):
+@pytest.mark.parametrize("from_files", [False, True])
+def test_bad_input_names_the_image_and_field(mutate, message, from_files, tmp_path):
     gt, pred = _ok()
     mutate(gt, pred)
     with pytest.raises(UserError, match=message):
-        ev(gt, pred)
+        if from_files:  # the columnar fast path must not score it: the error names the same entry
+            evaluate_hico_files(*_write(tmp_path, gt=gt, pred=pred), label_space=SPACE)
+        else:
+            ev(gt, pred)
+
+
+def _write(folder, **files) -> list:
+    """Each object as `name`.json (the stdlib's dump, as users write them); their paths."""
+    for name, data in files.items():
+        (folder / f"{name}.json").write_text(json.dumps(data))
+    return [folder / f"{name}.json" for name in files]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_files_take_the_columnar_path_and_give_identical_numbers(seed, tmp_path):
+    space = hico_label_space()
+    gt, pred = random_relation_data(space, 60, 120, n_queries=40, seed=seed)
+    train, _ = random_relation_data(space, 80, 0, n_queries=1, seed=seed + 7)
+    paths = _write(tmp_path, gt=gt, pred=pred, train=train)
+    for path, keys, score in zip(paths, [("annotations", "hoi_annotation"), ("predictions", "hoi_prediction"),
+                                         ("annotations", "hoi_annotation")], (False, True, False)):
+        assert isinstance(read_relations(path, "x", space, *keys, with_score=score), RelationFile)
+    got = evaluate_hico_files(*paths[:2], train=paths[2], zero_shot="UC-RF")
+    assert got == evaluate_hico(gt, pred, train=train, zero_shot="UC-RF")
+    loops = evaluate_hico_loops(gt, pred, train=train)
+    assert abs(got["mAP"] - loops["mAP"]) <= 1e-9 and abs(got["mAP_rare"] - loops["mAP_rare"]) <= 1e-9
+
+
+@pytest.mark.parametrize("edit", [
+    lambda g, p: p[0]["predictions"][0].update(category_id=float(p[0]["predictions"][0]["category_id"])),  # 1.0
+    lambda g, p: p[1]["hoi_prediction"][0].update(score=1),  # an int score
+    lambda g, p: p[2].pop("hoi_prediction"),  # no relations
+    lambda g, p: g[3].update(extra_field=[1, {"x": None}]),  # unknown fields are ignored, as json.load's path
+    lambda g, p: p.__setitem__(4, to_per_query_json(p[4])),  # a per-query entry among listed ones
+])
+def test_files_in_other_valid_forms_score_as_their_objects(edit, tmp_path):
+    space = hico_label_space()
+    gt, pred = random_relation_data(space, 8, 30, n_queries=10, seed=5)
+    edit(gt, pred)
+    assert evaluate_hico_files(*_write(tmp_path, gt=gt, pred=pred)) == evaluate_hico(gt, pred)
+
+
+def to_per_query_json(entry: dict) -> dict:
+    q = to_per_query([entry], hico_label_space())[0]
+    return {k: np.asarray(v).tolist() if k != "file_name" else v for k, v in q.items()}
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[{"file_name": "a.jpg", "predictions": [{"bbox": [0, 0, 9, 9], "category_id": "cup"}]}]',
+     r"^predictions for image 'a.jpg': predictions\[0\].category_id must be an integer, got a string$"),
+    ('[{"file_name": "a.jpg", "predictions": [{"bbox": [0, 0, 9, 9], "category_id": true}]}]',
+     r"^predictions for image 'a.jpg': predictions\[0\].category_id must be an integer, got a boolean$"),
+    ('[{"file_name": "a.jpg", "predictions": [{"bbox": [0, 0, 9, 9], "category_id": 1}], '
+     '"hoi_prediction": [{"subject_id": 0, "object_id": 0, "category_id": 0, "score": "0.5"}]}]',
+     r"^predictions for image 'a.jpg': hoi_prediction\[0\].score must be a number, got a string$"),
+    ('[{"file_name": "a.jpg", "predictions": [{"bbox": null, "category_id": 1}]}]',
+     r"'a.jpg'.*predictions\[0\].bbox must be 4 numbers"),
+    ('[{"file_name": "a.jpg", "predictions": [{"bbox": [0, 0, 9, NaN], "category_id": 1}]}]',
+     r"'a.jpg'.*predictions\[0\].bbox has a non-finite value"),
+    ('[{"file_name": "a.jpg", "predictions": [], "hoi_prediction": [{"subject_id": 0}]}]',
+     r"'a.jpg'.*hoi_prediction\[0\].subject_id = 0 is out of range"),
+    ('[{"file_name": "a.jpg", "predictions": [{"bbox": [0, 0, 9, 9], "category_id": 1}]}',
+     r"predictions file .* is not valid JSON"),
+])
+def test_malformed_prediction_files_name_the_entry(text, message, tmp_path):
+    (gt_path,) = _write(tmp_path, gt=[gt_image("a.jpg", [(P0, PERSON)], [])])
+    (tmp_path / "pred.json").write_text(text)
+    with pytest.raises(UserError, match=message):
+        evaluate_hico_files(gt_path, tmp_path / "pred.json", label_space=SPACE)
 
 
 def test_zero_shot_file_forms(tmp_path):
@@ -356,10 +425,14 @@ def test_zero_shot_file_forms(tmp_path):
         read_unseen_triplets(f, space)
 
 
-def test_malformed_training_file():
+def test_malformed_training_file(tmp_path):
     gt, pred = _ok()
+    train = [gt_image("t", [(P0, PERSON)], [(0, 3, HOLD)])]
     with pytest.raises(UserError, match="training annotations for image 't'.*out of range"):
-        ev(gt, pred, train=[gt_image("t", [(P0, PERSON)], [(0, 3, HOLD)])])
+        ev(gt, pred, train=train)
+    with pytest.raises(UserError, match="training annotations for image 't'.*out of range"):
+        evaluate_hico_files(*_write(tmp_path, gt=gt, pred=pred, train=train)[:2], train=tmp_path / "train.json",
+                            label_space=SPACE)
 
 
 # ------------------------------------------------------------------------------ per-image ranking

@@ -1,10 +1,15 @@
 """Open Images SGG metrics: hand-computed R@50, triplet-weighted wmAP, phrase detection and its quirks."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from rlipv2_scale.errors import UserError
-from rlipv2_scale.eval.oi_sgg import evaluate_oi_sgg
+from rlipv2_scale.eval.files import read_predictions
+from rlipv2_scale.eval.oi_sgg import evaluate_oi_sgg, evaluate_oi_sgg_files, oi_label_space
+from rlipv2_scale.eval.relation_json import RelationFile
+from rlipv2_scale.eval.synthetic import random_relation_data
 
 S1, O1, O2 = [0.0, 0.0, 99.0, 99.0], [100.0, 0.0, 199.0, 99.0], [300.0, 0.0, 399.0, 99.0]
 FAR_S, FAR_O = [1000.0, 1000.0, 1099.0, 1099.0], [1100.0, 1000.0, 1199.0, 1099.0]
@@ -93,3 +98,20 @@ def test_bad_predictions_raise():
         evaluate_oi_sgg(GT, [pred_image("a", GT_BOXES, [(0, 1, RIDE, float("nan"))])])
     with pytest.raises(UserError, match=r"category_id = 400"):
         evaluate_oi_sgg(GT, [pred_image("a", [(S1, 400)], [])])
+
+
+def test_files_give_the_numbers_of_their_objects(tmp_path):
+    space = oi_label_space()
+    gt, pred = random_relation_data(space, 40, 120, n_queries=30, seed=2)
+    gt = [{"file_name": g["file_name"], "annotations": g["annotations"], "rel_annotations": g["hoi_annotation"]}
+          for g in gt]
+    pred = [{"file_name": p["file_name"], "predictions": p["predictions"], "rel_predictions": p["hoi_prediction"]}
+            for p in pred]
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    (tmp_path / "pred.json").write_text(json.dumps(pred))
+    assert isinstance(read_predictions(tmp_path / "pred.json", space, "rel_predictions"), RelationFile)
+    assert evaluate_oi_sgg_files(tmp_path / "gt.json", tmp_path / "pred.json") == evaluate_oi_sgg(gt, pred)
+    pred[7]["rel_predictions"][3]["score"] = float("nan")  # json.dump writes NaN: the fast decoder refuses it
+    (tmp_path / "pred.json").write_text(json.dumps(pred))
+    with pytest.raises(UserError, match=r"'img_000007.jpg'.*rel_predictions\[3\].score"):
+        evaluate_oi_sgg_files(tmp_path / "gt.json", tmp_path / "pred.json")

@@ -7,6 +7,7 @@ import math
 import pytest
 
 from rlipv2_scale.errors import UserError
+from rlipv2_scale.eval.files import read_coco_instances
 from rlipv2_scale.eval.vcoco import evaluate_vcoco, evaluate_vcoco_files
 
 NAN4 = [math.nan] * 4
@@ -126,3 +127,21 @@ def test_files_round_trip(tmp_path):
     assert res["AP_role_s2"] == pytest.approx(1.0)
     with pytest.raises(UserError, match="does not exist"):
         evaluate_vcoco_files(tmp_path / "nope.json", tmp_path / "coco.json", tmp_path / "ids", tmp_path / "dets.json")
+
+
+@pytest.mark.parametrize("edit", [
+    lambda c: None,
+    lambda c: c["annotations"][2].update(ignore=1),  # the toolkit drops it
+    lambda c: c["annotations"][3].update(bbox=[0.5, 0.25, 79.5, 120.0], area=9540.0),
+    lambda c: c["annotations"][0].update(id=10.0),  # not the typed form: read as plain JSON, same numbers
+])
+def test_coco_instances_file_reads_only_what_the_toolkit_uses(edit, tmp_path):
+    c = coco()
+    for a in c["annotations"]:  # what real files carry beside the boxes, and the typed reader skips
+        a["segmentation"] = [[float(x) for x in range(40)]]
+    c["info"], c["licenses"] = {"year": 2014}, []
+    edit(c)
+    (tmp_path / "coco.json").write_text(json.dumps(c))
+    read = read_coco_instances(tmp_path / "coco.json")
+    assert ("segmentation" in read["annotations"][0]) == isinstance(c["annotations"][0]["id"], float)
+    assert evaluate_vcoco(vcoco(), read, [1, 2], detections()) == evaluate_vcoco(vcoco(), c, [1, 2], detections())

@@ -26,13 +26,13 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def register(tree: CommandTree) -> None:
-    from rlipv2_scale.models.original import RELEASED
-
     p = tree.command("import-checkpoint", "convert an original RLIPv2 checkpoint (.pth) into a model directory "
                      "(model.safetensors + model.yaml, compat_original on)", _import)
     p.add_argument("checkpoint", type=Path, help="the original torch.save file (weights under 'model')")
+    # (models.original.RELEASED spelled out: importing that module imports torch, for every command)
     p.add_argument("--config", required=True,
-                   help=f"the released model it holds: {', '.join(RELEASED)} (or a ModelConfig YAML file)")
+                   help="the released model it holds: r50, swin_t, swin_l, swin_l_hico, tagger_r50 (or a ModelConfig "
+                        "YAML file)")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="model directory to write")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. num_queries=128 (repeatable)")

@@ -6,8 +6,6 @@ import json
 import os
 from pathlib import Path
 
-from streaming.base.util import bytes_to_int
-
 from rlipv2_scale.data.convert import convert
 from rlipv2_scale.data.shards import DEFAULT_SIZE_LIMIT
 from rlipv2_scale.data.sources import FORMATS
@@ -57,6 +55,8 @@ def register(tree) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from streaming.base.util import bytes_to_int  # (here: importing streaming takes seconds, every command paid it)
+
     options = {k: getattr(args, k) for k in FORMAT_OPTIONS.get(args.format, ()) if getattr(args, k) is not None}
     try:
         size_limit = bytes_to_int(args.size_limit)

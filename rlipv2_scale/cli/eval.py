@@ -119,8 +119,8 @@ def _report(title: str, rows: list[tuple[str, float | None]], results: dict, out
 
 
 def run_hico(args: argparse.Namespace) -> int:
-    from rlipv2_scale.eval.files import read_json, read_unseen_triplets
-    from rlipv2_scale.eval.hico import evaluate_hico
+    from rlipv2_scale.eval.files import read_unseen_triplets
+    from rlipv2_scale.eval.hico import evaluate_hico_files
     from rlipv2_scale.eval.label_space import hico_label_space
     from rlipv2_scale.eval.triplet_nms import TripletNMS
 
@@ -135,10 +135,8 @@ def run_hico(args: argparse.Namespace) -> int:
         raise UserError("--zero-shot NF has no built-in split: pass the file of unseen triplets, --zero-shot FILE")
     if zero_shot is not None and zero_shot not in HICO_SPLITS:
         zero_shot = read_unseen_triplets(zero_shot, space)
-    train = read_json(args.train, "training annotations") if args.train else None
-    res = evaluate_hico(read_json(args.gt, "ground truth"), read_json(args.pred, "predictions"), train=train,
-                        zero_shot=zero_shot, label_space=space, strict=args.strict,
-                        nms=TripletNMS() if args.nms else None)  # None (not given) = off for files
+    res = evaluate_hico_files(args.gt, args.pred, train=args.train, zero_shot=zero_shot, label_space=space,
+                              strict=args.strict, nms=TripletNMS() if args.nms else None)  # None (not given) = off for files
     rows = [("mAP (full)", res["mAP"]), ("mAP rare", res["mAP_rare"]), ("mAP non-rare", res["mAP_non_rare"]),
             ("mean max recall", res["mean_max_recall"])]
     if zero_shot is not None:
@@ -215,15 +213,14 @@ OI_ROWS = (("R@50", "recall@50"), ("wmAP_rel", "wmAP_rel"), ("wmAP_phr", "wmAP_p
 
 
 def run_oi(args: argparse.Namespace) -> int:
-    from rlipv2_scale.eval.files import read_json
-    from rlipv2_scale.eval.oi_sgg import evaluate_oi_sgg
+    from rlipv2_scale.eval.oi_sgg import evaluate_oi_sgg_files
 
     if args.checkpoint is not None:
         return _run_oi_checkpoint(args)
     if args.gt is None or args.pred is None:
         raise UserError("rlipv2 eval oi-sgg: give --gt FILE and --pred FILE, or run a model with "
                         "--checkpoint DIR --data ROOT")
-    res = evaluate_oi_sgg(read_json(args.gt, "ground truth"), read_json(args.pred, "predictions"), nms=not args.no_nms)
+    res = evaluate_oi_sgg_files(args.gt, args.pred, nms=not args.no_nms)
     return _report("Open Images v6 SGG", [(name, res[key]) for name, key in OI_ROWS], res, args.json)
 
 

@@ -15,8 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from streaming import MDSWriter
-from streaming.base.format import reader_from_json
 
 from rlipv2_scale.data.schema import RelationalRecord
 from rlipv2_scale.data.sources.base import Dropped, Item, Skip
@@ -95,6 +93,8 @@ def write_shards(items: Iterable[Item], out_dir: str | os.PathLike, *, size_limi
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise UserError(f"output folder {out} is not empty; choose a new folder or pass --overwrite")
+    from streaming import MDSWriter  # (imported here: it takes seconds, and every CLI command imports this module)
+
     summary = ConvertSummary(out=str(out))
     writer = MDSWriter(out=str(out), columns=COLUMNS, size_limit=size_limit, exist_ok=overwrite)
     for item in items:
@@ -117,6 +117,8 @@ def iter_records(shard_dir: str | os.PathLike, limit: int | None = None) -> Iter
     index_path = shard_dir / "index.json"
     if not index_path.is_file():
         raise UserError(f"{shard_dir} holds no MDS index (index.json); write shards with `rlipv2 data convert`")
+    from streaming.base.format import reader_from_json
+
     index = json.loads(index_path.read_text())
     n = 0
     for info in index["shards"]:
