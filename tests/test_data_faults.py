@@ -152,6 +152,15 @@ def test_unwritable_out_is_one_line(tmp_path, rlipv2, monkeypatch):
     assert not any(out.iterdir())
 
 
+def test_unwritable_summary_json_is_one_line_and_keeps_the_shards(tmp_path, rlipv2):
+    fx = vg_raw(tmp_path / "src")
+    code, err = rlipv2("data", "convert", "--format", "vg", "--annotations", fx["annotations"], "--images",
+                       fx["images"], "--out", tmp_path / "shards", "--no-progress", "--workers", 1,
+                       "--summary-json", tmp_path / "missing" / "summary.json")
+    assert_one_line_error(code, err, "--summary-json", "the shards are written")
+    assert "wrote 2 images" in rlipv2.stdout and len(list(iter_records(tmp_path / "shards"))) == 2
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
 def test_read_only_out_folder(tmp_path, rlipv2):
     fx = vg_raw(tmp_path / "src")
