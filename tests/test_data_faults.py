@@ -147,7 +147,6 @@ def test_unwritable_out_is_one_line(tmp_path, rlipv2, monkeypatch):
     out = tmp_path / "ro"
     out.mkdir()
     monkeypatch.setattr(tempfile, "TemporaryFile", read_only)     # root ignores chmod: simulate a read-only mount
-    monkeypatch.setattr(tempfile, "mkdtemp", read_only)
     assert_one_line_error(*rlipv2(*common, "--out", out), f"cannot write to --out {out}", "Read-only file system")
     assert not any(out.iterdir())
 
@@ -206,7 +205,7 @@ def test_training_refuses_a_truncated_shard_when_it_opens_it(shards):
                                  "num_workers": 0, "num_obj_labels": 6, "num_rel_labels": 3})
     assert len(make_streams(cfg)) == 1
     truncate(shards / "shard.00000.mds")
-    with pytest.raises(DataError, match=r"data source 'vg': shard file .*shard\.00000\.mds has \d+ bytes"):
+    with pytest.raises(DataError, match=r"data source 'vg': shard file '.*shard\.00000\.mds' has \d+ bytes"):
         make_streams(cfg)
     (shards / "shard.00000.mds").unlink()
     with pytest.raises(DataError, match="is missing"):

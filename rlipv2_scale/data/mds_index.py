@@ -49,13 +49,13 @@ def check_shards(shard_dir: str | os.PathLike) -> dict[str, Any]:
         candidates = [info["raw_data"]] + ([info["zip_data"]] if info.get("zip_data") else [])
         present = [(shard_dir / c["basename"], c["bytes"]) for c in candidates if (shard_dir / c["basename"]).is_file()]
         if not present:
-            raise DataError(f"shard file {shard_dir / info['raw_data']['basename']} is missing (listed in "
-                            f"{shard_dir / INDEX}); restore it or re-convert the source",
+            raise DataError(f"shard file '{shard_dir / info['raw_data']['basename']}' is missing (listed in "
+                            f"'{shard_dir / INDEX}'); restore it or re-convert the source",
                             info["raw_data"]["basename"], "missing_shard")
         path, expected = present[0]
         size = path.stat().st_size
         if size != expected:
-            raise DataError(f"shard file {path} has {size} bytes, but {shard_dir / INDEX} records {expected}: "
+            raise DataError(f"shard file '{path}' has {size} bytes, but '{shard_dir / INDEX}' records {expected}: "
                             f"it is truncated or damaged; restore it or re-convert the source", path.name,
                             "corrupt_shard")
     return index

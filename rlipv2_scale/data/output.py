@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -95,10 +96,9 @@ def staged_output(out: str | os.PathLike, inputs: Iterable[str | os.PathLike | N
         previous = own_files(out)
     _writable(out)
     try:
-        staged = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        staged.chmod(0o777 & ~umask)   # mkdtemp's 0700 would become the output folder's mode
+        # Not mkdtemp: its mode 0700 would become the output folder's; mkdir applies the umask.
+        staged = out.parent / f".{out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        staged.mkdir()
     except OSError as exc:
         raise UserError(f"cannot write beside --out {out} (in {out.parent}): {exc.strerror or exc}; choose a "
                         f"folder whose parent is writable") from None
