@@ -131,6 +131,9 @@ def test_subset_never_replaces_a_different_file(tmp_path, rlipv2):
     assert rlipv2(*args)[0] == 0
     written = released.read_bytes()
     assert rlipv2(*args)[0] == 0 and released.read_bytes() == written     # a same-seed rerun is a no-op
+    source = fx["annotations"].read_bytes()
+    assert_one_line_error(*rlipv2(*args[:-1], fx["annotations"]), "is a file, not a folder")
+    assert fx["annotations"].read_bytes() == source
 
 
 # -- item 6: failures that were tracebacks -------------------------------------------------------

@@ -95,12 +95,13 @@ def write_subsets(annotations: str | os.PathLike, fractions: list[float], seed: 
         if target.exists() and (not target.is_file() or target.read_bytes() != text):
             raise UserError(f"{target} already exists and differs from this subset (seed {seed}); move it away or "
                             f"choose another --out")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        for (target, _), text in zip(drawn, texts):
-            partial = target.with_name(f".{target.name}.partial")
+    for (target, _), text in zip(drawn, texts):
+        partial = target.with_name(f".{target.name}.partial")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
             partial.write_bytes(text)
             os.replace(partial, target)
-    except OSError as exc:
-        raise UserError(f"cannot write to --out {out}: {exc.strerror or exc}; choose a writable folder") from None
+        except OSError as exc:
+            partial.unlink(missing_ok=True)
+            raise UserError(f"cannot write {target}: {exc.strerror or exc}; choose a writable --out") from None
     return drawn

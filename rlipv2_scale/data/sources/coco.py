@@ -31,7 +31,7 @@ def read_coco(annotations: Path, images: Path, split: str = "train2017", *, sour
     by_image: dict[object, list[dict]] = defaultdict(list)
     for ann in data["annotations"]:
         by_image[ann.get("image_id") if isinstance(ann, dict) else None].append(ann)
-    listed = {info.get("id") for info in data["images"] if isinstance(info, dict)}
+    listed = {info["id"] for info in data["images"] if isinstance(info, dict) and "id" in info}
     for image_id in [i for i in by_image if i not in listed]:
         anns = by_image[image_id]
         ids = [a.get("id") if isinstance(a, dict) else None for a in anns]
