@@ -14,7 +14,6 @@ from data_fixtures import coco_instances, hico, jpeg, oi_sgg, pseudo_coco, trunc
 from rlipv2_scale import cli
 from rlipv2_scale.config import from_dict
 from rlipv2_scale.data.config import DataConfig
-from rlipv2_scale.data.convert import convert
 from rlipv2_scale.data.schema import ImageInfo, Object, RelationalRecord, Relation
 from rlipv2_scale.data.shards import iter_records, write_shards
 from rlipv2_scale.errors import DataError, UserError

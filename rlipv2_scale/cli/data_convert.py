@@ -29,7 +29,8 @@ def register(tree) -> None:
     p.add_argument("--annotations", required=True, type=Path,
                    help="annotation file (VG: scene_graphs.json or its folder)")
     p.add_argument("--images", required=True, type=Path, help="folder the annotation's image paths are relative to")
-    p.add_argument("--out", required=True, type=Path, help="output folder for the shards (new or empty, outside every input)")
+    p.add_argument("--out", required=True, type=Path,
+                   help="output folder for the shards (new or empty, outside every input)")
     p.add_argument("--split", default="train", help="split name stored with each record (default: train)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="processes decoding and checking images (default: min(8, CPUs))")
