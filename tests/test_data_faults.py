@@ -142,7 +142,7 @@ def test_unwritable_out_is_one_line(tmp_path, rlipv2, monkeypatch):
     common = ["data", "convert", "--format", "vg", "--annotations", fx["annotations"], "--images", fx["images"],
               "--no-progress", "--workers", 1]
     (tmp_path / "file").write_text("x")
-    assert_one_line_error(*rlipv2(*common, "--out", tmp_path / "file" / "shards"), "cannot write")
+    assert_one_line_error(*rlipv2(*common, "--out", tmp_path / "file" / "shards"), "is a file, not a folder")
 
     def read_only(*_, **__):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))

@@ -62,6 +62,8 @@ def _writable(out: Path) -> None:
                 pass
         else:
             out.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise UserError(f"--out {out}: part of this path is a file, not a folder; choose another --out") from None
     except OSError as exc:
         raise UserError(f"cannot write to --out {out}: {exc.strerror or exc}; choose a writable folder") from None
 
