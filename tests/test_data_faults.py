@@ -60,7 +60,7 @@ def test_convert_refuses_an_out_that_is_holds_or_lies_in_an_input(tmp_path, rlip
     out = {"same": src, "parent": tmp_path, "inside": src / "shards"}[where]
     code, err = rlipv2("data", "convert", "--format", "vg", "--annotations", fx["annotations"], "--images", src,
                        "--out", out, "--overwrite", "--no-progress", "--workers", 1)
-    assert_one_line_error(code, err, f"--out {out}", "choose an output folder outside the inputs")
+    assert_one_line_error(code, err, f"output folder {out}", "choose an output folder outside the inputs")
     assert snapshot(tmp_path) == before       # every source file still there, byte-identical, nothing added
 
 

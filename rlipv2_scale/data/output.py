@@ -33,10 +33,11 @@ def check_apart(out: str | os.PathLike, inputs: Iterable[str | os.PathLike | Non
         source = Path(given).resolve()
         if target == source or target in source.parents:
             how = "is" if target == source else "contains"
-            raise UserError(f"--out {out} {how} the input {given}; choose an output folder outside the inputs")
-        if source in target.parents:
-            raise UserError(f"--out {out} lies inside the input {given}; choose an output folder outside the "
+            raise UserError(f"output folder {out} {how} the input {given}; choose an output folder outside the "
                             f"inputs")
+        if source in target.parents:
+            raise UserError(f"output folder {out} lies inside the input {given}; choose an output folder outside "
+                            f"the inputs")
 
 
 def own_files(out: Path) -> set[str]:
