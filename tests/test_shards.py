@@ -88,7 +88,8 @@ def test_refuses_a_non_empty_output_unless_overwrite(tmp_path):
     with pytest.raises(UserError, match="not empty"):
         write_shards(records, out)
     write_shards(records, out, overwrite=True)
-    assert not (out / "keep.txt").exists() and len(list(iter_records(out))) == 1
+    # --overwrite replaces only what the tool wrote: the user's file stays
+    assert (out / "keep.txt").read_text() == "x" and len(list(iter_records(out))) == 1
 
 
 def test_invalid_record_and_missing_index(tmp_path):

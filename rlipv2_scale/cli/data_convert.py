@@ -27,7 +27,8 @@ def register(tree) -> None:
     p.add_argument("--annotations", required=True, type=Path,
                    help="annotation file (VG: scene_graphs.json or its folder)")
     p.add_argument("--images", required=True, type=Path, help="folder the annotation's image paths are relative to")
-    p.add_argument("--out", required=True, type=Path, help="output folder for the shards (must be new or empty)")
+    p.add_argument("--out", required=True, type=Path,
+                   help="output folder for the shards (new or empty, outside every input)")
     p.add_argument("--split", default="train", help="split name stored with each record (default: train)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="processes decoding and checking images (default: min(8, CPUs))")
@@ -49,7 +50,9 @@ def register(tree) -> None:
     p.add_argument("--keep-empty", action="store_true", default=None,
                    help="scene graphs (vg, synthetic, pseudo): keep images left with no relation (the original's "
                         "pre-training drops them)")
-    p.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the shards a previous run wrote to --out (the files its index.json lists); "
+                        "other files there are kept")
     p.add_argument("--summary-json", type=Path, help="also write the summary as JSON here")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
@@ -67,5 +70,9 @@ def run(args: argparse.Namespace) -> int:
                       progress=not args.no_progress, **options)
     print(summary.format())
     if args.summary_json:
-        args.summary_json.write_text(json.dumps(summary.to_dict(), indent=1) + "\n")
+        try:
+            args.summary_json.write_text(json.dumps(summary.to_dict(), indent=1) + "\n")
+        except OSError as exc:
+            raise UserError(f"the shards are written, but --summary-json {args.summary_json} could not be: "
+                            f"{exc.strerror or exc}; the summary above is the same") from None
     return 0

@@ -92,6 +92,9 @@ def convert(format: str, annotations: str | os.PathLike, images: str | os.PathLi
                 if not isinstance(item, Dropped):
                     bar.update(1)
                 yield item
-        summary = write_shards(counted(), out, size_limit=size_limit, strict=strict, overwrite=overwrite)
+        # Every path the reader reads: the output must stay clear of all of them.
+        inputs = [annotations, images, *(v for v in options.values() if isinstance(v, (str, os.PathLike)))]
+        summary = write_shards(counted(), out, size_limit=size_limit, strict=strict, overwrite=overwrite,
+                               inputs=inputs)
     summary.seconds = time.perf_counter() - start
     return summary

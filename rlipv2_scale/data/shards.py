@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
+from rlipv2_scale.data.mds_index import check_shards
+from rlipv2_scale.data.output import staged_output
 from rlipv2_scale.data.schema import RelationalRecord
 from rlipv2_scale.data.sources.base import Dropped, Item, Skip
-from rlipv2_scale.errors import DataError, UserError
+from rlipv2_scale.errors import DataError
 
 COLUMNS = {"key": "str", "image": "bytes", "annotation": "json"}
 DEFAULT_SIZE_LIMIT = 1 << 26        # 64 MiB
@@ -87,44 +89,61 @@ def record_from_sample(sample: dict[str, Any]) -> RelationalRecord:
 
 
 def write_shards(items: Iterable[Item], out_dir: str | os.PathLike, *, size_limit: int | str = DEFAULT_SIZE_LIMIT,
-                 strict: bool = False, overwrite: bool = False) -> ConvertSummary:
-    """Write records in order; count `Skip` / `Dropped` notes. With `strict`, the first data error
-    stops the run (no index is written, so the partial output is never read as a dataset)."""
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"output folder {out} is not empty; choose a new folder or pass --overwrite")
+                 strict: bool = False, overwrite: bool = False,
+                 inputs: Iterable[str | os.PathLike | None] = ()) -> ConvertSummary:
+    """Write records in order; count `Skip` / `Dropped` notes. A record whose key (source/split/id)
+    was already written is skipped as `duplicate_image` (the first is kept). With `strict`, the first
+    data error stops the run. The output folder is checked against `inputs` and written through
+    `staged_output`: a run that stops leaves `out_dir` as it was."""
     from streaming import MDSWriter  # (imported here: it takes seconds, and every CLI command imports this module)
 
-    summary = ConvertSummary(out=str(out))
-    writer = MDSWriter(out=str(out), columns=COLUMNS, size_limit=size_limit, exist_ok=overwrite)
-    for item in items:
-        if isinstance(item, RelationalRecord):
-            item.validate()
-            writer.write(to_sample(item))
-        elif isinstance(item, Skip) and item.error and strict:
-            writer.executor.shutdown(wait=False)
-            raise DataError(f"{item.message} [{item.reason}] (--strict stops at the first bad sample)",
-                            item.sample_id, item.reason)
-        summary.add(item)
-    writer.finish()
+    summary = ConvertSummary(out=str(out_dir))
+    written: set[str] = set()
+    with staged_output(out_dir, inputs, overwrite) as staged:
+        writer = MDSWriter(out=str(staged), columns=COLUMNS, size_limit=size_limit)
+        for item in items:
+            if isinstance(item, RelationalRecord) and item.key in written:
+                item = Skip(str(item.image.id), "duplicate_image", f"image {item.image.id!r} ({item.key}) occurs "
+                                                                   f"again in the source; the first one is kept")
+            if isinstance(item, RelationalRecord):
+                item.validate()
+                writer.write(to_sample(item))
+                written.add(item.key)
+            elif isinstance(item, Skip) and item.error and strict:
+                writer.executor.shutdown(wait=False)
+                raise DataError(f"{item.message} [{item.reason}] (--strict stops at the first bad sample)",
+                                item.sample_id, item.reason)
+            summary.add(item)
+        writer.finish()
     summary.shards = len(writer.shards)
     return summary
 
 
 def iter_records(shard_dir: str | os.PathLike, limit: int | None = None) -> Iterator[RelationalRecord]:
-    """Read records back in write order, without the shared-memory machinery of StreamingDataset."""
+    """Read records back in write order, without the shared-memory machinery of StreamingDataset.
+    The shard files are checked against the index first; a sample that still does not decode is an
+    error naming its shard file."""
     shard_dir = Path(shard_dir)
-    index_path = shard_dir / "index.json"
-    if not index_path.is_file():
-        raise UserError(f"{shard_dir} holds no MDS index (index.json); write shards with `rlipv2 data convert`")
     from streaming.base.format import reader_from_json
 
-    index = json.loads(index_path.read_text())
+    index = check_shards(shard_dir)
     n = 0
     for info in index["shards"]:
-        shard = reader_from_json(str(shard_dir), None, info)
+        try:
+            shard = reader_from_json(str(shard_dir), None, info)
+        except (AssertionError, KeyError, TypeError, ValueError) as exc:
+            raise DataError(f"{shard_dir / 'index.json'} describes shard {info['raw_data']['basename']} in a form "
+                            f"streaming cannot read ({type(exc).__name__}: {exc}); re-convert the source",
+                            info["raw_data"]["basename"], "corrupt_index") from None
         for i in range(shard.samples):
             if limit is not None and n >= limit:
                 return
-            yield record_from_sample(shard[i])
+            try:
+                record = record_from_sample(shard[i])
+            except (IndexError, KeyError, TypeError, ValueError, struct.error) as exc:
+                name = info["raw_data"]["basename"]
+                raise DataError(f"sample {i} of shard file {shard_dir / name} does not decode ({type(exc).__name__}: "
+                                f"{exc}); the shard is damaged: restore it or re-convert the source", name,
+                                "corrupt_shard") from None
+            yield record
             n += 1

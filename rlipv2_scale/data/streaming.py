@@ -36,6 +36,7 @@ from rlipv2_scale.data.batch import Batch
 from rlipv2_scale.data.collate import Collator, PackedBatch
 from rlipv2_scale.data.config import DataConfig, SourceConfig
 from rlipv2_scale.data.labels import LabelVocabulary
+from rlipv2_scale.data.mds_index import check_shards
 from rlipv2_scale.data.schema import RelationalRecord
 from rlipv2_scale.data.shards import record_from_sample
 from rlipv2_scale.data.transforms import EvalTransform, Example, TrainTransform, prepare_example, sample_generator
@@ -58,12 +59,23 @@ def _cache_dir(cfg: DataConfig, source: SourceConfig) -> str:
 def make_streams(cfg: DataConfig) -> list[Stream]:
     streams = []
     for source in cfg.sources:
-        if source.remote is None and not (Path(source.local) / "index.json").is_file():
-            raise ConfigError(f"data source '{source.name}': '{source.local}' is not an MDS shard directory "
-                              f"(no index.json); write shards with `rlipv2 data convert --out {source.local}`")
+        if source.remote is None:
+            check_local_source(source)
         streams.append(Stream(remote=source.remote, local=_cache_dir(cfg, source), proportion=source.proportion,
                               repeat=source.repeat, choose=source.choose))
     return streams
+
+
+def check_local_source(source: SourceConfig) -> None:
+    """A local source's index is there and every shard file it lists is whole (a truncated file
+    would otherwise fail as an IndexError on some sample mid-epoch)."""
+    if not (Path(source.local) / "index.json").is_file():
+        raise ConfigError(f"data source '{source.name}': '{source.local}' is not an MDS shard directory "
+                          f"(no index.json); write shards with `rlipv2 data convert --out {source.local}`")
+    try:
+        check_shards(source.local)
+    except DataError as exc:
+        raise DataError(f"data source '{source.name}': {exc}", exc.sample_id, exc.reason) from None
 
 
 def _record(sample: dict[str, Any]) -> RelationalRecord:

@@ -80,14 +80,28 @@ def subset_file_name(annotations: str | os.PathLike, fraction: float) -> str:
 
 def write_subsets(annotations: str | os.PathLike, fractions: list[float], seed: int,
                   out: str | os.PathLike) -> list[tuple[Path, Subset]]:
+    """Draw every subset first, then write them. A file already there is replaced only by identical
+    bytes (a rerun with the same seed): anything else in `out` may be the user's (the original's
+    released `*_1percent.json` has the same name), so it is refused before anything is written.
+    Each file is written to a temporary name and renamed, so a failed run leaves no half file."""
     path = Path(annotations)
     entries = expect_list(load_json(path, "HICO-DET annotation"), path, "image entries")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for fraction in fractions:
-        subset = select_subset(entries, fraction, seed)
-        target = out / subset_file_name(path, fraction)
-        target.write_text(json.dumps([entries[i] for i in subset.indices], separators=(",", ":")))
-        written.append((target, subset))
-    return written
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder; choose a folder")
+    drawn = [(out / subset_file_name(path, f), select_subset(entries, f, seed)) for f in fractions]
+    texts = [json.dumps([entries[i] for i in subset.indices], separators=(",", ":")).encode() for _, subset in drawn]
+    for (target, _), text in zip(drawn, texts):
+        if target.exists() and (not target.is_file() or target.read_bytes() != text):
+            raise UserError(f"{target} already exists and differs from this subset (seed {seed}); move it away or "
+                            f"choose another --out")
+    for (target, _), text in zip(drawn, texts):
+        partial = target.with_name(f".{target.name}.partial")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            partial.write_bytes(text)
+            os.replace(partial, target)
+        except OSError as exc:
+            partial.unlink(missing_ok=True)
+            raise UserError(f"cannot write {target}: {exc.strerror or exc}; choose a writable --out") from None
+    return drawn

@@ -16,6 +16,7 @@ from rlipv2_scale.data.pseudo.candidates import CandidateChunk, build_candidates
 from rlipv2_scale.data.pseudo.parse import CaptionParser, ParseStats, image_triplets
 from rlipv2_scale.data.pseudo.tag import (PairScorer, TagConfig, TagRunSummary, read_tags, report, run_tagging,
                                           to_record, to_scene_graph)
+from rlipv2_scale.data.output import check_apart
 from rlipv2_scale.data.schema import RelationalRecord
 from rlipv2_scale.data.shards import ConvertSummary, iter_records, write_shards
 from rlipv2_scale.errors import UserError
@@ -95,6 +96,7 @@ def export_pseudo_labels(shards: str | Path, tags_dir: str | Path, out_dir: str 
     """Tags → the original's scene-graph JSON (every kept confidence), MDS shards (≥ threshold) and a
     report of relation counts per threshold and the most frequent predicates."""
     out_dir = Path(out_dir)
+    check_apart(out_dir / "shards", [shards, tags_dir])   # before anything is written
     out_dir.mkdir(parents=True, exist_ok=True)
     tags = {str(ann["image"]["id"]): (ann, rels) for ann, rels in read_tags(tags_dir)}
     if not tags:
@@ -112,7 +114,8 @@ def export_pseudo_labels(shards: str | Path, tags_dir: str | Path, out_dir: str 
                     kept.provenance["pseudo_label_dataset"] = dataset
                     yield kept
 
-    summary = write_shards(records(), out_dir / "shards", overwrite=True)
+    # A rerun replaces the shards of the last one (and only those: see `data/output.py`).
+    summary = write_shards(records(), out_dir / "shards", overwrite=True, inputs=[shards, tags_dir])
     rep = report(tags.values()).as_dict()
     rep["threshold"] = threshold
     (out_dir / "report.json").write_text(json.dumps(rep, indent=1))

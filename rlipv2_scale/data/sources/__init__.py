@@ -9,8 +9,11 @@ Why an image is skipped (`Skip.reason`; data errors stop a `--strict` run):
   image_size_mismatch (decoded size differs from the annotation's), box_out_of_image (more than
   1 px outside; up to 1 px is clamped), degenerate_box (no area after clamping), missing_object
   (a relation points at an object the image does not have), unknown_category (object or predicate
-  id not in the label list), malformed_annotation (an entry lacks a key or has a wrong type),
-  empty_name / empty_predicate / bad_confidence (schema checks).
+  id not in the label list), non_integer_id (an id or index such as `object_id` 1.7: `int()` would
+  silently point at another object), malformed_annotation (an entry lacks a key or has a wrong
+  type), empty_name / empty_predicate / bad_confidence (schema checks), annotation_without_image
+  (COCO / Objects365 annotations whose `image_id` no image has; one per missing id),
+  duplicate_image (a second record with the same source/split/id: `write_shards` keeps the first).
 Policy filters (counted, never stop `--strict`): below_threshold, no_relations (scene graphs).
 Parts of kept images left out (`Dropped`): below_threshold relations, crowd boxes (COCO),
 no_object_role (V-COCO roles without an object). Duplicate relations are kept as the source has

@@ -108,6 +108,15 @@ def fit_box(box: tuple[float, float, float, float], width: int, height: int, sam
     return x1, y1, x2, y2
 
 
+def as_id(value: Any, sample_id: str, what: str) -> int:
+    """An integer id or index from the annotation. `int()` alone would turn 1.7 into 1 and point at
+    another object or class; a non-integral number skips the sample (`non_integer_id`). Integral
+    floats (1.0) and digit strings are the same id and are accepted."""
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise DataError(f"image {sample_id!r}: {what} {value!r} is not an integer id", sample_id, "non_integer_id")
+    return int(value)   # a wrong type or a non-numeric string is a malformed entry (see `guarded`)
+
+
 def xywh_to_xyxy(x: Any, y: Any, w: Any, h: Any) -> tuple[float, float, float, float]:
     return float(x), float(y), float(x) + float(w), float(y) + float(h)
 

@@ -21,7 +21,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from rlipv2_scale.data.schema import ImageInfo, Object, RelationalRecord, Relation
-from rlipv2_scale.data.sources.base import Dropped, Item, expect_list, fit_box, guarded, load_json, read_image
+from rlipv2_scale.data.sources.base import (Dropped, Item, as_id, expect_list, fit_box, guarded, load_json,
+                                            read_image)
 from rlipv2_scale.errors import DataError, UserError
 from rlipv2_scale.eval import metadata
 
@@ -34,13 +35,13 @@ def _own_labels(annotations: Path, label_dir: Path | None) -> tuple[dict[int, st
     if not (objects_path.is_file() and verbs_path.is_file()):
         return None
     try:
-        objects = {int(o.get("coco_id", o.get("id"))): str(o["name"])
+        objects = {as_id(o.get("coco_id", o.get("id")), objects_path.name, "object id"): str(o["name"])
                    for o in expect_list(load_json(objects_path, "object labels"), objects_path, "objects")}
-        verbs = {int(v["id"]): str(v["text"])
+        verbs = {as_id(v["id"], verbs_path.name, "verb id"): str(v["text"])
                  for v in expect_list(load_json(verbs_path, "verb labels"), verbs_path, "verbs")}
-    except (KeyError, TypeError, ValueError, AttributeError):
+    except (KeyError, TypeError, ValueError, AttributeError, DataError):
         raise UserError(f"{objects_path} / {verbs_path}: objects need `id` (or `coco_id`) and `name`, verbs "
-                        f"need `id` and `text`") from None
+                        f"need `id` and `text`, ids being integers") from None
     return objects, verbs
 
 
@@ -57,7 +58,7 @@ def _read_hoi(annotations: Path, images: Path, split: str, *, source: str, objec
             image_bytes, width, height = read_image(images / file_name, sid)
             objects = []
             for i, ann in enumerate(entry.get("annotations") or []):
-                cat = int(ann["category_id"])
+                cat = as_id(ann["category_id"], sid, f"box {i} category_id")
                 if cat not in object_names:
                     raise DataError(f"image {sid!r}: box {i} has object category id {cat}, which is not one of "
                                     f"the {len(object_names)} {source} objects", sid, "unknown_category")
@@ -65,7 +66,8 @@ def _read_hoi(annotations: Path, images: Path, split: str, *, source: str, objec
                                       name=object_names[cat], category_id=cat))
             relations, no_object = [], 0
             for j, hoi in enumerate(entry.get("hoi_annotation") or []):
-                sub, obj, verb = int(hoi["subject_id"]), int(hoi["object_id"]), int(hoi["category_id"])
+                sub, obj, verb = (as_id(hoi[k], sid, f"interaction {j} {k}")
+                                  for k in ("subject_id", "object_id", "category_id"))
                 predicate = verb_name(verb)
                 if predicate is None:
                     raise DataError(f"image {sid!r}: interaction {j} has verb category id {verb}, which is not a "

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from rlipv2_scale.data.schema import ImageInfo, Object, RelationalRecord, Relation
-from rlipv2_scale.data.sources.base import Item, expect_list, fit_box, guarded, load_json, read_image
+from rlipv2_scale.data.sources.base import Item, as_id, expect_list, fit_box, guarded, load_json, read_image
 from rlipv2_scale.errors import DataError, UserError
 
 CATEGORIES = "OI_SGG_trainval_test_categories_dict.json"
@@ -45,7 +45,7 @@ def read_oi_sgg(annotations: Path, images: Path, split: str = "train", *, catego
             image_bytes, width, height = read_image(images / file_name, sid)
             objects = []
             for i, ann in enumerate(entry.get("annotations") or []):
-                cat = int(ann["category_id"])
+                cat = as_id(ann["category_id"], sid, f"box {i} category_id")
                 if not 0 <= cat < len(object_names):
                     raise DataError(f"image {sid!r}: box {i} has object category id {cat}; the categories list "
                                     f"has {len(object_names)}", sid, "unknown_category")
@@ -53,7 +53,8 @@ def read_oi_sgg(annotations: Path, images: Path, split: str = "train", *, catego
                                       name=object_names[cat], category_id=cat))
             relations = []
             for j, rel in enumerate(entry.get("rel_annotations") or []):
-                sub, obj, cat = int(rel["subject_id"]), int(rel["object_id"]), int(rel["category_id"])
+                sub, obj, cat = (as_id(rel[k], sid, f"relation {j} {k}")
+                                 for k in ("subject_id", "object_id", "category_id"))
                 if not 0 <= cat < len(predicates):
                     raise DataError(f"image {sid!r}: relation {j} has predicate id {cat}; there are "
                                     f"{len(predicates)} predicates", sid, "unknown_category")

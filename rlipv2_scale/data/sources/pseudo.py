@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from rlipv2_scale.data.sources.base import Item, expect_list, guarded, load_json, read_image
+from rlipv2_scale.data.sources.base import Item, as_id, expect_list, guarded, load_json, read_image
 from rlipv2_scale.data.sources.visual_genome import image_candidates, locate, parse_scene_graph
 from rlipv2_scale.errors import UserError
 
@@ -26,7 +26,7 @@ def image_file(entry: dict, images: Path, id_to_path: dict[str, str]) -> str:
         return str(entry["file_name"])
     dataset = entry.get("dataset")
     if dataset == "coco2017":
-        return f"{entry['data_split']}/{int(image_id):012d}.jpg"
+        return f"{entry['data_split']}/{as_id(image_id, str(image_id), 'image_id'):012d}.jpg"
     if str(image_id) in id_to_path:
         return id_to_path[str(image_id)]
     if dataset == "o365":
