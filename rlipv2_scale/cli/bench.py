@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
 
 def _kernels(args: argparse.Namespace) -> int:
+    import torch
+
     from rlipv2_scale.kernels.bench import microbench
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

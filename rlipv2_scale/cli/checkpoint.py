@@ -26,7 +26,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def register(tree: CommandTree) -> None:
-    from rlipv2_scale.models.original import RELEASED
+    from rlipv2_scale.models.config import RELEASED
 
     p = tree.command("import-checkpoint", "convert an original RLIPv2 checkpoint (.pth) into a model directory "
                      "(model.safetensors + model.yaml, compat_original on)", _import)

@@ -18,12 +18,12 @@ from typing import Any
 from streaming import MDSWriter
 from streaming.base.format import reader_from_json
 
+from rlipv2_scale.data.constants import DEFAULT_SIZE_LIMIT
 from rlipv2_scale.data.schema import RelationalRecord
 from rlipv2_scale.data.sources.base import Dropped, Item, Skip
 from rlipv2_scale.errors import DataError, UserError
 
 COLUMNS = {"key": "str", "image": "bytes", "annotation": "json"}
-DEFAULT_SIZE_LIMIT = 1 << 26        # 64 MiB
 EXAMPLES_PER_REASON = 5
 
 

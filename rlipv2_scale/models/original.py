@@ -29,10 +29,9 @@ import torch
 
 from rlipv2_scale.config import deep_merge, from_dict, load_config, parse_overrides, save_config, to_dict
 from rlipv2_scale.errors import UserError
-from rlipv2_scale.models.config import NAMED_CONFIGS, ModelConfig, named_config
+from rlipv2_scale.models.config import NAMED_CONFIGS, RELEASED, ModelConfig, named_config
 from rlipv2_scale.models.original_keys import original_key
 
-RELEASED = ("r50", "swin_t", "swin_l", "swin_l_hico", "tagger_r50")
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "model.yaml"
 POSITION_IDS = "transformer.text_encoder.embeddings.position_ids"
