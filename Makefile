@@ -1,21 +1,21 @@
 # Two commands do all set-up on a fresh machine: `make demo` and `make test`.
-# Each creates .venv here if missing and installs the pinned dependencies into it.
+# Each creates .venv here if missing and installs the tested versions (constraints.txt) into it.
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv constraints clean
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py
+$(STAMP): pyproject.toml setup.py constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip "setuptools>=77" wheel
-	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
+	$(PIP) install -q -c constraints.txt torch torchvision
 	# DeepSpeed ships as an sdist whose build imports torch: build against the torch above.
-	$(PIP) install -q --no-build-isolation -e ".[dev]"
+	$(PIP) install -q --no-build-isolation -c constraints.txt -e ".[dev]"
 	touch $@
 
 demo: $(STAMP)
@@ -23,6 +23,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Pin what this venv holds (after `make test` passed with it) as the tested versions.
+constraints: $(STAMP)
+	{ sed -n '/^#/p' constraints.txt; $(PIP) freeze --exclude rlipv2-scale | grep -v '^[#-]'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 clean:
 	rm -rf runs build *.egg-info

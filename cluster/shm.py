@@ -3,7 +3,8 @@
 A killed job (preemption, node failure, `scancel`) leaves its `/dev/shm/NNNNNN_*` segments, and
 the next job on the node then trips over them. The library's own `clean_stale_shared_memory()`
 removes *every* such segment, the live ones of a neighbouring job on a shared node included; here
-a segment is stale only when no live process maps or holds it open.
+a segment is stale only when no live process maps or holds open any segment of its dataset (its
+prefix), and only this user's are removed.
 
     python -m rlipv2_scale.cluster.shm            # run by the node launcher before torchrun
 """
@@ -16,7 +17,7 @@ from pathlib import Path
 
 # The library names its segments `%06d_<what>` (locals, barrier, cache_usage, ...). Matched here
 # without importing it: the launcher runs this before every job start, and the import costs seconds.
-_SEGMENT = re.compile(r"\d{6}_[a-z_]+")
+_SEGMENT = re.compile(r"(\d{6})_[a-z_]+")
 
 
 def segments_in_use(proc: Path = Path("/proc")) -> set[str]:
@@ -39,18 +40,24 @@ def segments_in_use(proc: Path = Path("/proc")) -> set[str]:
 
 
 def clean_stale(shm: Path = Path("/dev/shm"), proc: Path = Path("/proc")) -> list[str]:
-    """Unlink the streaming segments no live process uses; returns their names."""
+    """Unlink this user's streaming segments of datasets no live process uses; returns their names."""
     if not shm.is_dir():
         return []
-    used = segments_in_use(proc)
+    # A prefix is one dataset's set of segments: while any is in use, all stay (a starting job has
+    # created its `_locals` before it attaches the others, some of which may be a dead job's leftovers).
+    busy = {m[1] for m in map(_SEGMENT.fullmatch, segments_in_use(proc)) if m}
     removed = []
     for path in sorted(shm.iterdir()):
-        if _SEGMENT.fullmatch(path.name) and path.name not in used:
-            try:
+        m = _SEGMENT.fullmatch(path.name)
+        if not m or m[1] in busy:
+            continue
+        try:
+            # Another user's processes may be hidden from us (hidepid, PID namespaces): never theirs.
+            if path.stat().st_uid == os.getuid():
                 path.unlink()
                 removed.append(path.name)
-            except OSError:       # another user's segment, or removed meanwhile
-                continue
+        except OSError:           # removed meanwhile
+            continue
     return removed
 
 

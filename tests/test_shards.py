@@ -40,12 +40,13 @@ def test_round_trip_in_order_across_shards(tmp_path):
 
 def test_plain_streaming_dataset_reads_the_output(tmp_path):
     from streaming import StreamingDataset
-    from streaming.base.util import clean_stale_shared_memory
+
+    from rlipv2_scale.cluster.shm import clean_stale
 
     records = make_records(tmp_path, 3)
     out = tmp_path / "shards"
     write_shards(records, out, size_limit=2000)
-    clean_stale_shared_memory()
+    clean_stale()      # dead runs' segments only: the library's cleaner also takes live neighbours'
     ds = StreamingDataset(local=str(out), shuffle=False, batch_size=1)
     samples = [ds[i] for i in range(len(ds))]
     assert [s["key"] for s in samples] == ["vg/train/0", "vg/train/1", "vg/train/2"]

@@ -54,8 +54,24 @@ class CommandTree:
         return p
 
 
+class _Version(argparse.Action):
+    """`--version`: the installed package's version, read only when asked for."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, help: str | None = None):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from rlipv2_scale import __version__
+
+        print(f"{parser.prog} {__version__}")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """Every command's parser. Command modules import only light modules at the top and their logic in
+    the handlers, so this (and `rlipv2 --help`) loads no torch, transformers, streaming, numpy, ..."""
     parser = argparse.ArgumentParser(prog="rlipv2", description="RLIPv2 at scale: data, training, evaluation.")
+    parser.add_argument("--version", action=_Version, help="print the installed version and exit")
     tree = CommandTree(parser)
     for name in COMMANDS:
         importlib.import_module(f"rlipv2_scale.cli.{name}").register(tree)

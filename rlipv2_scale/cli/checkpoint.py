@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 
 from rlipv2_scale.cli import CommandTree
+from rlipv2_scale.models.config import RELEASED
 
 
 def _import(args: argparse.Namespace) -> int:
@@ -29,10 +30,8 @@ def register(tree: CommandTree) -> None:
     p = tree.command("import-checkpoint", "convert an original RLIPv2 checkpoint (.pth) into a model directory "
                      "(model.safetensors + model.yaml, compat_original on)", _import)
     p.add_argument("checkpoint", type=Path, help="the original torch.save file (weights under 'model')")
-    # (models.original.RELEASED spelled out: importing that module imports torch, for every command)
     p.add_argument("--config", required=True,
-                   help="the released model it holds: r50, swin_t, swin_l, swin_l_hico, tagger_r50 (or a ModelConfig "
-                        "YAML file)")
+                   help=f"the released model it holds: {', '.join(RELEASED)} (or a ModelConfig YAML file)")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="model directory to write")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. num_queries=128 (repeatable)")

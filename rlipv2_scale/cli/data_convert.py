@@ -6,9 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from rlipv2_scale.data.convert import convert
-from rlipv2_scale.data.shards import DEFAULT_SIZE_LIMIT
-from rlipv2_scale.data.sources import FORMATS
+from rlipv2_scale.data.constants import DEFAULT_SIZE_LIMIT, FORMAT_NAMES
 from rlipv2_scale.errors import UserError
 
 # Reader options each format understands (CLI flag dest -> reader keyword).
@@ -23,7 +21,7 @@ FORMAT_OPTIONS = {
 
 def register(tree) -> None:
     p = tree.group_command("data", "convert", "convert a dataset's annotations and images to MDS shards", run)
-    p.add_argument("--format", required=True, choices=list(FORMATS), help="annotation format")
+    p.add_argument("--format", required=True, choices=list(FORMAT_NAMES), help="annotation format")
     p.add_argument("--annotations", required=True, type=Path,
                    help="annotation file (VG: scene_graphs.json or its folder)")
     p.add_argument("--images", required=True, type=Path, help="folder the annotation's image paths are relative to")
@@ -58,7 +56,9 @@ def register(tree) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from streaming.base.util import bytes_to_int  # (here: importing streaming takes seconds, every command paid it)
+    from streaming.base.util import bytes_to_int
+
+    from rlipv2_scale.data.convert import convert
 
     options = {k: getattr(args, k) for k in FORMAT_OPTIONS.get(args.format, ()) if getattr(args, k) is not None}
     try:

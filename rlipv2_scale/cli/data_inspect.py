@@ -7,8 +7,6 @@ import os
 import sys
 from pathlib import Path
 
-from rlipv2_scale.data.shards import iter_records
-
 
 def register(tree) -> None:
     p = tree.group_command("data", "inspect", "print the records of MDS shards as JSON lines", run)
@@ -17,6 +15,8 @@ def register(tree) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from rlipv2_scale.data.shards import iter_records
+
     try:
         for record in iter_records(args.shards, limit=args.limit):
             sys.stdout.write(json.dumps(record.inspect_line()) + "\n")

@@ -4,8 +4,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from rlipv2_scale.data.subset import write_subsets
-
 
 def register(tree) -> None:
     p = tree.group_command("data", "subset", "write few-shot training subsets (fractions such as 0.01, 0.1) "
@@ -19,6 +17,8 @@ def register(tree) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from rlipv2_scale.data.subset import write_subsets
+
     for path, subset in write_subsets(args.annotations, args.fraction, args.seed, args.out):
         print(f"{path}: {len(subset.indices)} images (int(N*{subset.fraction:g}) = {subset.target}), every verb "
               f"and object covered after {subset.draws} draw(s)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from rlipv2_scale.data.synthetic import BASE_SIZE, OBJECTS_PER_IMAGE, SPLITS, write_split
+from rlipv2_scale.data.constants import BASE_SIZE, OBJECTS_PER_IMAGE, SPLITS
 
 
 def register(tree) -> None:
@@ -21,6 +21,8 @@ def register(tree) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from rlipv2_scale.data.synthetic import write_split
+
     summary = write_split(args.out, args.images, seed=args.seed, split=args.split, size=args.size,
                           objects_per_image=tuple(args.objects), progress=not args.no_progress)
     print(summary.format())

@@ -11,9 +11,6 @@ import argparse
 import json
 from pathlib import Path
 
-from rich.console import Console
-from rich.table import Table
-
 from rlipv2_scale.errors import UserError
 
 HICO_SPLITS = ("UC-RF", "UC-NF", "UO")
@@ -104,6 +101,9 @@ def register(tree) -> None:
 
 
 def _report(title: str, rows: list[tuple[str, float | None]], results: dict, out: Path | None) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
     table = Table(title=title)
     table.add_column("metric")
     table.add_column("value (%)", justify="right")

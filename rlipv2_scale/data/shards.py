@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rlipv2_scale.data.constants import DEFAULT_SIZE_LIMIT
 from rlipv2_scale.data.mds_index import check_shards
 from rlipv2_scale.data.output import staged_output
 from rlipv2_scale.data.schema import RelationalRecord
@@ -23,7 +24,6 @@ from rlipv2_scale.data.sources.base import Dropped, Item, Skip
 from rlipv2_scale.errors import DataError
 
 COLUMNS = {"key": "str", "image": "bytes", "annotation": "json"}
-DEFAULT_SIZE_LIMIT = 1 << 26        # 64 MiB
 EXAMPLES_PER_REASON = 5
 
 

@@ -30,8 +30,8 @@ from typing import Any
 
 import torch
 from streaming import Stream, StreamingDataLoader, StreamingDataset
-from streaming.base.util import clean_stale_shared_memory
 
+from rlipv2_scale.cluster.shm import clean_stale
 from rlipv2_scale.data.batch import Batch
 from rlipv2_scale.data.collate import Collator, PackedBatch
 from rlipv2_scale.data.config import DataConfig, SourceConfig
@@ -152,8 +152,9 @@ def build_train_loader(cfg: DataConfig, rank: int | None = None, world_size: int
                           f"environment says {env_rank} / {env_world}; streaming partitions by the environment")
     global _CLEANED
     if cfg.clean_shared_memory and not _CLEANED:
-        # Once per process: it cannot tell a killed run's segments from those of a live dataset.
-        clean_stale_shared_memory()
+        # Dead processes' segments only: the library's cleaner would also unlink a neighbouring job's
+        # live ones. Once per process is enough, and the check reads every process's memory map.
+        clean_stale()
         _CLEANED = True
     dataset = RelationalStream(cfg, train=train)
     if vocab is None:

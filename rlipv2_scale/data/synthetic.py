@@ -37,21 +37,19 @@ from typing import Any, NamedTuple
 import numpy as np
 from PIL import Image, ImageDraw
 
+from rlipv2_scale.data.constants import BASE_SIZE, OBJECTS_PER_IMAGE, SPLITS  # sizes below: pixels at BASE_SIZE
 from rlipv2_scale.data.schema import Object, Relation
 from rlipv2_scale.errors import UserError
 
 Box = tuple[int, int, int, int]          # x1, y1, x2, y2 in pixels; x2, y2 exclusive (w = x2 - x1)
 RGB = tuple[int, int, int]
 
-SPLITS = ("train", "val", "test")
 SPLIT_CODE = {"train": 0, "val": 1, "test": 2}
 # Image ids are unique across splits, so shards of several splits never collide.
 SPLIT_ID_OFFSET = {"train": 0, "val": 1_000_000, "test": 2_000_000}
 HICO_FILE = {"train": "trainval_hico.json", "val": "val_hico.json", "test": "test_hico.json"}
 
-BASE_SIZE = 128          # all sizes and thresholds below are in pixels at this image size
 JPEG_QUALITY = 92
-OBJECTS_PER_IMAGE = (2, 5)
 TEST_HELD_OUT_RATE = 0.35
 MAX_RESAMPLES = 200
 

@@ -179,6 +179,7 @@ _NAMED = {
     "tagger_r50": _tagger_r50,
 }
 NAMED_CONFIGS = tuple(_NAMED)
+RELEASED = ("r50", "swin_t", "swin_l", "swin_l_hico", "tagger_r50")   # released RLIPv2 checkpoints
 
 
 def named_config(name: str) -> ModelConfig:

@@ -28,10 +28,9 @@ import torch
 from rlipv2_scale.config import deep_merge, from_dict, load_config, parse_overrides, to_dict
 from rlipv2_scale.errors import UserError
 from rlipv2_scale.models.artifacts import ModelCard, read_model_dir, save_model_dir, tokenizer_of
-from rlipv2_scale.models.config import NAMED_CONFIGS, ModelConfig, named_config
+from rlipv2_scale.models.config import NAMED_CONFIGS, RELEASED, ModelConfig, named_config
 from rlipv2_scale.models.original_keys import original_key
 
-RELEASED = ("r50", "swin_t", "swin_l", "swin_l_hico", "tagger_r50")
 POSITION_IDS = "transformer.text_encoder.embeddings.position_ids"
 
 Layout = dict[str, tuple[tuple[int, ...], torch.dtype]]
