@@ -4,7 +4,7 @@ in process and end to end from files.
 End to end (`files` in the JSON): the generated ground truth, predictions and training annotations are
 written as JSON files (the stdlib's `json.dump`), and `rlipv2 eval hico-det --gt --pred --train --json`
 runs as a subprocess beside the in-repo loop baseline run the same way (this script with `--run-loop`:
-stdlib json.load, then `eval.reference_loops`) and, with `--original SCRIPT`, a reconstruction of the
+stdlib json.load, then `tests/hico_loops.py`) and, with `--original SCRIPT`, a reconstruction of the
 original evaluator kept outside the repository, run as `python SCRIPT GT PRED TRAIN VALID.npy OUT.json`
 (VALID.npy: the [verb, object] valid matrix, the original's corre_hico.npy; OUT.json: mAP, mAP_rare,
 mAP_non_rare, mean_max_recall). Interleaved, best of `--repeat`; wall time, CPU time (user + system) and
@@ -62,9 +62,12 @@ from rich.console import Console
 from rich.table import Table
 
 from rlipv2_scale.eval.hico import evaluate_hico
-from rlipv2_scale.eval.label_space import hico_label_space
-from rlipv2_scale.eval.reference_loops import evaluate_hico_loops
-from rlipv2_scale.eval.synthetic import random_relation_data, to_per_query
+from rlipv2_scale.labels.space import hico_label_space
+
+# The per-candidate loop (the in-repo baseline) and the data generator are test modules.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from hico_loops import evaluate_hico_loops  # noqa: E402
+from relation_data import random_relation_data, to_per_query  # noqa: E402
 
 HICO_TEST_IMAGES = 9658
 RELATION_FIELDS = ("subject_id", "object_id", "category_id", "score")
@@ -344,7 +347,7 @@ def main() -> None:
         runs = [listed, per_query]
     result = {
         "benchmark": "HICO-DET evaluation: `rlipv2 eval hico-det` from files vs the original's evaluator and the "
-                     "per-candidate loop (eval.reference_loops), end to end; vectorised (eval.hico) vs the loop in "
+                     "per-candidate loop (tests/hico_loops.py), end to end; vectorised (eval.hico) vs the loop in "
                      "process",
         "machine": dict(machine, load_average_after=[round(x, 2) for x in os.getloadavg()]),
         "images": args.images, "candidates_per_image": args.candidates, "seed": args.seed, "repeat": args.repeat,

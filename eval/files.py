@@ -8,7 +8,7 @@ from typing import Any
 import msgspec
 
 from rlipv2_scale.errors import UserError
-from rlipv2_scale.eval.label_space import LabelSpace, Triplet
+from rlipv2_scale.labels.space import LabelSpace, Triplet
 from rlipv2_scale.eval.relation_json import RelationFile, decode_listed
 
 
@@ -95,7 +95,7 @@ def read_unseen_triplets(path: str | Path, space: LabelSpace) -> tuple[Triplet, 
     if isinstance(data, dict) and "unseen_triplets" in data:
         data = data["unseen_triplets"]
     elif isinstance(data, dict) and "unseen_hoi_index" in data:
-        from rlipv2_scale.eval.metadata import hico_hoi_list
+        from rlipv2_scale.labels.metadata import hico_hoi_list
 
         if space.name != "hico-det":
             raise UserError(f"zero-shot split {str(path)!r}: 'unseen_hoi_index' is only defined for HICO-DET; "

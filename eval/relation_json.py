@@ -34,7 +34,7 @@ import msgspec
 import numpy as np
 
 from rlipv2_scale.errors import UserError
-from rlipv2_scale.eval.label_space import LabelSpace
+from rlipv2_scale.labels.space import LabelSpace
 
 
 @dataclass

@@ -40,7 +40,7 @@ from rlipv2_scale.data.shards import iter_records
 from rlipv2_scale.data.synthetic import (BASE_SIZE, CLASS_NAMES, HELD_OUT, HICO_FILE, PREDICATE_NAMES, SPLITS,
                                          SplitSummary, eval_label_space, write_split)
 from rlipv2_scale.errors import UserError
-from rlipv2_scale.eval.label_space import LabelSpace
+from rlipv2_scale.labels.space import LabelSpace
 from rlipv2_scale.models.rlipv2 import load_pretrained
 from rlipv2_scale.train.export import export_run, open_model
 

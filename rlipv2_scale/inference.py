@@ -34,7 +34,7 @@ from rlipv2_scale.data.config import TransformConfig
 from rlipv2_scale.data.schema import RelationalRecord
 from rlipv2_scale.data.transforms import EvalTransform, decode, normalize
 from rlipv2_scale.errors import DataError, UserError
-from rlipv2_scale.eval.label_space import LabelSpace, hico_label_space
+from rlipv2_scale.labels.space import LabelSpace, hico_label_space
 from rlipv2_scale.models.postprocess import ImageTriplets, PostProcess, to_hico_json
 
 NO_OBJECT_TEXT = "no objects"
@@ -447,7 +447,7 @@ def vcoco_label_space(correct_mat: np.ndarray | None = None) -> LabelSpace:
     of role-less actions), the 29 action-role texts, person = 0. `correct_mat` ([29, 80] or [29, 81],
     `corre_vcoco.npy`) masks invalid combinations; the original appends a column of ones, which makes
     "missing objects" always valid for a [29, 80] file (a [29, 81] one keeps its own last column)."""
-    from rlipv2_scale.eval import metadata as md
+    from rlipv2_scale.labels import metadata as md
 
     objects = [o["name"] for o in md.vcoco_objects()["objects"]] + ["missing objects"]
     verbs = [v["text"] for v in md.vcoco_verbs()]
@@ -481,7 +481,7 @@ def vcoco_detections(triplets: ImageTriplets, image_id: int, missing_index: int 
     (role-less actions: their own score), `{action}_{role}` = object box + [score]; an object
     classified "missing objects" has a NaN box. Scores are s_rel · s_obj · valid (post-processing
     with `top_k=None`, no NMS: every non-zero score is among the triplets, the rest are 0)."""
-    from rlipv2_scale.eval.metadata import vcoco_verbs
+    from rlipv2_scale.labels.metadata import vcoco_verbs
 
     verbs = vcoco_verbs()
     n_pairs = triplets.sub_boxes.shape[0]

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from rlipv2_scale.errors import UserError
-from rlipv2_scale.eval.label_space import LabelSpace
+from rlipv2_scale.labels.space import LabelSpace
 from rlipv2_scale.models.postprocess import PostProcess
 
 

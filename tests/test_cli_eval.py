@@ -11,8 +11,8 @@ import pytest
 from rlipv2_scale.cli import CommandTree
 from rlipv2_scale.cli import eval as eval_cli
 from rlipv2_scale.errors import UserError
-from rlipv2_scale.eval.label_space import hico_label_space
-from rlipv2_scale.eval.synthetic import random_relation_data
+from rlipv2_scale.labels.space import hico_label_space
+from relation_data import random_relation_data
 
 
 def run(argv: list[str]) -> int:

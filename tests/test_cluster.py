@@ -34,7 +34,7 @@ def test_render_multi_node_gpu_job(recipe, tmp_path):
         assert line in script, line
     node = (path.parent / "node.sh").read_text()
     assert "--nproc_per_node=8" in node and "--rdzv_backend=c10d" in node and 'trap "" USR1' in node
-    assert "rlipv2_scale.cluster.shm" in node and "--resume auto" in node
+    assert "rlipv2_scale.data.shared_memory" in node and "--resume auto" in node
     # the resolved recipe (with the override) is what the job runs
     resolved = (path.parent / "recipe.yaml").read_text()
     assert "max_steps: 10" in resolved and "name: tiny" in resolved
@@ -98,7 +98,7 @@ def test_container_prefix_wraps_each_node_launcher(recipe):
 
 
 def test_stale_shared_memory_is_only_what_no_live_process_uses(tmp_path):
-    from rlipv2_scale.cluster.shm import clean_stale
+    from rlipv2_scale.data.shared_memory import clean_stale
 
     shm, proc = tmp_path / "shm", tmp_path / "proc"
     for name in ["000000_locals", "000000_barrier", "000001_locals", "000001_shard_states", "other_file"]:

@@ -11,7 +11,7 @@ from PIL import Image
 
 from rlipv2_scale.cli import main
 from rlipv2_scale.errors import UserError
-from rlipv2_scale.eval.metadata import vcoco_verbs
+from rlipv2_scale.labels.metadata import vcoco_verbs
 from rlipv2_scale.inference import (
     evaluate_oi_checkpoint, evaluate_vcoco_checkpoint, find_oi_files, find_vcoco_files, oi_label_space_from_files,
     vcoco_detections, vcoco_image_id, vcoco_label_space,

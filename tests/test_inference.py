@@ -12,8 +12,8 @@ from PIL import Image
 
 from rlipv2_scale.models.rlipv2 import load_pretrained
 from rlipv2_scale.errors import UserError
-from rlipv2_scale.eval.label_space import hico_label_space
-from rlipv2_scale.eval.synthetic import toy_label_space
+from rlipv2_scale.labels.space import hico_label_space
+from relation_data import toy_label_space
 from rlipv2_scale.inference import (
     RelationImages, collate_images, evaluate_checkpoint, find_hico_files, label_texts, predict,
 )
@@ -225,7 +225,7 @@ def test_distributed_slices_gather_to_the_single_process_result(hico_root, model
 
 
 def test_open_images_hook(hico_root, model_dir, tmp_path):
-    from rlipv2_scale.eval.label_space import LabelSpace
+    from rlipv2_scale.labels.space import LabelSpace
     from rlipv2_scale.inference import evaluate_oi_checkpoint
 
     space = LabelSpace(objects=("person", "cup", "horse"), verbs=("hold", "ride"), valid=np.ones((2, 3)))

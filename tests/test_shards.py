@@ -41,7 +41,7 @@ def test_round_trip_in_order_across_shards(tmp_path):
 def test_plain_streaming_dataset_reads_the_output(tmp_path):
     from streaming import StreamingDataset
 
-    from rlipv2_scale.cluster.shm import clean_stale
+    from rlipv2_scale.data.shared_memory import clean_stale
 
     records = make_records(tmp_path, 3)
     out = tmp_path / "shards"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from test_streaming import data_config, write_source
 
-from rlipv2_scale.cluster.shm import clean_stale
+from rlipv2_scale.data.shared_memory import clean_stale
 
 SHM = Path("/dev/shm")
 

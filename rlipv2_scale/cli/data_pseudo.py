@@ -68,7 +68,7 @@ def _parse(args: argparse.Namespace) -> int:
 
 def _class_names(which: str) -> list[str]:
     if which == "coco80":
-        from rlipv2_scale.eval.metadata import hico_objects
+        from rlipv2_scale.labels.metadata import hico_objects
 
         return [o["name"] for o in hico_objects()]
     if which == "o365":

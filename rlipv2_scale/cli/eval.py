@@ -121,7 +121,7 @@ def _report(title: str, rows: list[tuple[str, float | None]], results: dict, out
 def run_hico(args: argparse.Namespace) -> int:
     from rlipv2_scale.eval.files import read_unseen_triplets
     from rlipv2_scale.eval.hico import evaluate_hico_files
-    from rlipv2_scale.eval.label_space import hico_label_space
+    from rlipv2_scale.labels.space import hico_label_space
     from rlipv2_scale.eval.triplet_nms import TripletNMS
 
     if args.checkpoint is not None:

@@ -6,7 +6,6 @@ back into records. Boxes are absolute pixel (x1, y1, x2, y2) in the original ima
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -95,9 +94,6 @@ class RelationalRecord:
             "provenance": self.provenance,
         }
 
-    def to_json(self) -> str:
-        return json.dumps(self.annotation(), separators=(",", ":"))
-
     @classmethod
     def from_annotation(cls, ann: dict[str, Any], image_bytes: bytes | None = None) -> "RelationalRecord":
         return cls(
@@ -109,10 +105,6 @@ class RelationalRecord:
             provenance=ann.get("provenance", {}),
             image_bytes=image_bytes,
         )
-
-    @classmethod
-    def from_json(cls, text: str, image_bytes: bytes | None = None) -> "RelationalRecord":
-        return cls.from_annotation(json.loads(text), image_bytes)
 
     def inspect_line(self) -> dict[str, Any]:
         """The `rlipv2 data inspect` form: one JSON object per image, source order kept."""

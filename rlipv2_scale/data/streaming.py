@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from streaming import Stream, StreamingDataLoader, StreamingDataset
 
-from rlipv2_scale.cluster.shm import clean_stale
+from rlipv2_scale.data.shared_memory import clean_stale
 from rlipv2_scale.data.batch import Batch
 from rlipv2_scale.data.collate import Collator, PackedBatch
 from rlipv2_scale.data.config import DataConfig, SourceConfig

@@ -583,7 +583,7 @@ def label_space() -> dict[str, Any]:
 def eval_label_space():
     """The world's label space for `rlipv2_scale.eval.hico.evaluate_hico` (ids 1..K / 1..V as in the
     HICO-DET files; zero-shot split "held-out" = `HELD_OUT`)."""
-    from rlipv2_scale.eval.label_space import LabelSpace
+    from rlipv2_scale.labels.space import LabelSpace
 
     space = label_space()
     return LabelSpace(objects=CLASS_NAMES, verbs=PREDICATE_NAMES, valid=space["valid"],

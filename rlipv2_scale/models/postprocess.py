@@ -13,7 +13,7 @@ a validity mask over (relation, object class) pairs, top-k, and the triplet NMS 
 
 The label space (which object text is which benchmark category, which relation text which verb id,
 which (relation, object) combinations are legal, which class is the person) is the evaluators'
-`rlipv2_scale.eval.label_space.LabelSpace`: `hico_label_space()` by default, any other (e.g. a
+`rlipv2_scale.labels.space.LabelSpace`: `hico_label_space()` by default, any other (e.g. a
 synthetic one) by constructing it.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from rlipv2_scale.errors import UserError
-from rlipv2_scale.eval.label_space import LabelSpace, hico_label_space
+from rlipv2_scale.labels.space import LabelSpace, hico_label_space
 from rlipv2_scale.eval.triplet_nms import TripletNMS
 from rlipv2_scale.models.box_ops import box_cxcywh_to_xyxy
 

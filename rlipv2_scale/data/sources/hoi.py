@@ -10,7 +10,7 @@ V-COCO marks a role without an object (agent-only actions such as "stand") with 
 a relation must point at an object of the record, so such roles are left out and counted
 (`no_object_role`).
 
-Names come from the benchmark's label lists (`rlipv2_scale.eval.metadata`). A dataset in this
+Names come from the benchmark's label lists (`rlipv2_scale.labels.metadata`). A dataset in this
 layout with its own label space (e.g. the synthetic world's `*_hico.json`) ships `objects.json`
 and `verbs.json` (entries with `id` or `coco_id` and `name`; `id` and `text`) beside the file, or
 in `label_dir`: those are used instead.
@@ -24,7 +24,7 @@ from rlipv2_scale.data.schema import ImageInfo, Object, RelationalRecord, Relati
 from rlipv2_scale.data.sources.base import (Dropped, Item, as_id, expect_list, fit_box, guarded, load_json,
                                             read_image)
 from rlipv2_scale.errors import DataError, UserError
-from rlipv2_scale.eval import metadata
+from rlipv2_scale.labels import metadata
 
 NO_OBJECT = -1
 

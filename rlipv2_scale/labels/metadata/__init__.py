@@ -1,8 +1,8 @@
 """Label spaces of the benchmarks, shipped as data (HICO-DET, V-COCO).
 
 HICO-DET: 80 objects (index 0..79, COCO ids), 117 verbs (id 1..117), 600 HOI categories, the
-valid verb-object matrix and the zero-shot splits. V-COCO: the 29 action-role classes, the 26
-actions of the official annotation file and the 80 COCO objects (+ index 80 "missing object").
+valid verb-object matrix and the zero-shot splits. V-COCO: the 29 action-role classes and the 80 COCO
+objects (+ index 80 "missing object").
 """
 from __future__ import annotations
 
@@ -47,10 +47,6 @@ def hico_zero_shot_splits() -> dict:
     return _read_json("hico", "zero_shot_splits.json")
 
 
-def hico_coco_id_to_index() -> dict[int, int]:
-    return {o["coco_id"]: o["index"] for o in hico_objects()}
-
-
 @lru_cache(maxsize=None)
 def vcoco_verbs() -> list[dict]:
     """29 action-role classes {"index", "name", "action", "role", "text"}."""
@@ -58,16 +54,5 @@ def vcoco_verbs() -> list[dict]:
 
 
 @lru_cache(maxsize=None)
-def vcoco_actions() -> list[dict]:
-    """26 actions of `vcoco_test.json` in order, each with its roles ("agent" first)."""
-    return _read_json("vcoco", "actions.json")
-
-
-@lru_cache(maxsize=None)
 def vcoco_objects() -> dict:
     return _read_json("vcoco", "objects.json")
-
-
-@lru_cache(maxsize=None)
-def vcoco_thesis_subset() -> dict:
-    return _read_json("vcoco", "thesis_subset.json")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from rlipv2_scale.eval.label_space import LabelSpace, hico_label_space
+from rlipv2_scale.labels.space import LabelSpace, hico_label_space
 from rlipv2_scale.eval.triplet_nms import TripletNMS
 
 

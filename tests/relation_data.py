@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from rlipv2_scale.eval.label_space import LabelSpace
+from rlipv2_scale.labels.space import LabelSpace
 
 
 def _box(rng: np.random.Generator, size: int = 640) -> list[float]:

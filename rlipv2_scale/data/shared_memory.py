@@ -6,7 +6,7 @@ removes *every* such segment, the live ones of a neighbouring job on a shared no
 a segment is stale only when no live process maps or holds open any segment of its dataset (its
 prefix), and only this user's are removed.
 
-    python -m rlipv2_scale.cluster.shm            # run by the node launcher before torchrun
+    python -m rlipv2_scale.data.shared_memory            # run by the node launcher before torchrun
 """
 from __future__ import annotations
 

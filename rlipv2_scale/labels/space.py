@@ -91,7 +91,7 @@ class LabelSpace:
 
 def hico_label_space() -> LabelSpace:
     """HICO-DET: COCO-id objects, verbs 1..117, the 600-HOI valid matrix and zero-shot splits."""
-    from rlipv2_scale.eval import metadata as md
+    from rlipv2_scale.labels import metadata as md
 
     objects, verbs = md.hico_objects(), md.hico_verbs()
     splits = {name: tuple(tuple(int(x) for x in t) for t in split["unseen_triplets"])
