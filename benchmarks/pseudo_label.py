@@ -19,7 +19,7 @@ The utilisations are assumptions, stated in the output: 0.30 for the Tagger (bat
 0.10 for captioning (autoregressive decoding is memory-bound). This is a compute-bound *lower
 bound*: it holds only when decoding, resizing and batching keep the GPU fed. Next to it, the
 original's logged tagging times on COCO (Swin-L 0.174 s/img, Swin-T 0.115 s/img, one image per
-forward, §3.5) scaled to both datasets: an un-batched pipeline is 1-2 orders of magnitude slower
+forward, the original's `scripts/verb_tagger/test_Tagger_swin*.sh`) scaled to both datasets: an un-batched pipeline is 1-2 orders of magnitude slower
 than the FLOP bound.
 
     python benchmarks/pseudo_label.py            # writes benchmarks/results/pseudo_label.json
@@ -46,7 +46,7 @@ RESULTS = Path(__file__).resolve().parent / "results" / "pseudo_label.json"
 DATASETS = {"coco": 117_266, "o365": 1_700_000}
 PEAK_BF16_TFLOPS = {"A100": 312.0, "H100": 989.4}
 UTILISATION = {"tagger": 0.30, "caption": 0.10}                           # assumptions, see the docstring
-ORIGINAL_S_PER_IMAGE = {"tagger_swin_l": 0.174, "tagger_swin_t": 0.115}   # reference §3.5, logged on COCO
+ORIGINAL_S_PER_IMAGE = {"tagger_swin_l": 0.174, "tagger_swin_t": 0.115}   # the original's `scripts/verb_tagger/test_Tagger_swin*.sh`, logged on COCO
 
 
 def flops(fn) -> float:

@@ -54,7 +54,7 @@ def vg_raw(root: Path) -> dict:
 
 
 def pseudo_coco(root: Path) -> dict:
-    """The original's pseudo-labelled COCO scene graphs (reference §3.6)."""
+    """The original's pseudo-labelled COCO scene graphs (as `generate_relations_using_verb_tagger.py` writes them)."""
     images = root / "coco2017"
     jpeg(images / "train2017" / "000000000139.jpg", 80, 60)
     jpeg(images / "train2017" / "000000000285.jpg", 50, 50)

@@ -1,4 +1,4 @@
-"""Per-batch label sequence (§2.1): positives, frequency-sampled negatives, fixed lists, vocabulary."""
+"""Per-batch label sequence (the original's `engine.py: merge_batch_data`): positives, frequency-sampled negatives, fixed lists, vocabulary."""
 from __future__ import annotations
 
 import json

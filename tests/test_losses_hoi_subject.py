@@ -1,4 +1,4 @@
-"""The subject-label quirk of HOI fine-tuning (reference §2.3): the original's HICO-DET / V-COCO datasets
+"""The subject-label quirk of HOI fine-tuning (`datasets/hico.py`, `datasets/vcoco.py`): the original's HICO-DET / V-COCO datasets
 give every subject the class target 1 ("bicycle") instead of the person (0). `LossConfig.hoi_person_index`
 reproduces it with `compat_original` and targets the person without, in the loss and in the matching."""
 import math

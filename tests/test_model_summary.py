@@ -9,7 +9,7 @@ from rlipv2_scale.cli import main
 from rlipv2_scale.models.config import named_config
 from rlipv2_scale.models.summary import model_summary
 
-# Measured on the original code (reference §1; checkpoint layouts).
+# Measured on the original code (`models/hoi.py`; checkpoint layouts).
 TOTALS = {"r50": 213_700_624, "swin_t": 214_243_658, "swin_l": 383_834_468, "swin_l_hico": 383_797_316,
           "tagger_r50": 206_642_164}
 COMMON_FFN2048 = {"text_encoder": 124_645_632, "alif": 18_911_232, "language_layers": 21_263_616,

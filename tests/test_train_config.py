@@ -23,7 +23,7 @@ def test_every_recipe_loads_strictly(path):
     if not {"pretrain", "finetune"} & set(path.relative_to(RECIPES).parts):
         return
     assert cfg.optim.weight_decay == pytest.approx(1e-4) and cfg.train.grad_clip == pytest.approx(0.1)
-    # backbone and label-text encoder at a tenth of the base lr (reference §5.1)
+    # backbone and label-text encoder at a tenth of the base lr (the original's `main.py: main`)
     assert {g.name: g.lr for g in cfg.optim.groups} == {"backbone": pytest.approx(cfg.optim.lr / 10),
                                                         "text_encoder": pytest.approx(cfg.optim.lr / 10)}
 

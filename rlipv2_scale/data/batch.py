@@ -2,7 +2,7 @@
 
 Produced by the collate function (`rlipv2_scale.data.collate`), consumed by the model, the matcher
 and the losses. Boxes are normalised (cx, cy, w, h) relative to the *unpadded* transformed image;
-labels index into the batch's label sequence (`obj_texts` / `rel_texts`, §2.1 of the reference):
+labels index into the batch's label sequence (`obj_texts` / `rel_texts`, as the original's `engine.py: merge_batch_data`):
 one list of object texts ending with "no objects" and one list of relation texts, shared by all
 images of the batch.
 """

@@ -139,7 +139,7 @@ def batch_generator(seed: int, examples: Sequence[Example]) -> torch.Generator:
 
 
 class Collator:
-    """The loader's `collate_fn`: label sequence for the batch (§2.1), then `collate`."""
+    """The loader's `collate_fn`: label sequence for the batch (the original's `engine.py: merge_batch_data`), then `collate`."""
 
     def __init__(self, cfg: DataConfig, vocab: LabelVocabulary | None):
         if not cfg.fixed_labels and cfg.negative_sampling and vocab is None:

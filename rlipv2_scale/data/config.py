@@ -1,7 +1,7 @@
 """`DataConfig`: where the shards are, how they are mixed, augmented, labelled and batched.
 
 Loaded strictly through `rlipv2_scale.config.from_dict` (unknown keys are errors). Defaults follow
-the original pre-training (§4.1, §4.4, §2.1 of the reference); the demo recipe shrinks the image
+the original pre-training (`datasets/mixed_dataset.py: MixedRelDetection`, `make_vg_transforms`, `engine.py: merge_batch_data`); the demo recipe shrinks the image
 sizes and the label-sequence lengths.
 """
 from __future__ import annotations
@@ -95,7 +95,7 @@ class DataConfig:
     cache_dir: str | None = None              # root of download caches for remote sources
     clean_shared_memory: bool = True          # unlink streaming shared memory left by a killed run
     transforms: TransformConfig = field(default_factory=TransformConfig)
-    # Label sequence (§2.1): positives of the batch, then frequency-sampled negatives up to these sizes.
+    # Label sequence (the original's `engine.py: merge_batch_data`): positives of the batch, then frequency-sampled negatives up to these sizes.
     num_obj_labels: int = 333
     num_rel_labels: int = 167
     negative_sampling: bool = True

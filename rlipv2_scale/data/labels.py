@@ -1,4 +1,4 @@
-"""The per-batch label sequence (§2.1 of the reference, "label sequence extension").
+"""The per-batch label sequence (the original's `engine.py: merge_batch_data`, "label sequence extension").
 
 Object texts: the ordered union of every annotated object name of the batch's images, then
 negatives drawn from the dataset-wide vocabulary with probability proportional to instance

@@ -1,6 +1,6 @@
 """Few-shot training subsets of a HICO-DET-style annotation file (`trainval_hico.json`), seeded.
 
-The original's procedure (§5.4 of the reference): take one random image for every verb, then
+The original's procedure (`convert_annotations/convert_hico_annotations.py: select_percentage`): take one random image for every verb, then
 random further images until the subset holds int(N * fraction) images; redraw the whole subset
 until every verb and every object category of the full file occurs in it. The original is
 unseeded (its released 1 % / 10 % files are one draw); here the draw is a function of the seed.

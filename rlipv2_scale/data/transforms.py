@@ -1,4 +1,4 @@
-"""DETR-style augmentation of one image and its boxes, on uint8 tensors (§4.4 of the reference).
+"""DETR-style augmentation of one image and its boxes, on uint8 tensors (the original's `datasets/mixed_dataset.py: make_vg_transforms`).
 
 Train: horizontal flip (p=0.5), colour jitter (brightness/contrast/saturation 0.4, random order),
 then with p=0.5 either a random resize of the shorter side (480..800, longer side ≤ 1333) or

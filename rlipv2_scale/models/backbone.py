@@ -1,7 +1,7 @@
 """Image backbones (timm) returning three feature levels with strides 8 / 16 / 32.
 
 - `resnet50`: torchvision-layout ResNet-50 (timm), every BatchNorm frozen (weights become buffers)
-  and the stem + layer1 frozen, as in the original (reference §1.2).
+  and the stem + layer1 frozen, as in the original (`models/DDETR_backbone.py`).
 - `swin_tiny` / `swin_large`: timm Swin (window 7) accepting any input size (padding to the patch
   size here, to window multiples inside timm), stages 2-4 each followed by its own LayerNorm; all
   norms and relative-position tables frozen, as in the original.

@@ -1,7 +1,7 @@
 """Model configuration: one dataclass tree, and the named configs of the paper's models.
 
 `named_config(name)` returns `tiny | r50 | swin_t | swin_l | swin_l_hico | tagger_r50`. The big
-ones reproduce the original's shapes exactly (reference §1); `tiny` is a small, randomly
+ones reproduce the original's shapes exactly (`models/hoi.py`); `tiny` is a small, randomly
 initialised, fully trainable model for CPU tests and the demo.
 """
 from __future__ import annotations
@@ -46,7 +46,7 @@ class TextConfig:
 
 @dataclass
 class AlifConfig:
-    """Asymmetric Language-Image Fusion (reference §1.4)."""
+    """Asymmetric Language-Image Fusion (the original's `models/fuse_helper.py: RLIPv2_VLFuse`)."""
 
     fusion: Literal["last_level", "all_levels", "none"] = "last_level"
     embed_dim: int = 2048                 # inner width of the bi-attention (8 heads x 256)
@@ -84,7 +84,7 @@ class ModelConfig:
     # Position encoding: Swin runs subtract 0.5 from the cumulative pixel index before normalising.
     position_offset: float = 0.0
     checkpoint_encoder: bool = False      # activation checkpointing of the deformable encoder layers
-    # Reproduce the original's [QUIRK]s (reference §1.3-§1.8) for loading released checkpoints.
+    # Reproduce the [QUIRK]s of the original's `models/dab_deformable/deformable_transformer.py`, `models/fuse_helper.py` and `util/misc.py` for loading released checkpoints.
     compat_original: bool = False
 
     def __post_init__(self) -> None:

@@ -1,4 +1,4 @@
-"""Prediction heads: box MLPs, the label-text resizer and text-similarity classification (reference §1.6)."""
+"""Prediction heads: box MLPs, the label-text resizer and text-similarity classification (the original's `models/hoi.py: RLIP_ParSeDA.forward`)."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,4 @@
-"""Set criterion of RLIPv2 (reference §2.3-§2.7): matching, then every loss term.
+"""Set criterion of RLIPv2 (the original's `models/hoi.py: SetCriterionHOI`): matching, then every loss term.
 
 Terms (each also on every auxiliary decoder layer, with its own matching, suffixed `_{i}`):
 
@@ -47,20 +47,20 @@ def subject_target_index(person_index: int, compat_original: bool) -> int:
 class LossConfig:
     """Matching costs, loss weights and loss variants (defaults: RLIPv2 pre-training)."""
 
-    # Matching (§2.2). `identity` pairs query i with the i-th ground-truth pair (Relation Tagger).
+    # Matching (the original's `models/matcher.py: HungarianMatcherHOI`). `identity` pairs query i with the i-th ground-truth pair (Relation Tagger).
     matching: Literal["hungarian", "identity"] = "hungarian"
     cost_class: float = 1.0
     cost_rel: float = 1.0
     cost_bbox: float = 2.5
     cost_giou: float = 1.0
     subject_class: bool = True          # classify (and match on) the subject's class too
-    # Weights of the total (§2.6).
+    # Weights of the total (the original's `models/detr.py: build`).
     weight_ce: float = 1.0
     weight_rel: float = 1.0
     weight_bbox: float = 2.5
     weight_giou: float = 1.0
     eos_coef: float = 0.1               # CE weight of the "no objects" class
-    # Relation loss (§2.4).
+    # Relation loss (the original's `models/hoi.py: SetCriterionHOI.loss_verb_labels`).
     rel_loss: Literal["soft_focal", "focal"] = "soft_focal"
     focal_beta: float = 2.0             # exponent of |t - p| in the soft focal loss
     pseudo_targets: bool = True         # RPL: text-similarity pseudo-targets (pre-training)
@@ -107,7 +107,7 @@ def hard_focal_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
 def relation_pseudo_targets(
     rel_labels: torch.Tensor, rel_text_embeds: torch.Tensor, threshold: float = 0.3
 ) -> torch.Tensor:
-    """RPL (§2.4): pseudo-targets for the relation texts that are similar to a pair's positives.
+    """RPL (the original's `models/hoi.py: RLIP_ParSeDA.forward`, `pseudo_verb`): pseudo-targets for the relation texts that are similar to a pair's positives.
 
     rel_labels [n, L] (multi-hot or confidences), rel_text_embeds [L, D] -> u [n, L] in [0, 1]:
     D_ij = ||R_i - R_j||, S_ij = max_k D_ik - D_ij, u = Σ_i y_i S_i,: / max, zero on the pair's
@@ -244,7 +244,7 @@ class SetCriterion(nn.Module):
             return torch.cat([getattr(t, name).to(device)[j] for t, j in tgt])
 
         terms: dict[str, torch.Tensor] = {}
-        # Subject / object classification (§2.3).
+        # Subject / object classification (the original's `models/hoi.py: SetCriterionHOI.loss_obj_labels`).
         ce = []
         for side in (("sub", "obj") if self.cfg.subject_class else ("obj",)):
             logits = out[f"pred_{side}_logits"]
@@ -261,7 +261,7 @@ class SetCriterion(nn.Module):
                 terms[f"{side}_class_error"] = 100 * (1 - acc)
         terms["loss_ce"] = sum(ce)
 
-        # Boxes (§2.5).
+        # Boxes (the original's `models/hoi.py: SetCriterionHOI.loss_sub_obj_boxes`).
         src_sub = out["pred_sub_boxes"][batch_idx, src_idx]
         src_obj = out["pred_obj_boxes"][batch_idx, src_idx]
         gt_sub = gather("sub_boxes").float()
@@ -275,7 +275,7 @@ class SetCriterion(nn.Module):
         terms["loss_sub_giou"] = (1 - giou_sub).sum() / num_pairs
         terms["loss_obj_giou"] = ((1 - giou_obj) * has_obj).sum() / num_obj
 
-        # Relations (§2.4).
+        # Relations (the original's `models/hoi.py: SetCriterionHOI.loss_verb_labels`).
         rel_logits = out["pred_rel_logits"]
         matched_labels = gather("rel_labels").to(rel_logits)
         if matched_labels.shape[-1] != rel_logits.shape[-1]:

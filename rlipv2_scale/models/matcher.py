@@ -1,7 +1,7 @@
 """Hungarian matching between predicted (subject, object, relation) pairs and ground-truth pairs.
 
 Per image, a [P, n] cost matrix between the P predicted pairs and the n ground-truth pairs is
-solved with `scipy.optimize.linear_sum_assignment` (reference §2.2):
+solved with `scipy.optimize.linear_sum_assignment` (the original's `models/matcher.py: HungarianMatcherHOI`):
 
     C = w_cls·(-p_sub[gt_sub]) + w_cls·(-p_obj[gt_obj]) + w_rel·C_rel + w_bbox·C_L1 + w_giou·C_GIoU
 

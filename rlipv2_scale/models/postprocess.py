@@ -1,4 +1,4 @@
-"""Post-processing (reference §6.1): model outputs -> ranked triplets -> community prediction JSON.
+"""Post-processing (the original's `models/hoi.py: PostProcessHOI`, `PostProcessSGG`): model outputs -> ranked triplets -> community prediction JSON.
 
 Per predicted pair i and relation text r:
 

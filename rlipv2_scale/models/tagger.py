@@ -1,4 +1,4 @@
-"""Relation Tagger (reference §3.4-§3.5): scores candidate relation texts for *given* region pairs.
+"""Relation Tagger (the original's `models/verb_tagger_helper.py: prepare_query`, `generate_relations_using_verb_tagger.py`): scores candidate relation texts for *given* region pairs.
 
 The Tagger is RLIP-ParSeD whose entity queries are built from given boxes and labels instead of
 learned embeddings: the subject of pair k fills query slot k and its object slot P+k, with
@@ -83,7 +83,7 @@ def duplicate_entity_mask(labels: torch.Tensor, boxes: torch.Tensor, valid: torc
 
 
 def tagger_loss_config(**overrides) -> LossConfig:
-    """Tagger loss (§2.7): identity matching, CE (no-objects weight 0.1), L1 2.5 + GIoU 1, hard focal."""
+    """Tagger loss (the original's `models/hoi.py: SetCriterionHOI.loss_verb_tagger`): identity matching, CE (no-objects weight 0.1), L1 2.5 + GIoU 1, hard focal."""
     return LossConfig(matching="identity", rel_loss="focal", pseudo_targets=False, **overrides)
 
 

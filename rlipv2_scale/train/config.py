@@ -43,7 +43,7 @@ class TrainConfig:
     reduce_bucket_size: int = 500_000_000
     allgather_bucket_size: int = 500_000_000
     precision: Literal["auto", "bf16", "fp32"] = "auto"   # auto: bf16 on GPU, fp32 on CPU
-    grad_clip: float = 0.1            # global L2 norm (reference §5.1), applied by DeepSpeed
+    grad_clip: float = 0.1            # global L2 norm (the original's `main.py: --clip_max_norm`), applied by DeepSpeed
     seed: int = 42                    # + rank, as the original
     # Activation checkpointing, switched on in the model config: any of backbone, encoder, alif.
     activation_checkpointing: list[Literal["backbone", "encoder", "alif"]] = field(default_factory=list)
@@ -78,7 +78,7 @@ class ParamGroupConfig:
 
 
 def _default_groups() -> list[ParamGroupConfig]:
-    # Reference §5.1: "backbone" and the label-text encoder train at a tenth of the base lr.
+    # The original's `main.py: main`: "backbone" and the label-text encoder train at a tenth of the base lr.
     return [ParamGroupConfig("backbone", ["backbone.*"], 1.41e-5),
             ParamGroupConfig("text_encoder", ["text_encoder.*"], 1.41e-5)]
 

@@ -407,7 +407,7 @@ def run(cfg: RunConfig, resume: str | None = None, build: Builder | None = None)
         info = init_distributed()
         set_seed(cfg.train.seed)                    # identical initial weights on every rank
         parts = build(cfg, info)
-        set_seed(cfg.train.seed + info.rank)        # distinct dropout / sampling per rank (reference §5.1)
+        set_seed(cfg.train.seed + info.rank)        # distinct dropout / sampling per rank (the original's `main.py: main`)
         trainer = Trainer(cfg, info, parts.model, parts.criterion, parts.loader, resume=resume,
                           evaluator=parts.evaluator, stop=stop, forward=parts.forward)
         return trainer.fit()

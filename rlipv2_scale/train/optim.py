@@ -1,6 +1,6 @@
 """AdamW with parameter groups chosen by module path, and the learning-rate schedules.
 
-Groups (reference §5.1): parameters whose dotted name matches a group's patterns train with that
+Groups (the original's `main.py: main`): parameters whose dotted name matches a group's patterns train with that
 group's lr (backbone and label-text encoder: a tenth of the base lr); the rest with `optim.lr`.
 Each group carries a `name` so that the lr of every group can be logged and checked after
 DeepSpeed has wrapped the optimizer. Frozen parameters are left out (they are still saved).

@@ -5,7 +5,7 @@ every (candidate pair, relation text) of a chunk. `run_tagging` walks images wit
 chunks, takes this rank's share, keeps every confidence ≥ `keep_threshold` (0.05: the training-time
 threshold, 0.20 by default, is applied when the file is read), optionally the top-k texts per pair,
 and appends one JSON line per image to a per-rank file — resumable like captioning. `to_scene_graph`
-builds the original's pseudo-label JSON entry (§3.6 of the reference) and `to_record` the project's
+builds the original's pseudo-label JSON entry (as `generate_relations_using_verb_tagger.py: verb_tagger_with_text` writes it) and `to_record` the project's
 `RelationalRecord`, so the output goes straight into MDS shards.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Open Images v6 scene-graph benchmark (`OI_SGG_*.json` + categories dict, reference §4.2).
+"""Open Images v6 scene-graph benchmark (`OI_SGG_*.json` + categories dict, the original's `datasets/oi_sgg.py`).
 
 Entries `{file_name, annotations: [{bbox (xyxy), category_id}], rel_annotations: [{subject_id,
 object_id, category_id (0..29)}]}`. Predicate names are the `rel` list of

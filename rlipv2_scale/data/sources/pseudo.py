@@ -1,4 +1,4 @@
-"""The original's pseudo-labelled scene graphs (COCO / Objects365, reference §3.6).
+"""The original's pseudo-labelled scene graphs (COCO / Objects365, written by `generate_relations_using_verb_tagger.py: verb_tagger_with_text`).
 
 The layout is the pre-processed VG one plus `dataset`, `data_split` and a per-relation
 `confidence`. Relations below `threshold` (0.20 by default, as in the original) are dropped and

@@ -42,7 +42,7 @@ def _object_name(obj: dict, lower: bool) -> str:
 def parse_scene_graph(entry: dict, *, source: str, split: str, width: int, height: int, file_name: str,
                       image_bytes: bytes, threshold: float, lower: bool, keep_empty: bool,
                       provenance: dict[str, Any]) -> Iterator[Item]:
-    """One scene-graph entry (§3.6 layout) -> a record; relations below `threshold` are dropped."""
+    """One scene-graph entry (layout read by the original's `datasets/mixed_dataset.py: MixedRelDetection`) -> a record; relations below `threshold` are dropped."""
     sid = str(_image_id(entry))
     objects: list[Object] = []
     index: dict[Any, int] = {}
