@@ -23,18 +23,9 @@ import torch.nn.functional as F
 
 from rlipv2_scale.errors import UserError
 from rlipv2_scale.kernels.dispatch import forced_choice, resolve_backend, table_choice
+from rlipv2_scale.kernels.heads import merge_heads, split_heads
 
 ALIF_BACKENDS = ("auto", "triton", "torch", "eager")
-
-
-def _heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
-    b, n, c = x.shape
-    return x.view(b, n, num_heads, c // num_heads).transpose(1, 2)  # [B, H, N, hd]
-
-
-def _merge_heads(x: torch.Tensor) -> torch.Tensor:
-    b, h, n, hd = x.shape
-    return x.transpose(1, 2).reshape(b, n, h * hd)
 
 
 def attention_core_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_pad_mask: torch.Tensor | None,
@@ -130,13 +121,13 @@ def alif_bi_attention(v: torch.Tensor, l: torch.Tensor, v_pos: torch.Tensor,
         return fused_alif_block(v, l, v_pos, w_q, b_q, w_k, b_k, w_vv, b_vv, w_vl, b_vl, w_ov, b_ov, w_ol, b_ol,
                                 gate_v, gate_l, num_heads, v_pad_mask, l_pad_mask, p)
     scale = (w_q.shape[0] // num_heads) ** -0.5
-    q = _heads(F.linear(v + v_pos, w_q, b_q), num_heads)
-    k = _heads(F.linear(l, w_k, b_k), num_heads)
-    vv = _heads(F.linear(v, w_vv, b_vv), num_heads)
-    vl = _heads(F.linear(l, w_vl, b_vl), num_heads)
+    q = split_heads(F.linear(v + v_pos, w_q, b_q), num_heads)
+    k = split_heads(F.linear(l, w_k, b_k), num_heads)
+    vv = split_heads(F.linear(v, w_vv, b_vv), num_heads)
+    vl = split_heads(F.linear(l, w_vl, b_vl), num_heads)
     core = attention_core_reference if choice == "eager" else attention_core_sdpa
     out_v = core(q, k, vl, l_pad_mask, scale, p, training)
     out_l = core(k, q, vv, v_pad_mask, scale, p, training)
-    v_new = v + gate_v * F.linear(_merge_heads(out_v), w_ov, b_ov)
-    l_new = l + gate_l * F.linear(_merge_heads(out_l), w_ol, b_ol)
+    v_new = v + gate_v * F.linear(merge_heads(out_v), w_ov, b_ov)
+    l_new = l + gate_l * F.linear(merge_heads(out_l), w_ol, b_ol)
     return v_new, l_new

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 # [B,N,H*D] <-> [B,H,N,D] views; merging a [B,H,N,D] view of a [B,N,H,D] tensor copies nothing
-from rlipv2_scale.kernels.alif import _heads, _merge_heads
+from rlipv2_scale.kernels.heads import merge_heads, split_heads
 
 STORE, ADD, ATOMIC = 0, 1, 2  # how a kernel writes a gradient another kernel may also write
 
@@ -444,10 +444,10 @@ class FusedAlifBlock(torch.autograd.Function):
         q, k = F.linear(x, w_q, b_q), F.linear(l, w_k, b_k)
         vv, vl = F.linear(v, w_vv, b_vv), F.linear(l, w_vl, b_vl)
         vmask, lmask = _kmask(v_pad_mask), _kmask(l_pad_mask)
-        qh, kh = _heads(q, heads), _heads(k, heads)
-        out_v, lse_v = core_forward(qh, kh, _heads(vl, heads), lmask, scale, dropout_p, seeds[0], splits)
-        out_l, lse_l = core_forward(kh, qh, _heads(vv, heads), vmask, scale, dropout_p, seeds[1], splits)
-        out_v, out_l = _merge_heads(out_v), _merge_heads(out_l)
+        qh, kh = split_heads(q, heads), split_heads(k, heads)
+        out_v, lse_v = core_forward(qh, kh, split_heads(vl, heads), lmask, scale, dropout_p, seeds[0], splits)
+        out_l, lse_l = core_forward(kh, qh, split_heads(vv, heads), vmask, scale, dropout_p, seeds[1], splits)
+        out_v, out_l = merge_heads(out_v), merge_heads(out_l)
         y_v, y_l = F.linear(out_v, w_ov, b_ov), F.linear(out_l, w_ol, b_ol)
         ctx.save_for_backward(v, l, x, q, k, vv, vl, out_v, out_l, lse_v, lse_l, y_v, y_l,
                               w_q, w_k, w_vv, w_vl, w_ov, w_ol, gate_v, gate_l)
@@ -474,19 +474,19 @@ class FusedAlifBlock(torch.autograd.Function):
 
         # both directions write into shared gradients: q is the vision direction's query and the
         # language direction's key, k the other way round
-        qh, kh, vvh, vlh = (_heads(t, heads) for t in (q, k, vv, vl))
+        qh, kh, vvh, vlh = (split_heads(t, heads) for t in (q, k, vv, vl))
         dq_v, dkv_v = _splits_dq(qh, kh, splits)[2][0], _splits_dkdv(qh, kh, splits)[2][0]
         dq_l, dkv_l = _splits_dq(kh, qh, splits)[2][0], _splits_dkdv(kh, qh, splits)[2][0]
         atom_q, atom_k = dq_v > 1 or dkv_l > 1, dkv_v > 1 or dq_l > 1
         gq, gk = _grad_buffer(qh, atom_q), _grad_buffer(kh, atom_k)
         gvl, gvv = _grad_buffer(vlh, dkv_v > 1), _grad_buffer(vvh, dkv_l > 1)
-        core_backward(qh, kh, vlh, lmask, _heads(out_v, heads), lse_v, _heads(d_out_v, heads), ctx.scale, p,
+        core_backward(qh, kh, vlh, lmask, split_heads(out_v, heads), lse_v, split_heads(d_out_v, heads), ctx.scale, p,
                       ctx.seeds[0], splits, gq, gk, gvl,
                       ATOMIC if atom_q else STORE, ATOMIC if atom_k else STORE, ATOMIC if dkv_v > 1 else STORE)
-        core_backward(kh, qh, vvh, vmask, _heads(out_l, heads), lse_l, _heads(d_out_l, heads), ctx.scale, p,
+        core_backward(kh, qh, vvh, vmask, split_heads(out_l, heads), lse_l, split_heads(d_out_l, heads), ctx.scale, p,
                       ctx.seeds[1], splits, gk, gq, gvv,
                       ATOMIC if atom_k else ADD, ATOMIC if atom_q else ADD, ATOMIC if dkv_l > 1 else STORE)
-        gq, gk, gvl, gvv = (_merge_heads(g).to(t.dtype) for g, t in ((gq, q), (gk, k), (gvl, vl), (gvv, vv)))
+        gq, gk, gvl, gvv = (merge_heads(g).to(t.dtype) for g, t in ((gq, q), (gk, k), (gvl, vl), (gvv, vv)))
 
         g_wq, g_bq = _linear_grads(gq, x, need[3], need[4])
         g_wk, g_bk = _linear_grads(gk, l, need[5], need[6])

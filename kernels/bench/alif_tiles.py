@@ -38,7 +38,7 @@ def _timer(device: str):
 def _time_candidates(kernel_name: str, bits: int, tiles: list, out: dict, device: str = "cuda",
                      tokens: tuple[int, ...] = (273, 22223), labels: int = 200) -> None:
     from rlipv2_scale.kernels import alif_triton
-    from rlipv2_scale.kernels.alif import _heads
+    from rlipv2_scale.kernels.heads import split_heads
 
     timer = _timer(device)
     dtype = torch.bfloat16 if bits == 16 else torch.float32
@@ -55,7 +55,7 @@ def _time_candidates(kernel_name: str, bits: int, tiles: list, out: dict, device
             lmask = torch.zeros(1, labels, dtype=torch.bool, device=device)
             lmask[:, labels - labels // 8:] = True
             for qq, kk, vvv, mask in ((q, k, vl, lmask), (k, q, vv, None)):
-                qh, kh, vh = (_heads(t, 8) for t in (qq, kk, vvv))
+                qh, kh, vh = (split_heads(t, 8) for t in (qq, kk, vvv))
                 leaves = [t.detach().requires_grad_() for t in (qh, kh, vh)]
                 go = torch.randn_like(qh)
 
