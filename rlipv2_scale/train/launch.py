@@ -10,6 +10,7 @@ are real.
 """
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import socket
@@ -124,15 +125,23 @@ def die_with_parent(sig: int = signal.SIGKILL) -> None:
 
     torchrun starts each rank in a session of its own, so a SIGKILL to the launcher's process group
     would leave the ranks training; a rank calls this first thing, so it dies with its torchrun."""
-    if not sys.platform.startswith("linux"):
+    prctl = _prctl()
+    if prctl is None:
         return
+    parent = os.getppid()
+    prctl(1, int(sig), 0, 0, 0)   # PR_SET_PDEATHSIG
+    if os.getppid() != parent:    # the parent died before the request: nobody will send it
+        os.kill(os.getpid(), sig)
+
+
+@functools.cache
+def _prctl():
+    # Looked up once, before any fork: a child of a threaded process should not load libraries.
+    if not sys.platform.startswith("linux"):
+        return None
     import ctypes
 
-    parent = os.getppid()
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
-    if os.getppid() != parent:   # the parent died before the request: nobody will send it
-        os.kill(os.getpid(), sig)
+    return ctypes.CDLL(None, use_errno=True).prctl
 
 
 def report_to_launcher(message: str, rank: int) -> bool:
@@ -177,6 +186,7 @@ def spawn_local(nproc: int, argv: list[str], run_dir: Path, entry: tuple[str, ..
     env = dict(os.environ)
     if not torch.cuda.is_available():
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    _prctl()   # here, not in the forked child
 
     def child_setup() -> None:
         # torchrun dies on SIGUSR1 (see `forward`), and with this launcher however it dies.
