@@ -127,6 +127,24 @@ def test_a_diverging_run_keeps_its_last_good_checkpoint_as_latest(tmp_path):
     assert all(torch.isfinite(v).all() and v.abs().max() < 1e3 for v in good.values() if v.is_floating_point())
 
 
+def test_diverged_states_are_set_aside_never_deleted(tmp_path):
+    m = CheckpointManager(tmp_path, keep_last=2)
+    for step in (2, 4):
+        _fake_save(m, step)
+    m.begin(5)
+    (m.tmp_dir(5) / ckpt_io.TRAINER_STATE).write_text(json.dumps({"step": 5}))
+    assert m.commit_diverged(5, good_step=3) == m.root / "diverged-step_00000005"
+    assert m.latest() == m.final_dir(2)
+    assert (m.root / "diverged-step_00000004").is_dir() and m.steps() == [2]
+    m.begin(5)
+    (m.tmp_dir(5) / ckpt_io.TRAINER_STATE).write_text(json.dumps({"step": 5}))
+    assert m.commit_diverged(5, good_step=3) == m.root / "diverged-step_00000005-2"   # a second attempt
+    assert (m.root / "diverged-step_00000005").is_dir()
+    m.begin(2)
+    (m.tmp_dir(2) / ckpt_io.TRAINER_STATE).write_text(json.dumps({"step": 2}))
+    assert m.commit_diverged(2, good_step=1) == m.root / "diverged-step_00000002" and m.latest() is None
+
+
 @pytest.mark.parametrize("override, named", [
     ("optim.lr=nan", "optim.lr is nan"), ("optim.lr=-1", "optim.lr is -1.0"), ("optim.lr=inf", "optim.lr is inf"),
     ("train.grad_clip=nan", "train.grad_clip is nan"), ("optim.weight_decay=-0.1", "optim.weight_decay is -0.1"),

@@ -86,27 +86,20 @@ class CheckpointManager:
         self.prune()
         return final
 
-    def aside_dir(self, step: int) -> Path:
-        return self.root / (DIVERGED + step_dir_name(step))
-
-    def commit_aside(self, step: int) -> Path:
-        """Rank 0: publish the save of `step` as a diverged state, beside the checkpoints: never
-        `latest`, never pruned, never resumed from by `--resume auto`."""
-        aside = self.aside_dir(step)
-        if aside.exists():
-            shutil.rmtree(aside)
-        self._seal(self.tmp_dir(step))
-        os.replace(self.tmp_dir(step), aside)
-        _fsync(self.root)
-        return aside
-
-    def set_aside_after(self, step: int) -> list[Path]:
-        """Rank 0, when a run diverged: the checkpoints of steps after `step` (their weights gave no
-        finite loss) are renamed `diverged-...`, and `latest` names the newest one left."""
-        moved = [self._set_aside(self.final_dir(s), DIVERGED) for s in self.steps() if s > step]
+    def commit_diverged(self, step: int, good_step: int) -> Path:
+        """Rank 0, when a run diverged at `step`: its save and every checkpoint after `good_step`
+        (the last step whose weights gave a finite loss) are renamed `diverged-...`, never deleted,
+        and `latest` names the newest checkpoint left. Returns where the state of `step` went."""
+        final = self.final_dir(step)
+        if final.exists():   # saved before, at this step: the same state
+            shutil.rmtree(self.tmp_dir(step))
+        else:
+            self._seal(self.tmp_dir(step))
+            os.replace(self.tmp_dir(step), final)
+        moved = {s: self._set_aside(self.final_dir(s), DIVERGED) for s in self.steps() if s > good_step}
         kept = self.steps()
         self._point_latest(self.final_dir(kept[-1]) if kept else None)
-        return moved
+        return moved[step]
 
     def sync(self, step: int) -> None:
         """fsync every file of the save of `step` (once per node: the page cache is the node's)."""
@@ -138,10 +131,16 @@ class CheckpointManager:
         _fsync(self.root)
 
     def _set_aside(self, path: Path, prefix: str) -> Path:
-        aside = path.with_name(prefix + path.name)
-        if aside.exists():
-            shutil.rmtree(aside)
-        os.replace(path, aside)
+        """Rename `path` to `prefix + name` (numbered when taken): set aside, never deleted."""
+        aside, n = path.with_name(prefix + path.name), 1
+        while aside.exists():
+            n += 1
+            aside = path.with_name(f"{prefix}{path.name}-{n}")
+        try:
+            os.replace(path, aside)
+        except FileNotFoundError:   # another process of this run (a rank resolving init_from) was first
+            pass
+        _fsync(self.root)
         return aside
 
     @staticmethod

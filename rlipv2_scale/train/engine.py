@@ -171,9 +171,9 @@ class Trainer:
         return None if choice[0] is None else Path(choice[0])
 
     # ------------------------------------------------------------------ checkpointing
-    def save(self, aside: bool = False) -> Path:
-        """Every rank writes its part into the temporary directory; rank 0 commits (with `aside`,
-        as a diverged state beside the checkpoints)."""
+    def save(self, diverged_after: int | None = None) -> Path:
+        """Every rank writes its part into the temporary directory; rank 0 commits (with
+        `diverged_after`: sets it aside, with the checkpoints after that step; the path is rank 0's)."""
         tmp = self.manager.tmp_dir(self.step)
         if self.is_main:
             self.manager.begin(self.step)
@@ -191,9 +191,12 @@ class Trainer:
         if self.info.local_rank == 0 and not self.is_main:   # rank 0's commit syncs its own node
             self.manager.sync(self.step)
         dist.barrier()
-        final = self.manager.aside_dir(self.step) if aside else self.manager.final_dir(self.step)
+        final = self.manager.final_dir(self.step)
         if self.is_main:
-            self.manager.commit_aside(self.step) if aside else self.manager.commit(self.step)
+            if diverged_after is None:
+                self.manager.commit(self.step)
+            else:
+                final = self.manager.commit_diverged(self.step, diverged_after)
         dist.barrier()
         return final
 
@@ -337,16 +340,17 @@ class Trainer:
     def _diverged(self, in_row: int) -> TrainingDiverged:
         """Save the diverging state aside; `latest` becomes the newest checkpoint whose weights gave a
         finite loss (later ones are set aside too), so that `--resume auto` continues from it."""
+        aside = self.save(diverged_after=min(self.good_step, self.step - 1))
+        message = [None]
         if self.is_main:
-            self.manager.set_aside_after(self.good_step)
-        aside = self.save(aside=True)
-        good = self.manager.latest()
-        resume = (f"`latest` stays '{good}', the newest checkpoint whose weights gave finite losses"
-                  if good is not None else "no checkpoint was saved before it")
-        return TrainingDiverged(
-            f"{in_row} non-finite losses in a row at step {self.step} ({self.skipped} skipped in all): the run "
-            f"diverged; its state is kept for debugging in '{aside}', {resume}. Lower optim.lr, check the data, "
-            f"or raise train.max_nonfinite_in_row")
+            good = self.manager.latest()
+            resume = (f"`latest` stays '{good}', the newest checkpoint whose weights gave finite losses"
+                      if good is not None else "no checkpoint was saved before it")
+            message[0] = (f"{in_row} non-finite losses in a row at step {self.step} ({self.skipped} skipped in all): "
+                          f"the run diverged; its state is kept for debugging in '{aside}', {resume}. Lower "
+                          f"optim.lr, check the data, or raise train.max_nonfinite_in_row")
+        dist.broadcast_object_list(message, src=0)   # every rank says the same
+        return TrainingDiverged(message[0])
 
     def _finish(self) -> int:
         if self.evaluator is not None and (not self.cfg.eval.every_steps or self.step % self.cfg.eval.every_steps):
