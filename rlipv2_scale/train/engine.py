@@ -24,7 +24,6 @@ import json
 import os
 import signal
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, NamedTuple, Protocol
 
@@ -273,7 +272,8 @@ class Trainer:
         in_row = 0
         micro = 0
         stop = False
-        self.good_step = self.step - 1   # the last step whose weights gave a finite loss (a resumed one: unknown)
+        # The last step whose weights gave a finite loss (those of a resumed step have not, yet).
+        self.good_step = self.step - 1
         self.engine.train()
         if cfg.eval.only:
             self._evaluate()
@@ -467,37 +467,36 @@ def run(cfg: RunConfig, resume: str | None = None, build: Builder = build_rlipv2
     # Listen from the start: SLURM sends its time-limit warning once, possibly while we build.
     stop = _StopSignal()
     stop.install()
+    lock = None
     try:
-        with _run_directory(cfg):
-            info = init_distributed()
-            set_seed(cfg.train.seed)                    # identical initial weights on every rank
-            parts = build(cfg, info)
-            set_seed(cfg.train.seed + info.rank)        # distinct dropout / sampling per rank (reference §5.1)
-            trainer = Trainer(cfg, info, parts.model, parts.criterion, parts.loader, resume=resume,
-                              evaluator=parts.evaluator, stop=stop, forward=parts.forward)
-            return trainer.fit()
+        lock = _claim_run_directory(cfg)
+        info = init_distributed()
+        set_seed(cfg.train.seed)                    # identical initial weights on every rank
+        parts = build(cfg, info)
+        set_seed(cfg.train.seed + info.rank)        # distinct dropout / sampling per rank (reference §5.1)
+        trainer = Trainer(cfg, info, parts.model, parts.criterion, parts.loader, resume=resume,
+                          evaluator=parts.evaluator, stop=stop, forward=parts.forward)
+        return trainer.fit()
     except UserError as exc:
         if report_to_launcher(str(exc), int(os.environ.get("RANK", 0))):
             return 2
         raise
     finally:
         stop.restore()
+        if lock is not None:
+            lock.release()
 
 
-@contextmanager
-def _run_directory(cfg: RunConfig):
+def _claim_run_directory(cfg: RunConfig):
     """On rank 0, before anything can fail: the run directory's lock (unless a `spawn_local`
-    launcher holds it for its ranks), and no `PREEMPTED` left by an earlier run."""
+    launcher holds it for its ranks; returned to be released), and no `PREEMPTED` of an earlier run."""
     from rlipv2_scale.train.runlock import HELD_ENV, RunLock
 
     if os.environ.get("RANK", "0") != "0":
-        yield
-        return
-    lock = RunLock(cfg.run.path)
+        return None
+    lock = None
     if HELD_ENV not in os.environ:
+        lock = RunLock(cfg.run.path)
         lock.acquire()
-    try:
-        (cfg.run.path / PREEMPTED_MARKER).unlink(missing_ok=True)
-        yield
-    finally:
-        lock.release()
+    (cfg.run.path / PREEMPTED_MARKER).unlink(missing_ok=True)
+    return lock
