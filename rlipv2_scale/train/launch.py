@@ -7,6 +7,9 @@ and gloo. Accelerate derives its world size from its own backend detection, whic
 backend on a CPU-only machine under DeepSpeed and reports one process; the state is corrected
 from `torch.distributed` here and asserted, so that ranks, data sharding and ZeRO partitioning
 are real.
+
+`spawn_local` holds the run directory's lock for its ranks, ties torchrun and the ranks to its own
+life, and turns a user error of the ranks into one line of its own (no torchrun report).
 """
 from __future__ import annotations
 
