@@ -9,18 +9,26 @@ Layout of a run directory::
         trainer.json                step, epoch, samples, skipped steps, wandb run id
         scheduler.pt                lr schedule state
         config.yaml                 the resolved run config (export builds the model from it)
+        manifest.json               size and sha256 of every other file, as written
     checkpoints/latest              name of the newest complete checkpoint
+    checkpoints/diverged-step_*/    the state a diverging run stopped in (never `latest`), for debugging
+    checkpoints/damaged-step_*/     a checkpoint whose files no longer match its manifest, set aside
 
-Every rank writes into `checkpoints/.tmp-step_XXXXXXXX/`; after a barrier rank 0 renames it into
-place and then replaces `latest` (both atomic on POSIX). A kill at any moment leaves either the
-old or the new checkpoint complete, never a half-written one under a final name.
+Every rank writes into `checkpoints/.tmp-step_XXXXXXXX/`; after a barrier the files are fsynced,
+rank 0 records the manifest, renames the directory into place and then replaces `latest` (both
+atomic on POSIX, each followed by an fsync of the directory). A kill at any moment leaves either
+the old or the new checkpoint complete, never a half-written one under a final name; a file
+damaged later (a truncated copy, a full disk) is found by the manifest when a run resumes, which
+then falls back to the newest intact checkpoint.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
+import sys
 import types
 from pathlib import Path
 from typing import Any
@@ -32,6 +40,9 @@ from rlipv2_scale.safe_load import TRUST_HINT, torch_load
 
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
 TRAINER_STATE = "trainer.json"
+MANIFEST = "manifest.json"
+DIVERGED = "diverged-"
+DAMAGED = "damaged-"
 
 
 def step_dir_name(step: int) -> str:
@@ -62,17 +73,98 @@ class CheckpointManager:
     def commit(self, step: int) -> Path:
         """Rank 0, after every rank has written: rename into place, move `latest`, prune."""
         final = self.final_dir(step)
+        if final.exists() and self.damage(final) is not None:
+            self._set_aside(final, DAMAGED)
         if final.exists():
             # Saved before (a run resumed from an earlier checkpoint re-reaches it): exact resume
             # makes the two identical, and the complete one on disk is never taken away.
             shutil.rmtree(self.tmp_dir(step))
         else:
+            self._seal(self.tmp_dir(step))
             os.replace(self.tmp_dir(step), final)
-        pointer = self.root / "latest.tmp"
-        pointer.write_text(final.name + "\n")
-        os.replace(pointer, self.root / "latest")
+            _fsync(self.root)
+        self._point_latest(final)
         self.prune()
         return final
+
+    def commit_diverged(self, step: int, good_step: int) -> Path:
+        """Rank 0, when a run diverged at `step`: its save and every checkpoint after `good_step`
+        (the last step whose weights gave a finite loss) are renamed `diverged-...`, never deleted,
+        and `latest` names the newest checkpoint left. Returns where the state of `step` went."""
+        final = self.final_dir(step)
+        if final.exists():   # saved before, at this step: the same state
+            shutil.rmtree(self.tmp_dir(step))
+        else:
+            self._seal(self.tmp_dir(step))
+            os.replace(self.tmp_dir(step), final)
+        moved = {s: self._set_aside(self.final_dir(s), DIVERGED) for s in self.steps() if s > good_step}
+        kept = self.steps()
+        self._point_latest(self.final_dir(kept[-1]) if kept else None)
+        return moved[step]
+
+    def sync(self, step: int) -> None:
+        """fsync every file of the save of `step` (once per node: the page cache is the node's)."""
+        for path in self.tmp_dir(step).rglob("*"):
+            if path.is_file():
+                _fsync(path)
+
+    def _seal(self, tmp: Path) -> None:
+        """Record every file's size and hash, and make files and directories durable before the
+        rename publishes them."""
+        files = {p.relative_to(tmp).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+                 for p in sorted(tmp.rglob("*")) if p.is_file() and p.name != MANIFEST}
+        write_json(tmp / MANIFEST, {"files": files})
+        for path in tmp.rglob("*"):
+            if path.is_file():
+                _fsync(path)
+        for directory in {tmp, *(p.parent for p in tmp.rglob("*"))}:
+            _fsync(directory)
+
+    def _point_latest(self, final: Path | None) -> None:
+        pointer = self.root / "latest"
+        if final is None:
+            pointer.unlink(missing_ok=True)
+        else:
+            tmp = self.root / "latest.tmp"
+            tmp.write_text(final.name + "\n")
+            _fsync(tmp)
+            os.replace(tmp, pointer)
+        _fsync(self.root)
+
+    def _set_aside(self, path: Path, prefix: str) -> Path:
+        """Rename `path` to `prefix + name` (numbered when taken): set aside, never deleted."""
+        aside, n = path.with_name(prefix + path.name), 1
+        while aside.exists():
+            n += 1
+            aside = path.with_name(f"{prefix}{path.name}-{n}")
+        try:
+            os.replace(path, aside)
+        except FileNotFoundError:   # another process of this run (a rank resolving init_from) was first
+            pass
+        _fsync(self.root)
+        return aside
+
+    @staticmethod
+    def damage(ckpt: Path) -> str | None:
+        """What differs in a checkpoint from what was written (None: intact; checkpoints written
+        before manifests existed cannot be checked and count as intact)."""
+        if not (ckpt / TRAINER_STATE).is_file():
+            return f"{TRAINER_STATE} is missing"
+        if not (ckpt / MANIFEST).is_file():
+            return None
+        try:
+            files = json.loads((ckpt / MANIFEST).read_text())["files"]
+        except (ValueError, KeyError, TypeError):
+            return f"{MANIFEST} is unreadable"
+        for name, want in files.items():
+            path = ckpt / name
+            if not path.is_file():
+                return f"{name} is missing"
+            if path.stat().st_size != want["size"]:
+                return f"{name} has {path.stat().st_size} bytes, {want['size']} were written"
+            if _sha256(path) != want["sha256"]:
+                return f"{name} differs from what was written (sha256)"
+        return None
 
     def steps(self) -> list[int]:
         if not self.root.is_dir():
@@ -101,6 +193,25 @@ class CheckpointManager:
                 return self.final_dir(step)
         return None
 
+    def latest_intact(self) -> Path | None:
+        """The newest checkpoint whose files are as written. Damaged newer ones are set aside
+        (renamed `damaged-...`, not deleted) with a message naming the problem and the fallback;
+        when every one is damaged, an error."""
+        damaged = []
+        while (found := self.latest()) is not None:
+            problem = self.damage(found)
+            if problem is None:
+                break
+            damaged.append(f"'{found}' ({problem}) set aside as '{self._set_aside(found, DAMAGED).name}'")
+        if damaged and found is None:
+            raise UserError(f"no intact checkpoint in '{self.root}': {'; '.join(damaged)}. Resume from a "
+                            f"copy of the run, or start afresh without --resume")
+        for line in damaged:
+            print(f"rlipv2: warning: checkpoint {line}: resuming from '{found}' instead", file=sys.stderr, flush=True)
+        if damaged:
+            self._point_latest(found)
+        return found
+
 
 def resolve_resume(resume: str | None, run_dir: str | Path) -> Path | None:
     """`--resume auto` → this run's latest checkpoint (None when there is none yet);
@@ -108,11 +219,15 @@ def resolve_resume(resume: str | None, run_dir: str | Path) -> Path | None:
     if resume is None:
         return None
     if resume == "auto":
-        return CheckpointManager(run_dir).latest()
+        return CheckpointManager(run_dir).latest_intact()
     path = Path(resume)
     if (path / TRAINER_STATE).is_file():
+        problem = CheckpointManager.damage(path)
+        if problem is not None:
+            raise UserError(f"--resume {resume}: the checkpoint is damaged ({problem}); resume from another "
+                            f"checkpoint, or pass the run directory to take the newest intact one")
         return path
-    found = CheckpointManager(path.parent if path.name == "checkpoints" else path).latest()
+    found = CheckpointManager(path.parent if path.name == "checkpoints" else path).latest_intact()
     if found is not None:
         return found
     raise UserError(f"--resume {resume}: no complete checkpoint there (expected a directory holding "
@@ -125,6 +240,20 @@ def read_trainer_state(ckpt: Path) -> dict[str, Any]:
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    """Make a file's data, or a directory's entries (a rename into it), durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _deepspeed_globals() -> list[Any]:

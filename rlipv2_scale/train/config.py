@@ -7,6 +7,7 @@ name the dotted key; `key=value` overrides come from the command line.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -65,6 +66,7 @@ class TrainConfig:
         for key in ("reduce_bucket_size", "allgather_bucket_size"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"train.{key} must be a positive number of elements, got {getattr(self, key)}")
+        _check_range("train.grad_clip", self.grad_clip, "0 (no clipping) or a positive norm")
 
 
 @dataclass
@@ -75,6 +77,11 @@ class ParamGroupConfig:
     patterns: list[str]
     lr: float
     weight_decay: float | None = None     # default: optim.weight_decay
+
+    def __post_init__(self) -> None:
+        _check_range(f"optim.groups '{self.name}' lr", self.lr, "a learning rate >= 0")
+        if self.weight_decay is not None:
+            _check_range(f"optim.groups '{self.name}' weight_decay", self.weight_decay, "a weight decay >= 0")
 
 
 def _default_groups() -> list[ParamGroupConfig]:
@@ -102,6 +109,19 @@ class OptimConfig:
             raise ValueError(f"optim.groups names must be unique and not 'default', got {names}")
         if self.warmup_steps < 0 or not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError("optim.warmup_steps must be >= 0 and optim.min_lr_ratio in [0, 1]")
+        _check_range("optim.lr", self.lr, "a learning rate >= 0")
+        _check_range("optim.weight_decay", self.weight_decay, "a weight decay >= 0")
+        _check_range("optim.eps", self.eps, "a small positive number such as 1e-8", low_open=True)
+        for i, beta in enumerate(self.betas):
+            _check_range(f"optim.betas[{i}]", beta, "a number in [0, 1), such as 0.9 and 0.999", high=1.0)
+        _check_range("optim.lr_drop_factor", self.lr_drop_factor, "a positive factor such as 0.1", low_open=True)
+
+
+def _check_range(key: str, value: float, want: str, *, low_open: bool = False, high: float | None = None) -> None:
+    """Finite, >= 0 (> 0 with `low_open`), < `high`: what torch's AdamW and DeepSpeed's clipping need,
+    checked when the recipe loads instead of as a traceback (or a silent NaN run) after start-up."""
+    if not math.isfinite(value) or value < 0 or (low_open and value == 0) or (high is not None and value >= high):
+        raise ValueError(f"{key} is {value}: it must be {want}")
 
 
 @dataclass

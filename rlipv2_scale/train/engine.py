@@ -11,14 +11,18 @@ A step: forward (bf16 on GPU, fp32 on CPU), outputs cast to fp32 for matching an
 all-reduce of [loss is non-finite, stop requested] so that every rank takes the same decision,
 then DeepSpeed's backward and step (gradient accumulation and clipping by DeepSpeed). A non-finite
 loss on any rank skips the micro-batch on all ranks; `train.max_nonfinite_in_row` of them in a row
-stop the run after a checkpoint. SIGTERM / SIGUSR1 only set a flag: the loop checkpoints at the
-next optimizer-step boundary, leaves `PREEMPTED` in the run directory and exits with
-`EXIT_PREEMPTED`, for the scheduler to requeue; `--resume auto` then continues exactly.
+stop the run: its state is saved aside (`diverged-step_*`) and `latest` stays the newest
+checkpoint whose weights still gave a finite loss. SIGTERM / SIGUSR1 only set a flag: the loop
+checkpoints at the next optimizer-step boundary, leaves `PREEMPTED` in the run directory and exits
+with `EXIT_PREEMPTED`, for the scheduler to requeue; `--resume auto` then continues exactly.
+`run` holds the run directory's lock (`runlock.py`) and clears `PREEMPTED` before anything can
+fail, so that the marker only ever means "checkpointed on a signal".
 """
 from __future__ import annotations
 
 import fnmatch
 import json
+import os
 import signal
 import time
 from pathlib import Path
@@ -35,7 +39,8 @@ from rlipv2_scale.safe_load import torch_load
 from rlipv2_scale.train import checkpoint as ckpt_io
 from rlipv2_scale.train.config import RunConfig
 from rlipv2_scale.train.launch import (COMPLETED_MARKER, EXIT_PREEMPTED, PREEMPTED_MARKER, DistInfo,
-                                       build_accelerator, deepspeed_config, init_distributed)
+                                       build_accelerator, deepspeed_config, die_with_parent, init_distributed,
+                                       report_to_launcher)
 from rlipv2_scale.data.streaming import build_train_loader
 from rlipv2_scale.models.artifacts import load_state
 from rlipv2_scale.models.losses import SetCriterion
@@ -124,7 +129,7 @@ class Trainer:
         self.samples = 0
         self.skipped = 0
         self.wandb_id: str | None = None
-        self.resumed_from = ckpt_io.resolve_resume(resume, self.run_dir)
+        self.resumed_from = self._resume_checkpoint(resume)
         resumed = ckpt_io.read_trainer_state(self.resumed_from) if self.resumed_from is not None else {}
         log = cfg.logging
         wandb_cfg = ({"project": log.wandb_project, "entity": log.wandb_entity, "mode": log.wandb_mode}
@@ -150,9 +155,25 @@ class Trainer:
                             f"{self.cfg.train.grad_accum}: use more data or a smaller batch")
         return steps
 
+    def _resume_checkpoint(self, resume: str | None) -> Path | None:
+        """Rank 0 finds and verifies the checkpoint (reading every byte once, not once per rank);
+        every rank loads that one, or raises rank 0's error."""
+        choice: list = [None, None]
+        if self.is_main:
+            try:
+                found = ckpt_io.resolve_resume(resume, self.run_dir)
+                choice[0] = None if found is None else str(found)
+            except UserError as exc:
+                choice[1] = str(exc)
+        dist.broadcast_object_list(choice, src=0)
+        if choice[1] is not None:
+            raise UserError(choice[1])
+        return None if choice[0] is None else Path(choice[0])
+
     # ------------------------------------------------------------------ checkpointing
-    def save(self) -> Path:
-        """Every rank writes its part into the temporary directory; rank 0 commits."""
+    def save(self, diverged_after: int | None = None) -> Path:
+        """Every rank writes its part into the temporary directory; rank 0 commits (with
+        `diverged_after`: sets it aside, with the checkpoints after that step; the path is rank 0's)."""
         tmp = self.manager.tmp_dir(self.step)
         if self.is_main:
             self.manager.begin(self.step)
@@ -167,9 +188,15 @@ class Trainer:
                 "wandb_id": self.wandb_id, "world_size": self.info.world_size,
                 "zero_stage": self.cfg.train.zero_stage})
         dist.barrier()
+        if self.info.local_rank == 0 and not self.is_main:   # rank 0's commit syncs its own node
+            self.manager.sync(self.step)
+        dist.barrier()
         final = self.manager.final_dir(self.step)
         if self.is_main:
-            self.manager.commit(self.step)
+            if diverged_after is None:
+                self.manager.commit(self.step)
+            else:
+                final = self.manager.commit_diverged(self.step, diverged_after)
         dist.barrier()
         return final
 
@@ -248,6 +275,8 @@ class Trainer:
         in_row = 0
         micro = 0
         stop = False
+        # The last step whose weights gave a finite loss (those of a resumed step have not, yet).
+        self.good_step = self.step - 1
         self.engine.train()
         if cfg.eval.only:
             self._evaluate()
@@ -280,13 +309,10 @@ class Trainer:
                 self.skipped += 1
                 in_row += 1
                 if in_row >= cfg.train.max_nonfinite_in_row:
-                    path = self.save()
-                    raise TrainingDiverged(
-                        f"{in_row} non-finite losses in a row at step {self.step} ({self.skipped} skipped in all): "
-                        f"the run diverged; checkpoint saved at '{path}'. Lower optim.lr, check the data, or "
-                        f"raise train.max_nonfinite_in_row")
+                    raise self._diverged(in_row)
                 continue
             in_row = 0
+            self.good_step = self.step
             self.engine.step()
             micro += 1
             window.add({k: float(v.detach()) for k, v in losses.items() if v.numel() == 1}, global_batch)
@@ -313,6 +339,21 @@ class Trainer:
                       f"resume with --resume auto", flush=True)
             return EXIT_PREEMPTED
         return self._finish()
+
+    def _diverged(self, in_row: int) -> TrainingDiverged:
+        """Save the diverging state aside; `latest` becomes the newest checkpoint whose weights gave a
+        finite loss (later ones are set aside too), so that `--resume auto` continues from it."""
+        aside = self.save(diverged_after=min(self.good_step, self.step - 1))
+        message = [None]
+        if self.is_main:
+            good = self.manager.latest()
+            resume = (f"`latest` stays '{good}', the newest checkpoint whose weights gave finite losses"
+                      if good is not None else "no checkpoint was saved before it")
+            message[0] = (f"{in_row} non-finite losses in a row at step {self.step} ({self.skipped} skipped in all): "
+                          f"the run diverged; its state is kept for debugging in '{aside}', {resume}. Lower "
+                          f"optim.lr, check the data, or raise train.max_nonfinite_in_row")
+        dist.broadcast_object_list(message, src=0)   # every rank says the same
+        return TrainingDiverged(message[0])
 
     def _finish(self) -> int:
         if self.evaluator is not None and (not self.cfg.eval.every_steps or self.step % self.cfg.eval.every_steps):
@@ -397,13 +438,17 @@ def _fit_query_rows(state: dict[str, torch.Tensor], model: nn.Module, cfg: RunCo
 
 def run(cfg: RunConfig, resume: str | None = None, build: Builder | None = None) -> int:
     """Set up this rank, build the parts of the run's task (or `build`'s) and train; returns the exit code."""
-    build = build or {"rlipv2": build_rlipv2, "tagger": build_tagger_parts}[cfg.task]
     from accelerate.utils import set_seed
 
+    build = build or {"rlipv2": build_rlipv2, "tagger": build_tagger_parts}[cfg.task]
+    if "TORCHELASTIC_RUN_ID" in os.environ:   # a torchrun rank, in a session of its own
+        die_with_parent()
     # Listen from the start: SLURM sends its time-limit warning once, possibly while we build.
     stop = _StopSignal()
     stop.install()
+    lock = None
     try:
+        lock = _claim_run_directory(cfg)
         info = init_distributed()
         set_seed(cfg.train.seed)                    # identical initial weights on every rank
         parts = build(cfg, info)
@@ -411,5 +456,26 @@ def run(cfg: RunConfig, resume: str | None = None, build: Builder | None = None)
         trainer = Trainer(cfg, info, parts.model, parts.criterion, parts.loader, resume=resume,
                           evaluator=parts.evaluator, stop=stop, forward=parts.forward)
         return trainer.fit()
+    except UserError as exc:
+        if report_to_launcher(str(exc), int(os.environ.get("RANK", 0))):
+            return 2
+        raise
     finally:
         stop.restore()
+        if lock is not None:
+            lock.release()
+
+
+def _claim_run_directory(cfg: RunConfig):
+    """On rank 0, before anything can fail: the run directory's lock (unless a `spawn_local`
+    launcher holds it for its ranks; returned to be released), and no `PREEMPTED` of an earlier run."""
+    from rlipv2_scale.train.runlock import HELD_ENV, RunLock
+
+    if os.environ.get("RANK", "0") != "0":
+        return None
+    lock = None
+    if HELD_ENV not in os.environ:
+        lock = RunLock(cfg.run.path)
+        lock.acquire()
+    (cfg.run.path / PREEMPTED_MARKER).unlink(missing_ok=True)
+    return lock

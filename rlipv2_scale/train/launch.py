@@ -7,17 +7,23 @@ and gloo. Accelerate derives its world size from its own backend detection, whic
 backend on a CPU-only machine under DeepSpeed and reports one process; the state is corrected
 from `torch.distributed` here and asserted, so that ranks, data sharding and ZeRO partitioning
 are real.
+
+`spawn_local` holds the run directory's lock for its ranks, ties torchrun and the ranks to its own
+life, and turns a user error of the ranks into one line of its own (no torchrun report).
 """
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -113,19 +119,101 @@ def deepspeed_config(*, micro_batch_size: int, grad_accum: int, world_size: int,
     }
 
 
+# Set by `spawn_local` for its ranks: where each rank reports a UserError, for the launcher to print once.
+ERRORS_ENV = "RLIPV2_ERROR_DIR"
+
+
+def die_with_parent(sig: int = signal.SIGKILL) -> None:
+    """Have the kernel send `sig` to this process when its parent dies (Linux; elsewhere nothing).
+
+    torchrun starts each rank in a session of its own, so a SIGKILL to the launcher's process group
+    would leave the ranks training; a rank calls this first thing, so it dies with its torchrun."""
+    prctl = _prctl()
+    if prctl is None:
+        return
+    parent = os.getppid()
+    prctl(1, int(sig), 0, 0, 0)   # PR_SET_PDEATHSIG
+    if os.getppid() != parent:    # the parent died before the request: nobody will send it
+        os.kill(os.getpid(), sig)
+
+
+@functools.cache
+def _prctl():
+    # Looked up once, before any fork: a child of a threaded process should not load libraries.
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True).prctl
+
+
+def report_to_launcher(message: str, rank: int) -> bool:
+    """Under `spawn_local`: leave this rank's user error for the launcher (which prints one line
+    for all ranks) and return True; elsewhere return False (print it as usual)."""
+    errors = os.environ.get(ERRORS_ENV)
+    if not errors:
+        return False
+    Path(errors, f"rank{rank:05d}").write_text(message)
+    return True
+
+
+def torchrun_main() -> None:
+    """torchrun, without its ChildFailedError report when the ranks ended as planned: a user error
+    they left for the launcher, or a preemption checkpoint (every rank EXIT_PREEMPTED)."""
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    # Its "failed (exitcode: N)" line: the ChildFailedError below says the same when it is raised.
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
+    try:
+        run(parse_args(sys.argv[1:]))
+    except ChildFailedError as exc:
+        codes = {f.exitcode for f in exc.failures.values()}
+        if not (any(Path(os.environ[ERRORS_ENV]).iterdir()) or codes == {EXIT_PREEMPTED}):
+            raise
+        sys.exit(max(codes))
+
+
 def spawn_local(nproc: int, argv: list[str], run_dir: Path, entry: tuple[str, ...] = ("-m", "rlipv2_scale.cli")) -> int:
     """Run `rlipv2 <argv>` (or another `entry` script) on `nproc` local ranks through torchrun;
     return the run's exit code (EXIT_PREEMPTED when it checkpointed on a signal, which torchrun
-    itself cannot pass on)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *entry, *argv]
+    itself cannot pass on). A user error of the ranks is raised once, as the launcher's."""
+    from rlipv2_scale.errors import UserError
+    from rlipv2_scale.train.runlock import HELD_ENV, RunLock
+
+    cmd = [sys.executable, "-c", "from rlipv2_scale.train.launch import torchrun_main; torchrun_main()",
+           "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+           *entry, *argv]
     env = dict(os.environ)
     if not torch.cuda.is_available():
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    _prctl()   # here, not in the forked child
+
+    def child_setup() -> None:
+        # torchrun dies on SIGUSR1 (see `forward`), and with this launcher however it dies.
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        die_with_parent()
+
+    with RunLock(run_dir), tempfile.TemporaryDirectory(prefix="rlipv2-errors-") as errors:
+        # A marker of an earlier run would make this one look preempted: the ranks write it anew.
+        (run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
+        env.update({HELD_ENV: "1", ERRORS_ENV: errors})
+        rc = _run_torchrun(cmd, env, child_setup)
+        reports = sorted(Path(errors).iterdir())
+        if reports:   # the lowest rank's: the others usually say the same
+            raise UserError(reports[0].read_text())
+    if (run_dir / PREEMPTED_MARKER).is_file():
+        return EXIT_PREEMPTED
+    return rc
+
+
+def _run_torchrun(cmd: list[str], env: dict, child_setup: Callable[[], None]) -> int:
     # torchrun dies on SIGUSR1 and kills its workers shortly after a SIGTERM (and starts them in
     # sessions of their own): it ignores SIGUSR1, and a SIGTERM or SIGUSR1 that reaches us becomes
     # a SIGUSR1 to each rank, which checkpoints at the next step boundary and exits.
-    proc = subprocess.Popen(cmd, env=env, preexec_fn=lambda: signal.signal(signal.SIGUSR1, signal.SIG_IGN))
+    proc = subprocess.Popen(cmd, env=env, preexec_fn=child_setup)
 
     def forward(signum, frame):
         import psutil   # a dependency of accelerate
@@ -139,10 +227,7 @@ def spawn_local(nproc: int, argv: list[str], run_dir: Path, entry: tuple[str, ..
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGUSR1)}
     try:
-        rc = proc.wait()
+        return proc.wait()
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    if (run_dir / PREEMPTED_MARKER).is_file():
-        return EXIT_PREEMPTED
-    return rc

@@ -16,6 +16,8 @@ from typing import Any, Callable
 
 import torch
 
+from rlipv2_scale.errors import UserError
+
 # Dense bf16 tensor-core peaks (TFLOP/s) for MFU, matched against the device name.
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "V100": 125.0}
 
@@ -62,11 +64,26 @@ def count_flops(fn: Callable[[], Any]) -> int:
 
 
 def prune_metrics(path: Path, last_step: int) -> None:
-    """Drop records of steps after `last_step` (they are redone after a resume)."""
+    """Drop records of steps after `last_step` (they are redone after a resume), and a last line cut
+    short by a kill mid-write (with a warning); any other line that is not JSON is an error."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    lines = path.read_text().splitlines()
+    kept = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            if number < len(lines):
+                raise UserError(f"'{path}' line {number} is not a JSON record: repair or delete that line, "
+                                f"then resume") from None
+            print(f"rlipv2: warning: '{path}': dropping its last line, cut short when the run was killed "
+                  f"({line[:60]!r})", file=sys.stderr, flush=True)
+            continue
+        if record.get("step", 0) <= last_step:
+            kept.append(line)
     path.write_text("".join(line + "\n" for line in kept))
 
 
