@@ -42,13 +42,16 @@ class TrainConfig:
     # smaller collectives with smaller buckets, less memory (`rlipv2 scale plan` counts both).
     reduce_bucket_size: int = 500_000_000
     allgather_bucket_size: int = 500_000_000
-    precision: Literal["auto", "bf16", "fp32"] = "auto"   # auto: bf16 on GPU, fp32 on CPU
+    # auto: bf16 on GPU, fp32 on CPU; fp16 (GPU): DeepSpeed's dynamic loss scaling, overflowing steps skipped.
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     grad_clip: float = 0.1            # global L2 norm (reference §5.1), applied by DeepSpeed
     seed: int = 42                    # + rank, as the original
     # Activation checkpointing, switched on in the model config: any of backbone, encoder, alif.
     activation_checkpointing: list[Literal["backbone", "encoder", "alif"]] = field(default_factory=list)
     max_nonfinite_in_row: int = 10    # skipped (non-finite loss) steps in a row before the run stops
     init_from: str | None = None      # weights to start from (an exported .safetensors or a checkpoint dir)
+    # Merged into the generated DeepSpeed config (offload, NVMe, profiling, ...): launch.merge_deepspeed.
+    deepspeed: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.epochs <= 0:
