@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from rlipv2_scale.errors import ConfigError, UserError
+
 PREEMPTED_MARKER = "PREEMPTED"
 COMPLETED_MARKER = "COMPLETED"
 # EX_TEMPFAIL: checkpointed on a preemption signal; run again (requeue) to continue.
@@ -77,6 +79,7 @@ def build_accelerator(ds_config: dict, info: DistInfo):
     from accelerate import Accelerator
     from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 
+    _refuse_launcher_settings()
     os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
     # The group exists already: naming its backend makes Accelerate take ranks from it (on CPU its
     # own detection finds no backend). mixed_precision="no": the DeepSpeed config decides, not an
@@ -87,6 +90,31 @@ def build_accelerator(ds_config: dict, info: DistInfo):
         f"Accelerate sees process {accelerator.process_index}/{accelerator.num_processes}, torch.distributed "
         f"{info.rank}/{info.world_size}")
     return accelerator
+
+
+# What `accelerate launch` flags (or an accelerate config file) export, and the recipe key that decides it here.
+_LAUNCHER_SETTINGS = {
+    "ACCELERATE_DEEPSPEED_ZERO_STAGE": ("--zero_stage", "train.zero_stage"),
+    "ACCELERATE_DEEPSPEED_CONFIG_FILE": ("--deepspeed_config_file", "train.deepspeed"),
+    "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": ("--offload_optimizer_device", "train.deepspeed"),
+    "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": ("--offload_param_device", "train.deepspeed"),
+    "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": ("--gradient_accumulation_steps", "train.grad_accum"),
+    "ACCELERATE_GRADIENT_CLIPPING": ("--gradient_clipping", "train.grad_clip"),
+}
+
+
+def _refuse_launcher_settings() -> None:
+    """`accelerate launch` starts the ranks; training settings it would pass come from the recipe,
+    so one given to the launcher is an error rather than silently ignored."""
+    given = [(flag, key) for var, (flag, key) in _LAUNCHER_SETTINGS.items() if os.environ.get(var)]
+    if os.environ.get("ACCELERATE_MIXED_PRECISION", "no") != "no":
+        given.append(("--mixed_precision", "train.precision"))
+    if given:
+        raise UserError(f"accelerate launch {', '.join(f for f, _ in given)}: the recipe decides this here; drop "
+                        f"them (and from the accelerate config) and set {', '.join(dict.fromkeys(k for _, k in given))}")
+    if os.environ.get("ACCELERATE_USE_CPU", "false").lower() == "true":
+        raise UserError("accelerate launch --cpu turns DeepSpeed off; on CPU launch with "
+                        "`accelerate launch --multi_gpu --num_processes N` (the ranks use gloo)")
 
 
 def deepspeed_config(*, micro_batch_size: int, grad_accum: int, world_size: int, zero_stage: int, bf16: bool,
@@ -175,8 +203,6 @@ def merge_deepspeed(generated: dict, extra: dict) -> dict:
     """`generated` with the recipe's `train.deepspeed` mapping merged in (nested mappings merge key
     by key). Setting what the recipe already decides, or a key DeepSpeed does not know, is a
     `ConfigError` naming the key and what to set instead."""
-    from rlipv2_scale.errors import ConfigError
-
     def merge(base: dict, update: dict, prefix: str) -> dict:
         out = dict(base)
         for key, value in update.items():
@@ -228,8 +254,6 @@ def _validate_deepspeed(merged: dict, extra: dict) -> None:
     """DeepSpeed's own parser on the merged config: its pydantic sections reject unknown keys and
     bad values; a top-level key it never reads is unknown."""
     from deepspeed.runtime.config import DeepSpeedConfig
-
-    from rlipv2_scale.errors import ConfigError
 
     # The global batch is checked against the process group's size when the engine starts.
     probe = _ReadKeys({k: v for k, v in merged.items() if k != "train_batch_size"})
