@@ -23,11 +23,13 @@ TOY = Path(__file__).with_name("train_toy.py")
 IMAGES = 32            # one epoch = 8 steps of 4 samples
 def launch(nproc: int, run_dir: Path, shards: Path, *overrides: str, resume: Path | None = None,
            expect: int = 0) -> subprocess.CompletedProcess:
+    """`nproc` ranks under torchrun; one rank in a plain process (the trainer makes a group of one)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
-           "127.0.0.1", "--master_port", str(port), str(TOY), str(run_dir), "train.max_steps=8", "checkpoint.every_steps=2",
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
+                "--master_port", str(port)] if nproc > 1 else []
+    cmd = [sys.executable, *launcher, str(TOY), str(run_dir), "train.max_steps=8", "checkpoint.every_steps=2",
            *overrides, "--dropout", "0", "--shards", str(shards), *(["--resume", str(resume)] if resume else [])]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TOY.parent.parent)}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
