@@ -12,9 +12,10 @@ and losses, one all-reduce of [loss is non-finite, stop requested] so that every
 same decision, then DeepSpeed's backward and step (gradient accumulation and clipping by
 DeepSpeed). A non-finite loss on any rank skips the micro-batch on all ranks;
 `train.max_nonfinite_in_row` of them in a row stop the run after a checkpoint. A step whose
-gradients overflow (fp16 loss scaling) is skipped by DeepSpeed and counted (`overflow_steps`). SIGTERM / SIGUSR1 only set a flag: the loop checkpoints at the
-next optimizer-step boundary, leaves `PREEMPTED` in the run directory and exits with
-`EXIT_PREEMPTED`, for the scheduler to requeue; `--resume auto` then continues exactly.
+gradients overflow (fp16 loss scaling) is skipped by DeepSpeed and counted (`overflow_steps`).
+SIGTERM / SIGUSR1 only set a flag: the loop checkpoints at the next optimizer-step boundary, leaves
+`PREEMPTED` in the run directory and exits with `EXIT_PREEMPTED`, for the scheduler to requeue;
+`--resume auto` then continues exactly (on another number of ranks: `_prepare_reshard`).
 """
 from __future__ import annotations
 
@@ -205,10 +206,10 @@ class Trainer:
         must stay the same (the schedule, the data position and the step count are counted in
         them). ZeRO partitions are converted (rank 0) into DeepSpeed's universal checkpoint in this
         run's checkpoints/, returned for `_load_resharded`; stage 0 stores the model whole (None)."""
-        if path is None or ckpt_io.read_trainer_state(path)["world_size"] == self.info.world_size:
+        ranks = ckpt_io.read_trainer_state(path)["world_size"] if path is not None else self.info.world_size
+        if ranks == self.info.world_size:
             return None
         old = read_yaml(path / "config.yaml")
-        ranks = ckpt_io.read_trainer_state(path)["world_size"]
         per_step = old["data"]["batch_size"] * old["train"]["grad_accum"] * ranks
         per_rank = self.cfg.data.batch_size * self.cfg.train.grad_accum
         if per_rank * self.info.world_size != per_step:
@@ -234,11 +235,20 @@ class Trainer:
         rank's RNG starts afresh from (seed, rank, step): the old ranks' streams have no successor."""
         from accelerate.utils import set_seed
 
+        groups = self.scheduler.optimizer.param_groups
+        own = [{k: v for k, v in group.items() if k != "params"} for group in groups]
         self.engine.load_checkpoint(str(self.universal or path), tag="pytorch_model", load_lr_scheduler_states=False)
         dist.barrier()
         if self.is_main and self.universal is not None:
             shutil.rmtree(self.universal)
+        # DeepSpeed's ZeRO-3 universal load gives every group the first group's settings (stage3.py,
+        # load_hp_checkpoint_state_from_checkpoint_dir_stage3); ours differ by group. The lr is the
+        # schedule's at the checkpoint.
+        for group, settings in zip(groups, own):
+            group.update(settings)
         self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+        for group, lr in zip(groups, self.scheduler.get_last_lr()):
+            group["lr"] = lr
         self.loader.load_state_dict(torch.load(path / "loader_rank0.pt", weights_only=True))
         self.step, self.epoch, self.samples = state["step"], state["epoch"], state["samples"]
         self.skipped, self.overflows = state["skipped_steps"], state.get("overflow_steps", 0)
