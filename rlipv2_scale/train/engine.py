@@ -241,11 +241,14 @@ class Trainer:
         dist.barrier()
         if self.is_main and self.universal is not None:
             shutil.rmtree(self.universal)
-        # DeepSpeed's ZeRO-3 universal load gives every group the first group's settings (stage3.py,
-        # load_hp_checkpoint_state_from_checkpoint_dir_stage3); ours differ by group. The lr is the
-        # schedule's at the checkpoint.
+        # DeepSpeed's ZeRO-3 universal load (stage3.py, load_hp_checkpoint_state_from_checkpoint_dir_stage3)
+        # gives every group the first group's settings, ours differ by group; and one `step` tensor
+        # to every partition, which torch's AdamW would then advance once per partition.
         for group, settings in zip(groups, own):
             group.update(settings)
+        for moments in self.scheduler.optimizer.state.values():
+            if isinstance(moments.get("step"), torch.Tensor):
+                moments["step"] = moments["step"].clone()
         self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
         for group, lr in zip(groups, self.scheduler.get_last_lr()):
             group["lr"] = lr
