@@ -123,3 +123,16 @@ def test_a_global_batch_that_cannot_be_kept_is_one_line(shards, reference, tmp_p
     assert "trained on 2 ranks with 4 samples per optimizer step" in errors[0]
     assert "set data.batch_size x train.grad_accum to 4 (now 2 x 1)" in errors[0]
     assert "Traceback" not in proc.stderr
+
+
+def test_zero3_two_ranks_continue_on_one(shards, tmp_path):
+    """ZeRO-3 partitions parameters too; per-group lrs and Adam's step survive DeepSpeed's load."""
+    launch(2, tmp_path / "ref", shards, "train.zero_stage=3", "train.max_steps=4")
+    launch(1, tmp_path / "one", shards, "train.zero_stage=3", "train.max_steps=4", "data.batch_size=4",
+           resume=tmp_path / "ref" / "checkpoints" / "step_00000002")
+    assert_same_steps(tmp_path / "one", tmp_path / "ref", [3, 4])
+    got, ref = steps(tmp_path / "one"), steps(tmp_path / "ref")
+    assert {k: v for k, v in got[4].items() if k.startswith("lr/")} == {k: v for k, v in ref[4].items()
+                                                                        if k.startswith("lr/")}
+    assert_same_weights(tmp_path / "one" / "checkpoints" / "step_00000004",
+                        tmp_path / "ref" / "checkpoints" / "step_00000004")
