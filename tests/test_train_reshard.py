@@ -84,8 +84,9 @@ def assert_same_steps(run: Path, reference: Path, numbers: list[int]) -> None:
     assert sorted(got) == numbers
     for n in numbers:   # same samples, same weights and optimizer state before the step: same losses
         assert got[n]["samples"] == ref[n]["samples"]
-        for key in ("loss", "loss_bbox", "loss_ce", "loss_rel", "grad_norm"):
-            assert got[n][key] == pytest.approx(ref[n][key], rel=1e-5, abs=1e-6), (n, key)
+        for key in ("loss", "loss_bbox", "loss_ce", "loss_rel", "grad_norm"):   # no grad_norm under stage 0
+            expected = ref[n][key] if ref[n][key] is None else pytest.approx(ref[n][key], rel=1e-5, abs=1e-6)
+            assert got[n][key] == expected, (n, key)
 
 
 def assert_same_weights(a: Path, b: Path) -> None:
@@ -125,10 +126,12 @@ def test_a_global_batch_that_cannot_be_kept_is_one_line(shards, reference, tmp_p
     assert "Traceback" not in proc.stderr
 
 
-def test_zero3_two_ranks_continue_on_one(shards, tmp_path):
-    """ZeRO-3 partitions parameters too; per-group lrs and Adam's step survive DeepSpeed's load."""
-    launch(2, tmp_path / "ref", shards, "train.zero_stage=3", "train.max_steps=4")
-    launch(1, tmp_path / "one", shards, "train.zero_stage=3", "train.max_steps=4", "data.batch_size=4",
+@pytest.mark.parametrize("stage", [0, 3])
+def test_other_zero_stages_continue_on_one_rank(shards, tmp_path, stage):
+    """ZeRO-3 partitions parameters too (per-group lrs and Adam's step must survive DeepSpeed's
+    universal load); stage 0 stores the model and optimizer whole (no conversion)."""
+    launch(2, tmp_path / "ref", shards, f"train.zero_stage={stage}", "train.max_steps=4")
+    launch(1, tmp_path / "one", shards, f"train.zero_stage={stage}", "train.max_steps=4", "data.batch_size=4",
            resume=tmp_path / "ref" / "checkpoints" / "step_00000002")
     assert_same_steps(tmp_path / "one", tmp_path / "ref", [3, 4])
     got, ref = steps(tmp_path / "one"), steps(tmp_path / "ref")
