@@ -384,8 +384,6 @@ def evaluate_checkpoint(checkpoint_dir: str | Path, data_root: str | Path | None
     numbers (rank 0; other ranks None). `zero_shot`: NF (no fine-tuning: subject must be the person
     class), a split of the label space (UC-RF, UC-NF, UO) or a file of unseen triplets."""
     from rlipv2_scale.eval.files import read_json
-    from rlipv2_scale.eval.hico import evaluate_hico
-    from rlipv2_scale.eval.triplet_nms import TripletNMS
 
     if data_root is None and (test is None or images is None):
         raise UserError("give the dataset root (--data) or both the test annotations and the image folder")

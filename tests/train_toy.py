@@ -11,6 +11,7 @@ Run as a script (under torchrun) it trains: `train_toy.py RUN_DIR [key=value ...
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -49,19 +50,21 @@ def _text_ids(texts: list[str]) -> torch.Tensor:
 
 
 class ToyRelModel(nn.Module):
-    def __init__(self, width: int = 16):
+    def __init__(self, width: int = 16, dropout: float = 0.2):
         super().__init__()
         self.backbone = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(),
                                       nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, width))
         self.text_encoder = nn.Embedding(64, width)
         self.frozen = nn.Linear(width, width)
         self.frozen.requires_grad_(False)
-        self.dropout = nn.Dropout(0.2)
+        self.dropout = nn.Dropout(dropout)
         self.box_head = nn.Linear(width, 8)
         self.register_buffer("calls", torch.zeros((), dtype=torch.long))
 
     def forward(self, images, pixel_mask, obj_texts, rel_texts):
         feat = self.dropout(self.frozen(self.backbone(images)))                    # [B, W]
+        if pixel_mask.all():   # ToyLoader's mark of a batch whose gradients overflow (finite loss)
+            feat.register_hook(lambda grad: grad * float("inf"))
         obj = self.text_encoder(_text_ids(obj_texts).to(images.device))            # [Lo, W]
         rel = self.text_encoder(_text_ids(rel_texts).to(images.device))            # [Lr, W]
         return {"pred_boxes": self.box_head(feat).sigmoid().view(-1, 2, 4),
@@ -84,12 +87,15 @@ class ToyCriterion(nn.Module):
 
 class ToyLoader:
     """Per-rank deterministic batches; resumes mid-epoch from `state_dict()` like the streaming loader.
-    Batches whose global index is in `nan_batches` carry NaN images (non-finite loss)."""
+    Batches whose global index is in `nan_batches` carry NaN images (non-finite loss); those in
+    `inf_grad_batches` an all-True pixel mask, on which the model makes its gradients infinite."""
 
     def __init__(self, rank: int, batch_size: int = 2, batches_per_epoch: int = 4, seed: int = 0,
-                 nan_batches: frozenset[int] = frozenset(), world_size: int = 1, delay: float = 0.0):
+                 nan_batches: frozenset[int] = frozenset(), world_size: int = 1, delay: float = 0.0,
+                 inf_grad_batches: frozenset[int] = frozenset()):
         self.rank, self.batch_size, self.n, self.seed = rank, batch_size, batches_per_epoch, seed
         self.nan_batches, self.world_size, self.delay = nan_batches, world_size, delay
+        self.inf_grad_batches = inf_grad_batches
         self.epoch, self.index = 0, 0
 
     def __len__(self) -> int:
@@ -118,7 +124,8 @@ class ToyLoader:
                                   boxes=boxes, labels=labels, sub_index=one * 0, obj_index=one + 1,
                                   sub_boxes=boxes[:1], obj_boxes=boxes[1:], sub_labels=labels[:1],
                                   obj_labels=labels[1:], rel_labels=rel))
-        return Batch(images=images, pixel_mask=torch.zeros(b, 16, 16, dtype=torch.bool), targets=targets,
+        overflow = self.epoch * self.n + self.index in self.inf_grad_batches
+        return Batch(images=images, pixel_mask=torch.full((b, 16, 16), overflow), targets=targets,
                      obj_texts=list(OBJ_TEXTS), rel_texts=list(REL_TEXTS))
 
     def __iter__(self):
@@ -130,22 +137,63 @@ class ToyLoader:
         self.epoch, self.index = self.epoch + 1, 0
 
 
-def toy_builder(nan_batches: frozenset[int] = frozenset(), delay: float = 0.0, signal_in_build: bool = False):
+class RecordingLoader:
+    """The real streaming loader, appending the sample ids of each batch it yields to
+    RUN_DIR/seen_rank<r>.jsonl (which samples each rank trained on, step by step)."""
+
+    def __init__(self, loader, path: str):
+        self.loader, self.path = loader, path
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state)
+
+    def __iter__(self):
+        for batch in self.loader:
+            with open(self.path, "a") as f:
+                f.write(json.dumps([str(t.image_id) for t in batch.targets]) + "\n")
+            yield batch
+
+
+def toy_builder(nan_batches: frozenset[int] = frozenset(), delay: float = 0.0, signal_in_build: bool = False,
+                inf_grad_batches: frozenset[int] = frozenset(), dropout: float = 0.2, streaming: bool = False):
     from rlipv2_scale.train.engine import Parts
 
     def build(cfg, info):
         if signal_in_build:   # SLURM's time-limit warning may arrive while the run is starting
             os.kill(os.getpid(), signal.SIGUSR1)
-        model = ToyRelModel()
-        loader = ToyLoader(info.rank, cfg.data.batch_size, seed=cfg.data.seed, nan_batches=nan_batches,
-                           world_size=info.world_size, delay=delay)
+        model = ToyRelModel(dropout=dropout)
+        if streaming:
+            from rlipv2_scale.data.streaming import build_train_loader
+
+            loader = RecordingLoader(build_train_loader(cfg.data), f"{cfg.run.dir}/seen_rank{info.rank}.jsonl")
+        else:
+            loader = ToyLoader(info.rank, cfg.data.batch_size, seed=cfg.data.seed, nan_batches=nan_batches,
+                               world_size=info.world_size, delay=delay, inf_grad_batches=inf_grad_batches)
         return Parts(model, ToyCriterion(), loader)
 
     return build
 
 
+def streaming_data(shards: str) -> dict:
+    """Recipe keys for the real streaming loader over synthetic-world `shards` (no worker processes).
+    Every image the same size and every batch the same label lists: a sample's loss does not depend
+    on which samples share its batch, so runs on different numbers of ranks compute the same steps."""
+    from rlipv2_scale.data.synthetic import CLASS_NAMES, PREDICATE_NAMES
+
+    return {"data": {"sources": [{"name": "toy", "local": shards}], "num_workers": 0,
+                     "fixed_obj_labels": list(CLASS_NAMES), "fixed_rel_labels": list(PREDICATE_NAMES),
+                     "transforms": {"train_scales": [48], "max_size": 64, "crop_prob": 0.0, "crop_scales": [40],
+                                    "crop_min": 32, "crop_max": 48, "eval_size": 48}}}
+
+
 def main(argv: list[str]) -> int:
-    from rlipv2_scale.config import parse_overrides
+    from rlipv2_scale.config import deep_merge, parse_overrides
     from rlipv2_scale.train.engine import run
 
     p = argparse.ArgumentParser()
@@ -153,13 +201,21 @@ def main(argv: list[str]) -> int:
     p.add_argument("overrides", nargs="*")
     p.add_argument("--resume")
     p.add_argument("--nan-batches", default="", help="comma-separated global batch indices with NaN images")
+    p.add_argument("--inf-grad-batches", default="", help="comma-separated global batch indices with infinite gradients")
+    p.add_argument("--dropout", type=float, default=0.2)
+    p.add_argument("--shards", help="train on these MDS shards through the real streaming loader")
     p.add_argument("--delay", type=float, default=0.0, help="seconds per batch")
     p.add_argument("--signal-in-build", action="store_true", help="SIGUSR1 to itself while building")
     args = p.parse_args(argv)
-    cfg = toy_config(args.run_dir, parse_overrides(args.overrides))
+    overrides = parse_overrides(args.overrides)
+    if args.shards:
+        overrides = deep_merge(streaming_data(args.shards), overrides)
+    cfg = toy_config(args.run_dir, overrides)
     nan = frozenset(int(x) for x in args.nan_batches.split(",") if x)
+    inf_grad = frozenset(int(x) for x in args.inf_grad_batches.split(",") if x)
     try:
-        return run(cfg, resume=args.resume, build=toy_builder(nan, args.delay, args.signal_in_build))
+        return run(cfg, resume=args.resume, build=toy_builder(nan, args.delay, args.signal_in_build, inf_grad,
+                                                              args.dropout, streaming=bool(args.shards)))
     except UserError as exc:   # as the CLI does
         print(f"rlipv2: error: {exc}", file=sys.stderr, flush=True)
         return 2

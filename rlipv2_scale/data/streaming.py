@@ -6,10 +6,12 @@ decoded into a `RelationalRecord`, then augmented into an `Example` (`transforms
 `Collator` builds the batch's label sequence and packs the batch in the worker (uint8 images);
 `RelationalLoader` finishes each `Batch` (float, normalised) in the training process.
 
-Exact resume: streaming's sample order is a function of (seed, epoch, world layout), and every
-random draw of ours is seeded from (seed, epoch, sample id) (augmentation) or from the batch's
-sample ids (negative labels). So `RelationalLoader.state_dict()` (the number of samples consumed)
-is all a checkpoint needs: a resumed run yields the same remaining batches, bit for bit.
+Exact resume: streaming's sample order is a function of (seed, epoch, `num_canonical_nodes`), and
+every random draw of ours is seeded from (seed, epoch, sample id) (augmentation) or from the batch's
+sample ids (negative labels). So `RelationalLoader.state_dict()` (the number of samples consumed
+over all ranks, with the canonical node count) is all a checkpoint needs: a resumed run yields the
+same remaining batches, bit for bit; on another number of ranks, the same global batches (the
+trainer loads rank 0's state on every rank).
 
 Rank and world size come from the torchrun environment (RANK, WORLD_SIZE, LOCAL_WORLD_SIZE),
 which streaming reads itself. The loader does its own per-rank partitioning, so the trainer must

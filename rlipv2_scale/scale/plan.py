@@ -126,7 +126,7 @@ def build_plan(cfg, recipe_name: str, gpus: list[int], gpu: str = "h100", inter_
     else:
         measurements = [measure_once(model, s, s, n_obj, n_rel) for s in probe_sizes]
         m = extrapolate(*measurements, h, w)
-    precision = "bf16" if cfg.train.precision in ("bf16", "auto") else "fp32"
+    precision = "bf16" if cfg.train.precision in ("bf16", "fp16", "auto") else "fp32"   # fp16: bf16's bytes
     cost = model_cost(model, m, precision)
     a = PlanAssumptions(gpu=GPUS[gpu], inter_node_gbps=inter_node_gbps, mfu=mfu, micro_batch=cfg.data.batch_size,
                         grad_accum=cfg.train.grad_accum, machine=machine,

@@ -281,7 +281,7 @@ def gathered_state_dict(ckpt: str | Path, trust_pickle: bool = False, hint: str 
     def load(path: str | Path, *args: Any, **kwargs: Any) -> Any:
         return torch_load(path, allow=_deepspeed_globals(), trust_pickle=trust_pickle, hint=hint)
 
-    if any(ds_dir.glob("*zero_pp_rank_*_optim_states.pt")):
+    if is_zero_partitioned(ckpt):
         from deepspeed.utils import zero_to_fp32
 
         # DeepSpeed's gatherer calls `torch.load(..., weights_only=False)` on every shard: it gets
@@ -305,3 +305,25 @@ def gathered_state_dict(ckpt: str | Path, trust_pickle: bool = False, hint: str 
         state = state["module"]
     return {k: v.detach().float().clone() if v.is_floating_point() else v.detach().clone()
             for k, v in state.items()}
+
+
+def is_zero_partitioned(ckpt: Path) -> bool:
+    """Whether the checkpoint's optimizer (and, under ZeRO-3, parameter) state is split by rank."""
+    return any((ckpt / "pytorch_model").glob("*zero_pp_rank_*_optim_states.pt"))
+
+
+def to_universal(ckpt: Path, out: Path) -> Path:
+    """DeepSpeed's universal checkpoint (one file per parameter and optimizer state, whole) of the
+    ZeRO partitions in `ckpt`, written to `out/pytorch_model` (`out` is replaced). An engine
+    configured with `checkpoint.load_universal` loads it into any number of ranks. One process."""
+    import argparse
+
+    from deepspeed.checkpoint.ds_to_universal import main
+
+    if out.exists():
+        shutil.rmtree(out)
+    # One worker: the converter forks worker processes otherwise, unsafe beside the process group's threads.
+    main(argparse.Namespace(input_folder=str(ckpt / "pytorch_model"), output_folder=str(out / "pytorch_model"),
+                            num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+                            inject_missing_state=True))
+    return out

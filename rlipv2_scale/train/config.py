@@ -43,7 +43,8 @@ class TrainConfig:
     # smaller collectives with smaller buckets, less memory (`rlipv2 scale plan` counts both).
     reduce_bucket_size: int = 500_000_000
     allgather_bucket_size: int = 500_000_000
-    precision: Literal["auto", "bf16", "fp32"] = "auto"   # auto: bf16 on GPU, fp32 on CPU
+    # auto: bf16 on GPU, fp32 on CPU; fp16 (GPU): DeepSpeed's dynamic loss scaling, overflowing steps skipped.
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     grad_clip: float = 0.1            # global L2 norm (the original's `main.py: --clip_max_norm`), applied by DeepSpeed
     seed: int = 42                    # + rank, as the original
     # Activation checkpointing, switched on in the model config: any of backbone, encoder, alif.
@@ -53,6 +54,8 @@ class TrainConfig:
     # Layers (fnmatch patterns of parameter names) that keep their fresh initialisation instead of
     # init_from's weights, e.g. ["classifier.*"]; every other key must fit exactly.
     init_reinit: list[str] = field(default_factory=list)
+    # Merged into the generated DeepSpeed config (offload, NVMe, profiling, ...): launch.merge_deepspeed.
+    deepspeed: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.epochs <= 0:

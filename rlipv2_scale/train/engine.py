@@ -7,24 +7,28 @@
 this rank and resumes through `state_dict()` / `load_state_dict()`. It is a streaming loader that
 shards by rank itself, so it is *not* passed to `accelerator.prepare`.
 
-A step: forward (bf16 on GPU, fp32 on CPU), outputs cast to fp32 for matching and losses, one
-all-reduce of [loss is non-finite, stop requested] so that every rank takes the same decision,
-then DeepSpeed's backward and step (gradient accumulation and clipping by DeepSpeed). A non-finite
-loss on any rank skips the micro-batch on all ranks; `train.max_nonfinite_in_row` of them in a row
-stop the run: its state is saved aside (`diverged-step_*`) and `latest` stays the newest
-checkpoint whose weights still gave a finite loss. SIGTERM / SIGUSR1 only set a flag: the loop
-checkpoints at the next optimizer-step boundary, leaves `PREEMPTED` in the run directory and exits
-with `EXIT_PREEMPTED`, for the scheduler to requeue; `--resume auto` then continues exactly.
-`run` holds the run directory's lock (`runlock.py`) and clears `PREEMPTED` before anything can
-fail, so that the marker only ever means "checkpointed on a signal".
+A step: forward (bf16 on GPU, fp32 on CPU, or fp16 by choice), outputs cast to fp32 for matching
+and losses, one all-reduce of [loss is non-finite, stop requested] so that every rank takes the
+same decision, then DeepSpeed's backward and step (gradient accumulation and clipping by
+DeepSpeed). A non-finite loss on any rank skips the micro-batch on all ranks;
+`train.max_nonfinite_in_row` of them in a row stop the run: its state is saved aside
+(`diverged-step_*`) and `latest` stays the newest checkpoint whose weights still gave a finite loss.
+A step whose gradients overflow (fp16 loss scaling) is skipped by DeepSpeed and counted
+(`overflow_steps`). SIGTERM / SIGUSR1 only set a flag: the loop checkpoints at the next
+optimizer-step boundary, leaves `PREEMPTED` in the run directory and exits with `EXIT_PREEMPTED`,
+for the scheduler to requeue; `--resume auto` then continues exactly (on another number of ranks:
+`_prepare_reshard`). `run` holds the run directory's lock (`runlock.py`) and clears `PREEMPTED`
+before anything can fail, so that the marker only ever means "checkpointed on a signal".
 """
 from __future__ import annotations
 
 import fnmatch
 import json
 import os
+import shutil
 import signal
 import time
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -37,10 +41,10 @@ from rlipv2_scale.data.batch import Batch
 from rlipv2_scale.errors import DataError, UserError
 from rlipv2_scale.safe_load import torch_load
 from rlipv2_scale.train import checkpoint as ckpt_io
-from rlipv2_scale.train.config import RunConfig
+from rlipv2_scale.train.config import RunConfig, load_run_config
 from rlipv2_scale.train.launch import (COMPLETED_MARKER, EXIT_PREEMPTED, PREEMPTED_MARKER, DistInfo,
                                        build_accelerator, deepspeed_config, die_with_parent, init_distributed,
-                                       report_to_launcher)
+                                       merge_deepspeed, report_to_launcher)
 from rlipv2_scale.data.streaming import build_train_loader
 from rlipv2_scale.models.artifacts import load_state
 from rlipv2_scale.models.losses import SetCriterion
@@ -101,6 +105,10 @@ class Trainer:
         self.bf16 = t.precision == "bf16" or (t.precision == "auto" and info.device.type == "cuda")
         if self.bf16 and info.device.type != "cuda":
             raise UserError("train.precision=bf16 needs a GPU; use auto or fp32 on CPU")
+        self.fp16 = t.precision == "fp16"
+        if self.fp16 and info.device.type != "cuda":
+            raise UserError("train.precision=fp16 needs a GPU (DeepSpeed's fp16 loss scaling); use "
+                            "train.precision=fp32 (or auto) on CPU")
         self.steps_per_epoch = t.steps_per_epoch or self._loader_steps_per_epoch()
         self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
         self.manager = ckpt_io.CheckpointManager(self.run_dir, cfg.checkpoint.keep_last)
@@ -118,7 +126,14 @@ class Trainer:
         ds_cfg = deepspeed_config(micro_batch_size=cfg.data.batch_size, grad_accum=t.grad_accum,
                                   world_size=info.world_size, zero_stage=t.zero_stage, bf16=self.bf16,
                                   grad_clip=t.grad_clip, zero3_persistence_threshold=t.zero3_persistence_threshold,
-                                  reduce_bucket_size=t.reduce_bucket_size, allgather_bucket_size=t.allgather_bucket_size)
+                                  reduce_bucket_size=t.reduce_bucket_size, allgather_bucket_size=t.allgather_bucket_size,
+                                  fp16=self.fp16)
+        if t.deepspeed:
+            ds_cfg = merge_deepspeed(ds_cfg, t.deepspeed)
+        self.resumed_from = self._resume_checkpoint(resume)
+        self.universal = self._prepare_reshard(self.resumed_from)
+        if self.universal is not None:
+            ds_cfg["checkpoint"] = {**ds_cfg.get("checkpoint", {}), "load_universal": True}
         self.accelerator = build_accelerator(ds_cfg, info)
         # The scheduler stays ours (stepped once per optimizer step): Accelerate would step it once
         # per process, and DeepSpeed would not save it with our per-group lambdas.
@@ -128,8 +143,8 @@ class Trainer:
         self.epoch = 0
         self.samples = 0
         self.skipped = 0
+        self.overflows = 0
         self.wandb_id: str | None = None
-        self.resumed_from = self._resume_checkpoint(resume)
         resumed = ckpt_io.read_trainer_state(self.resumed_from) if self.resumed_from is not None else {}
         log = cfg.logging
         wandb_cfg = ({"project": log.wandb_project, "entity": log.wandb_entity, "mode": log.wandb_mode}
@@ -185,7 +200,7 @@ class Trainer:
             save_config(self.cfg, tmp / "config.yaml")
             ckpt_io.write_json(tmp / ckpt_io.TRAINER_STATE, {
                 "step": self.step, "epoch": self.epoch, "samples": self.samples, "skipped_steps": self.skipped,
-                "wandb_id": self.wandb_id, "world_size": self.info.world_size,
+                "wandb_id": self.wandb_id, "world_size": self.info.world_size, "overflow_steps": self.overflows,
                 "zero_stage": self.cfg.train.zero_stage})
         dist.barrier()
         if self.info.local_rank == 0 and not self.is_main:   # rank 0's commit syncs its own node
@@ -203,8 +218,7 @@ class Trainer:
     def _load(self, path: Path) -> None:
         state = ckpt_io.read_trainer_state(path)
         if state["world_size"] != self.info.world_size:
-            raise UserError(f"checkpoint '{path}' was written by {state['world_size']} ranks, this run has "
-                            f"{self.info.world_size}; resume with the same number of ranks")
+            return self._load_resharded(path, state)
         loader_file = path / f"loader_rank{self.info.rank}.pt"
         if not loader_file.is_file():
             raise UserError(f"checkpoint '{path}' has no loader state for rank {self.info.rank}")
@@ -215,10 +229,68 @@ class Trainer:
         self.loader.load_state_dict(torch_load(loader_file, hint=not_ours))
         self.step, self.epoch, self.samples = state["step"], state["epoch"], state["samples"]
         self.skipped = state["skipped_steps"]
+        self.overflows = state.get("overflow_steps", 0)
+
+    def _prepare_reshard(self, path: Path | None) -> Path | None:
+        """Resuming a checkpoint written by another number of ranks: the samples per optimizer step
+        must stay the same (the schedule, the data position and the step count are counted in
+        them). ZeRO partitions are converted (rank 0) into DeepSpeed's universal checkpoint in this
+        run's checkpoints/, returned for `_load_resharded`; stage 0 stores the model whole (None)."""
+        ranks = ckpt_io.read_trainer_state(path)["world_size"] if path is not None else self.info.world_size
+        if ranks == self.info.world_size:
+            return None
+        old = load_run_config(path / "config.yaml")
+        per_step = old.data.batch_size * old.train.grad_accum * ranks
+        per_rank = self.cfg.data.batch_size * self.cfg.train.grad_accum
+        if per_rank * self.info.world_size != per_step:
+            fix = (f"set data.batch_size x train.grad_accum to {per_step // self.info.world_size} (now "
+                   f"{self.cfg.data.batch_size} x {self.cfg.train.grad_accum})"
+                   if per_step % self.info.world_size == 0 else f"resume on a number of ranks that divides {per_step}")
+            raise UserError(f"checkpoint '{path}' trained on {ranks} ranks with {per_step} samples per optimizer "
+                            f"step; to continue it on {self.info.world_size} ranks keep {per_step}: {fix}")
+        if not ckpt_io.is_zero_partitioned(path):
+            return None
+        universal = self.manager.root / f".tmp-universal-{path.name}"
+        if self.is_main:
+            print(f"rlipv2: resharding '{path}' from {ranks} to {self.info.world_size} ranks (DeepSpeed "
+                  f"universal checkpoint in '{universal}')", flush=True)
+            ckpt_io.to_universal(path, universal)
+        dist.barrier()
+        return universal
+
+    def _load_resharded(self, path: Path, state: dict) -> None:
+        """Model and optimizer state into this world's partitions; the lr schedule and counters as
+        saved; the loader from rank 0's state, which is global for the streaming loader (a sample
+        position; streaming keeps the order with the checkpoint's `num_canonical_nodes`). Each
+        rank's RNG starts afresh from (seed, rank, step): the old ranks' streams have no successor."""
+        from accelerate.utils import set_seed
+
+        groups = self.scheduler.optimizer.param_groups
+        own = [{k: v for k, v in group.items() if k != "params"} for group in groups]
+        self.engine.load_checkpoint(str(self.universal or path), tag="pytorch_model", load_lr_scheduler_states=False)
+        dist.barrier()
+        if self.is_main and self.universal is not None:
+            shutil.rmtree(self.universal)
+        # DeepSpeed's ZeRO-3 universal load (stage3.py, load_hp_checkpoint_state_from_checkpoint_dir_stage3)
+        # gives every group the first group's settings, ours differ by group; and one `step` tensor
+        # to every partition, which torch's AdamW would then advance once per partition.
+        for group, settings in zip(groups, own):
+            group.update(settings)
+        for moments in self.scheduler.optimizer.state.values():
+            if isinstance(moments.get("step"), torch.Tensor):
+                moments["step"] = moments["step"].clone()
+        not_ours = "it was not written by `rlipv2 train`; resume from a checkpoint the trainer wrote"
+        self.scheduler.load_state_dict(torch_load(path / "scheduler.pt", hint=not_ours))
+        for group, lr in zip(groups, self.scheduler.get_last_lr()):
+            group["lr"] = lr
+        self.loader.load_state_dict(torch_load(path / "loader_rank0.pt", hint=not_ours))
+        self.step, self.epoch, self.samples = state["step"], state["epoch"], state["samples"]
+        self.skipped, self.overflows = state["skipped_steps"], state.get("overflow_steps", 0)
+        set_seed(zlib.crc32(f"{self.cfg.train.seed}/{self.info.rank}/{self.step}".encode()))
 
     # ------------------------------------------------------------------ the loop
     def _forward(self, batch: Batch) -> dict[str, torch.Tensor]:
-        images = batch.images.to(torch.bfloat16) if self.bf16 else batch.images
+        images = batch.images.to(torch.bfloat16) if self.bf16 else batch.images.half() if self.fp16 else batch.images
         outputs = self.forward(self.engine, images, batch)
         # Matching and losses in fp32 whatever the compute dtype.
         with torch.autocast(self.info.device.type, enabled=False):
@@ -320,7 +392,7 @@ class Trainer:
                 continue
             self.step += 1
             self.samples += global_batch * gas
-            self.scheduler.step()
+            self._step_schedule()
             self.telemetry.advance()
             if self.step % cfg.logging.every_steps == 0 or self.step == self.total_steps or stop:
                 self._log(window)
@@ -364,6 +436,18 @@ class Trainer:
             (self.run_dir / COMPLETED_MARKER).write_text(json.dumps({"step": self.step}))
         return 0
 
+    def _step_schedule(self) -> None:
+        """Advance the lr schedule after an optimizer step DeepSpeed applied. DeepSpeed skips a step
+        whose gradients overflowed (non-finite gradient norm; under fp16 it also lowers the loss
+        scale): counted and reported, and the schedule waits for the next applied step."""
+        if self.engine.was_step_applied():
+            self.scheduler.step()
+            return
+        self.overflows += 1
+        if self.is_main:
+            scale = f"; loss scale now {self.engine.optimizer.loss_scale:g}" if self.fp16 else ""
+            print(f"rlipv2: gradient overflow at step {self.step}: DeepSpeed skipped the update{scale}", flush=True)
+
     def _log(self, window: Window) -> None:
         names = sorted(window.sums)
         values = torch.tensor([window.means()[k] for k in names] + [window.data_time], dtype=torch.float64,
@@ -380,6 +464,9 @@ class Trainer:
         record["data_time_share"] = float(values[-1]) / elapsed
         record["peak_memory_bytes"] = peak_memory_bytes(self.info.device)
         record["skipped_steps"] = self.skipped
+        record["overflow_steps"] = self.overflows
+        if self.fp16:
+            record["loss_scale"] = float(self.engine.optimizer.loss_scale)
         if self.flops_per_image is not None:
             tflops = self.flops_per_image * record["images_per_s"] / self.info.world_size / 1e12
             record["tflops_per_device"] = tflops

@@ -4,9 +4,10 @@ The trainer runs the same way in one process, under torchrun (local or multi-nod
 SLURM (one torchrun per node): it reads RANK / WORLD_SIZE / LOCAL_RANK from the environment,
 creating a one-process group when they are absent. On CPU it selects DeepSpeed's CPU accelerator
 and gloo. Accelerate derives its world size from its own backend detection, which finds no
-backend on a CPU-only machine under DeepSpeed and reports one process; the state is corrected
-from `torch.distributed` here and asserted, so that ranks, data sharding and ZeRO partitioning
-are real.
+backend on a CPU-only machine under DeepSpeed and reports one process; it is told the backend of
+the existing process group (its public `InitProcessGroupKwargs`), so it reads ranks from
+`torch.distributed`, and the result is asserted, so that ranks, data sharding and ZeRO
+partitioning are real. The same holds under `accelerate launch`, which starts ranks as torchrun does.
 
 `spawn_local` holds the run directory's lock for its ranks, ties torchrun and the ranks to its own
 life, and turns a user error of the ranks into one line of its own (no torchrun report).
@@ -26,6 +27,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
+from rlipv2_scale.errors import ConfigError, UserError
 
 PREEMPTED_MARKER = "PREEMPTED"
 COMPLETED_MARKER = "COMPLETED"
@@ -79,26 +82,50 @@ def init_distributed() -> DistInfo:
 
 def build_accelerator(ds_config: dict, info: DistInfo):
     """An `Accelerator` with a DeepSpeed plugin whose process layout matches `torch.distributed`."""
-    from accelerate import Accelerator, PartialState
-    from accelerate.utils import DeepSpeedPlugin
+    from accelerate import Accelerator
+    from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 
+    _refuse_launcher_settings()
     os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
-    state = PartialState()
-    if state.num_processes != info.world_size or state.process_index != info.rank:
-        state.backend = torch.distributed.get_backend()
-        state.num_processes = info.world_size
-        state.process_index = info.rank
-        state.local_process_index = info.local_rank
-    accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds_config))
+    # The group exists already: naming its backend makes Accelerate take ranks from it (on CPU its
+    # own detection finds no backend). mixed_precision="no": the DeepSpeed config decides, not an
+    # ACCELERATE_MIXED_PRECISION that `accelerate launch` may export.
+    accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds_config), mixed_precision="no",
+                              kwargs_handlers=[InitProcessGroupKwargs(backend=torch.distributed.get_backend())])
     assert accelerator.num_processes == info.world_size and accelerator.process_index == info.rank, (
         f"Accelerate sees process {accelerator.process_index}/{accelerator.num_processes}, torch.distributed "
         f"{info.rank}/{info.world_size}")
     return accelerator
 
 
+# What `accelerate launch` flags (or an accelerate config file) export, and the recipe key that decides it here.
+_LAUNCHER_SETTINGS = {
+    "ACCELERATE_DEEPSPEED_ZERO_STAGE": ("--zero_stage", "train.zero_stage"),
+    "ACCELERATE_DEEPSPEED_CONFIG_FILE": ("--deepspeed_config_file", "train.deepspeed"),
+    "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": ("--offload_optimizer_device", "train.deepspeed"),
+    "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": ("--offload_param_device", "train.deepspeed"),
+    "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": ("--gradient_accumulation_steps", "train.grad_accum"),
+    "ACCELERATE_GRADIENT_CLIPPING": ("--gradient_clipping", "train.grad_clip"),
+}
+
+
+def _refuse_launcher_settings() -> None:
+    """`accelerate launch` starts the ranks; training settings it would pass come from the recipe,
+    so one given to the launcher is an error rather than silently ignored."""
+    given = [(flag, key) for var, (flag, key) in _LAUNCHER_SETTINGS.items() if os.environ.get(var)]
+    if os.environ.get("ACCELERATE_MIXED_PRECISION", "no") != "no":
+        given.append(("--mixed_precision", "train.precision"))
+    if given:
+        raise UserError(f"accelerate launch {', '.join(f for f, _ in given)}: the recipe decides this here; drop "
+                        f"them (and from the accelerate config) and set {', '.join(dict.fromkeys(k for _, k in given))}")
+    if os.environ.get("ACCELERATE_USE_CPU", "false").lower() == "true":
+        raise UserError("accelerate launch --cpu turns DeepSpeed off; on CPU launch with "
+                        "`accelerate launch --multi_gpu --num_processes N` (the ranks use gloo)")
+
+
 def deepspeed_config(*, micro_batch_size: int, grad_accum: int, world_size: int, zero_stage: int, bf16: bool,
                      grad_clip: float, zero3_persistence_threshold: int, reduce_bucket_size: int,
-                     allgather_bucket_size: int) -> dict:
+                     allgather_bucket_size: int, fp16: bool = False) -> dict:
     zero: dict = {"stage": zero_stage, "reduce_bucket_size": int(reduce_bucket_size),
                   "allgather_bucket_size": int(allgather_bucket_size)}
     if zero_stage == 3:
@@ -113,7 +140,12 @@ def deepspeed_config(*, micro_batch_size: int, grad_accum: int, world_size: int,
         "gradient_clipping": grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": bf16},
+        # Dynamic loss scaling (DeepSpeed's default loss_scale 0): an overflowing step is skipped
+        # and the scale lowered; train.deepspeed.fp16.* tunes it.
+        "fp16": {"enabled": fp16},
         "zero_allow_untested_optimizer": True,   # torch AdamW as the client optimizer
+        # ... also when ZeRO offloads it to the CPU (train.deepspeed.zero_optimization.offload_optimizer).
+        "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
@@ -231,3 +263,95 @@ def _run_torchrun(cmd: list[str], env: dict, child_setup: Callable[[], None]) ->
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+# DeepSpeed settings the trainer derives from the recipe, and the recipe key to change instead.
+_RECIPE_OWNED = {
+    "train_micro_batch_size_per_gpu": "data.batch_size",
+    "gradient_accumulation_steps": "train.grad_accum",
+    "train_batch_size": "data.batch_size (x train.grad_accum x ranks)",
+    "gradient_clipping": "train.grad_clip",
+    "zero_optimization.stage": "train.zero_stage",
+    "zero_optimization.reduce_bucket_size": "train.reduce_bucket_size",
+    "zero_optimization.allgather_bucket_size": "train.allgather_bucket_size",
+    "zero_optimization.stage3_param_persistence_threshold": "train.zero3_persistence_threshold",
+    "bf16.enabled": "train.precision",
+    "fp16.enabled": "train.precision",
+    "optimizer": "optim.* (the trainer's AdamW with per-group lrs)",
+    "scheduler": "optim.schedule",
+    "zero_allow_untested_optimizer": "optim.* (the trainer's AdamW is DeepSpeed's client optimizer)",
+    "zero_force_ds_cpu_optimizer": "optim.* (the trainer's AdamW is DeepSpeed's client optimizer)",
+}
+
+
+def merge_deepspeed(generated: dict, extra: dict) -> dict:
+    """`generated` with the recipe's `train.deepspeed` mapping merged in (nested mappings merge key
+    by key). Setting what the recipe already decides, or a key DeepSpeed does not know, is a
+    `ConfigError` naming the key and what to set instead."""
+    def merge(base: dict, update: dict, prefix: str) -> dict:
+        out = dict(base)
+        for key, value in update.items():
+            path = prefix + str(key)
+            if path in _RECIPE_OWNED:
+                if base.get(key, None) != value:
+                    raise ConfigError(f"train.deepspeed.{path}={value!r} conflicts with {_RECIPE_OWNED[path]}, "
+                                      f"which sets it{'' if key not in base else f' to {base[key]!r}'}: "
+                                      f"remove it from train.deepspeed and set {_RECIPE_OWNED[path].split()[0]}")
+            elif isinstance(value, dict) and isinstance(base.get(key), dict):
+                out[key] = merge(base[key], value, path + ".")
+                continue
+            out[key] = value
+        return out
+
+    merged = merge(generated, extra, "")
+    _validate_deepspeed(merged, extra)
+    return merged
+
+
+class _ReadKeys(dict):
+    """A config mapping that records which top-level keys DeepSpeed's parser looks up."""
+
+    def __init__(self, data: dict):
+        super().__init__(data)
+        self.read: set = set()
+
+    def get(self, key, *default):
+        self.read.add(key)
+        return super().get(key, *default)
+
+    def __getitem__(self, key):
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key):
+        self.read.add(key)
+        return super().__contains__(key)
+
+    def keys(self):   # `KEY in config.keys()`, as DeepSpeed often writes it, goes through __contains__
+        return self
+
+
+# Top-level sections read by DeepSpeed outside its `DeepSpeedConfig` parser (engine, profiler, I/O).
+_READ_ELSEWHERE = {"flops_profiler", "aio", "autotuning", "activation_checkpointing"}
+
+
+def _validate_deepspeed(merged: dict, extra: dict) -> None:
+    """DeepSpeed's own parser on the merged config: its pydantic sections reject unknown keys and
+    bad values; a top-level key it never reads is unknown."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    # The global batch is checked against the process group's size when the engine starts.
+    probe = _ReadKeys({k: v for k, v in merged.items() if k != "train_batch_size"})
+    try:
+        DeepSpeedConfig(probe)
+    except Exception as exc:   # pydantic ValidationError, DeepSpeed's asserts and ValueErrors
+        if callable(getattr(exc, "errors", None)):   # pydantic: which field of which section, and why
+            detail = f"{exc.title}: " + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        else:
+            detail = " ".join(str(exc).split())
+        raise ConfigError(f"train.deepspeed is not a valid DeepSpeed config: {detail[:400]}; see "
+                          f"https://www.deepspeed.ai/docs/config-json/") from None
+    unknown = sorted(str(k) for k in extra if k not in probe.read and k not in _READ_ELSEWHERE)
+    if unknown:
+        raise ConfigError(f"train.deepspeed: unknown DeepSpeed key(s) {unknown}; see "
+                          f"https://www.deepspeed.ai/docs/config-json/ for the keys DeepSpeed reads")
