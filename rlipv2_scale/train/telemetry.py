@@ -53,14 +53,33 @@ def peak_tflops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
 
 
-def count_flops(fn: Callable[[], Any]) -> int:
-    """FLOPs of everything `fn` runs (forward and backward), counted by torch's FLOP counter."""
-    from torch.utils.flop_counter import FlopCounterMode
+class FlopMeter:
+    """`with FlopMeter():` counts the FLOPs of everything run inside, forward and backward (torch's
+    FLOP counter); `.flops` afterwards. Disabled (`FlopMeter(False)`) it measures nothing: None."""
 
-    counter = FlopCounterMode(display=False)
-    with counter:
+    def __init__(self, enabled: bool = True):
+        from torch.utils.flop_counter import FlopCounterMode
+
+        self.counter = FlopCounterMode(display=False) if enabled else None
+        self.flops: int | None = None
+
+    def __enter__(self) -> "FlopMeter":
+        if self.counter is not None:
+            self.counter.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.counter is not None:
+            self.counter.__exit__(*exc)
+            self.flops = int(self.counter.get_total_flops())
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs of everything `fn` runs (forward and backward)."""
+    with FlopMeter() as meter:
         fn()
-    return int(counter.get_total_flops())
+    assert meter.flops is not None
+    return meter.flops
 
 
 def prune_metrics(path: Path, last_step: int) -> None:
