@@ -81,12 +81,12 @@ def test_ranks_die_with_a_killed_launcher_and_the_run_directory_is_locked(tmp_pa
     finally:
         os.killpg(launcher.pid, signal.SIGKILL)
         launcher.wait()
-    gone, alive = psutil.wait_procs(ranks, timeout=10)
+    _, alive = psutil.wait_procs(ranks, timeout=10)
     assert not alive, f"ranks outlived their launcher: {[p.pid for p in alive]}"
     capsys.readouterr()
     with RunLock(tmp_path):
         pass
-    assert f"taking over the run-directory lock of a run that is gone (host" in capsys.readouterr().err
+    assert "taking over the run-directory lock of a run that is gone (host" in capsys.readouterr().err
     with RunLock(tmp_path):    # released cleanly: nothing to take over
         pass
     assert "taking over" not in capsys.readouterr().err
