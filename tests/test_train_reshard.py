@@ -1,5 +1,5 @@
 """Resume on another number of ranks: a run checkpointed mid-epoch on 2 ranks continues on 1, and
-that one's mid-epoch checkpoint on 2 again (ZeRO-2 partitions through DeepSpeed's universal
+that one's mid-epoch checkpoint on 2 again (ZeRO partitions through DeepSpeed's universal
 checkpoint; the real streaming loader, whose sample order does not depend on the rank count).
 The toy model and the synthetic images make a sample's loss independent of its batch-mates, so the
 resharded parts must train the very steps of the uninterrupted 2-rank run."""
@@ -21,6 +21,8 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 TOY = Path(__file__).with_name("train_toy.py")
 IMAGES = 32            # one epoch = 8 steps of 4 samples
+
+
 def launch(nproc: int, run_dir: Path, shards: Path, *overrides: str, resume: Path | None = None,
            expect: int = 0) -> subprocess.CompletedProcess:
     """`nproc` ranks under torchrun; one rank in a plain process (the trainer makes a group of one)."""
