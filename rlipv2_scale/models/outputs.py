@@ -34,7 +34,7 @@ class _FieldDict(dict):
         setattr(self, key, value)
 
 
-@dataclass(eq=False)
+@dataclass
 class RelationPredictions(_FieldDict):
     """The predictions of one decoder layer for P query pairs (Lo object texts, "no objects" last;
     Lr relation texts)."""
@@ -59,7 +59,7 @@ class RelationPredictions(_FieldDict):
 OUTPUT_KEYS = tuple(f.name for f in fields(RelationPredictions))
 
 
-@dataclass(eq=False)
+@dataclass
 class RelationOutput(RelationPredictions):
     """The model's output: the last decoder layer's predictions and the rest."""
 
