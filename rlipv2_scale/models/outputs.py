@@ -11,13 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import Tensor
 
 
 class _FieldDict(dict):
     """A dataclass kept equal to the dict of its fields that are not None."""
+
+    __dataclass_fields__: ClassVar[dict[str, Any]]   # set by @dataclass on the subclasses
 
     def __setattr__(self, name: str, value: Any) -> None:
         super().__setattr__(name, value)
