@@ -62,6 +62,7 @@ def _attributed_share(prof: torch.profiler.profile, step_us: float,
 def _run(name: str, size: int, batch: int, steps: int, num_obj: int, num_rel: int, threads: int, queue) -> None:
     torch.set_num_threads(threads)
     from rlipv2_scale.models.config import named_config
+    from rlipv2_scale.models.outputs import OUTPUT_KEYS
     from rlipv2_scale.models.rlipv2 import build_model
     from rlipv2_scale.train.telemetry import peak_resident_bytes
 
@@ -78,8 +79,7 @@ def _run(name: str, size: int, batch: int, steps: int, num_obj: int, num_rel: in
 
     def step() -> None:
         out = model(images, mask, objs, rels)
-        layers = [out] + out["aux_outputs"]
-        loss = sum(v.float().mean() for layer in layers for k, v in layer.items() if k.startswith("pred"))
+        loss = sum(getattr(layer, k).float().mean() for layer in [out, *out.aux_outputs] for k in OUTPUT_KEYS)
         loss.backward()
         model.zero_grad(set_to_none=True)
 

@@ -35,6 +35,7 @@ from rlipv2_scale.data.schema import RelationalRecord
 from rlipv2_scale.data.transforms import EvalTransform, decode, normalize
 from rlipv2_scale.errors import DataError, UserError
 from rlipv2_scale.labels.space import LabelSpace, hico_label_space
+from rlipv2_scale.models.outputs import RelationOutput
 from rlipv2_scale.models.postprocess import ImageTriplets, PostProcess, to_hico_json
 
 NO_OBJECT_TEXT = "no objects"
@@ -185,7 +186,7 @@ def collate_images(items: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
 
 @torch.no_grad()
 def forward_eval(model: torch.nn.Module, images: torch.Tensor, pixel_mask: torch.Tensor, obj_texts: list[str],
-                 rel_texts: list[str], label_embeds: torch.Tensor | None = None) -> dict:
+                 rel_texts: list[str], label_embeds: torch.Tensor | None = None) -> RelationOutput:
     """One evaluation forward through the model's own forward (so a DeepSpeed engine, ZeRO-3 included,
     gathers its weights), images in the weights' dtype. Pass `label_embeds` (encoded once per label
     list) to match the original's evaluation engines exactly: pre-encoded labels carry no label

@@ -36,7 +36,7 @@ def test_saved_directory_is_relocatable_and_loads_the_same_model(saved, tmp_path
     images, mask = torch.rand(1, 3, 64, 64), torch.zeros(1, 64, 64, dtype=torch.bool)
     with torch.no_grad():
         a, b = model(images, mask, *texts), loaded(images, mask, *texts)
-    assert torch.equal(a["pred_rel_logits"], b["pred_rel_logits"])
+    assert torch.equal(a.pred_rel_logits, b.pred_rel_logits)
     assert load_pretrained(str(moved)).card.metrics == {"val/mAP": 12.5}
 
 

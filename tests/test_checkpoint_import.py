@@ -16,6 +16,7 @@ from rlipv2_scale.cli import main
 from rlipv2_scale.errors import UserError
 from rlipv2_scale.models import original as O
 from rlipv2_scale.models.config import named_config
+from rlipv2_scale.models.outputs import OUTPUT_KEYS
 from rlipv2_scale.models.rlipv2 import build_model, resize_query_rows
 
 OBJ = ["person", "cup", "horse", "no objects"]
@@ -209,8 +210,8 @@ def test_cli_import_export_round_trip_is_the_identity(tiny_original, tmp_path):
     images, mask = _images()
     with torch.no_grad():
         a, b = model(images, mask, OBJ, REL), imported(images, mask, OBJ, REL)
-    for key in ("pred_sub_boxes", "pred_obj_boxes", "pred_sub_logits", "pred_obj_logits", "pred_rel_logits"):
-        assert torch.equal(a[key], b[key]), key
+    for key in OUTPUT_KEYS:
+        assert torch.equal(getattr(a, key), getattr(b, key)), key
 
 
 def test_position_ids_follow_the_imported_file(tiny_original, tmp_path):
@@ -355,8 +356,8 @@ def test_label_padding_mask_from_the_sign_of_the_sum():
         ref = model.decode(model.encode(images, mask, OBJ, REL, embeds))
         model.cfg.compat_original = True
     # same language encoding as a pass without the mask (the decoders differ: compat refiners)
-    for i in range(len(ref["aux_outputs"])):
-        assert torch.equal(ref["aux_outputs"][i]["pred_obj_logits"], ev["aux_outputs"][i]["pred_obj_logits"])
+    for i in range(len(ref.aux_outputs)):
+        assert torch.equal(ref.aux_outputs[i].pred_obj_logits, ev.aux_outputs[i].pred_obj_logits)
 
 
 def test_query_split_when_the_number_of_queries_changes():
@@ -380,16 +381,16 @@ def test_relation_decoder_box_refiners_are_frozen_and_used_only_with_compat():
         refiners = [p for mlps in (model.sub_bbox_embed[n:], model.obj_bbox_embed[n:]) for p in mlps.parameters()]
         assert refiners and not any(p.requires_grad for p in refiners)
         with torch.no_grad():
-            a = model(images, mask, OBJ, REL)["pred_rel_logits"]
+            a = model(images, mask, OBJ, REL).pred_rel_logits
             for p in refiners:
                 p.add_(torch.randn_like(p))
-            b = model(images, mask, OBJ, REL)["pred_rel_logits"]
+            b = model(images, mask, OBJ, REL).pred_rel_logits
         if compat:
             assert (a - b).abs().max() > 1e-4     # the relation queries' reference boxes moved
         else:
             assert torch.equal(a, b)              # fixed midpoint box: refiners unused
     model.train()
-    model(images, mask, OBJ, REL)["pred_rel_logits"].sum().backward()
+    model(images, mask, OBJ, REL).pred_rel_logits.sum().backward()
     assert all(p.grad is None for p in refiners)
 
 

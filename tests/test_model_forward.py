@@ -6,7 +6,8 @@ import torch
 
 from rlipv2_scale.errors import UserError
 from rlipv2_scale.models.config import named_config
-from rlipv2_scale.models.rlipv2 import OUTPUT_KEYS, RLIPv2, build_model, resize_query_rows
+from rlipv2_scale.models.outputs import OUTPUT_KEYS, RelationOutput
+from rlipv2_scale.models.rlipv2 import RLIPv2, build_model, resize_query_rows
 
 OBJ = ["person", "bicycle", "horse", "no objects"]
 REL = ["ride", "hold", "sit on"]
@@ -31,27 +32,27 @@ def _tiny(**changes) -> RLIPv2:
     return build_model(dataclasses.replace(cfg, **changes))
 
 
-def _total(out: dict) -> torch.Tensor:
-    layers = [out] + out["aux_outputs"]
-    return sum(layer[k].float().square().mean() for layer in layers for k in OUTPUT_KEYS)
+def _total(out: RelationOutput) -> torch.Tensor:
+    return sum(getattr(layer, k).float().square().mean() for layer in [out, *out.aux_outputs] for k in OUTPUT_KEYS)
 
 
 def test_forward_shapes_and_ranges():
     model = _tiny()
     images, mask = _inputs()
     out = model(images, mask, OBJ, REL)
+    assert isinstance(out, RelationOutput)
     p = model.cfg.num_pairs
-    assert out["pred_sub_boxes"].shape == out["pred_obj_boxes"].shape == (2, p, 4)
-    assert out["pred_sub_logits"].shape == out["pred_obj_logits"].shape == (2, p, len(OBJ))
-    assert out["pred_rel_logits"].shape == (2, p, len(REL))
-    assert out["rel_text_embeds"].shape == (len(REL), model.cfg.text.hidden_size)
-    assert len(out["aux_outputs"]) == model.cfg.dec_layers - 1
-    for layer in out["aux_outputs"]:
+    assert out.pred_sub_boxes.shape == out.pred_obj_boxes.shape == (2, p, 4)
+    assert out.pred_sub_logits.shape == out.pred_obj_logits.shape == (2, p, len(OBJ))
+    assert out.pred_rel_logits.shape == (2, p, len(REL))
+    assert out.rel_text_embeds.shape == (len(REL), model.cfg.text.hidden_size)
+    assert len(out.aux_outputs) == model.cfg.dec_layers - 1
+    for layer in out.aux_outputs:
         assert set(layer) == set(OUTPUT_KEYS)
-        assert layer["pred_rel_logits"].shape == out["pred_rel_logits"].shape
-    for key in ("pred_sub_boxes", "pred_obj_boxes"):
-        assert ((out[key] > 0) & (out[key] < 1)).all()
-    assert all(torch.isfinite(out[k]).all() for k in OUTPUT_KEYS)
+        assert layer.pred_rel_logits.shape == out.pred_rel_logits.shape
+    for boxes in (out.pred_sub_boxes, out.pred_obj_boxes):
+        assert ((boxes > 0) & (boxes < 1)).all()
+    assert all(torch.isfinite(getattr(out, k)).all() for k in OUTPUT_KEYS)
 
 
 def test_rel_text_embeds_are_the_pooled_prefusion_embeddings():
@@ -60,7 +61,7 @@ def test_rel_text_embeds_are_the_pooled_prefusion_embeddings():
     with torch.no_grad():
         out = model(images, mask, OBJ, REL)
         alone = model.text_encoder.embed(REL)
-    torch.testing.assert_close(out["rel_text_embeds"], alone)
+    torch.testing.assert_close(out.rel_text_embeds, alone)
 
 
 @pytest.mark.parametrize("changes", [
@@ -93,7 +94,7 @@ def test_precomputed_label_embeddings_give_the_same_outputs_and_eval_cache_is_re
         assert model.encode_labels(OBJ, REL) is cached           # eval + no_grad: cached
         again = model(images, mask, OBJ, REL, label_embeds=cached)
     for key in OUTPUT_KEYS:
-        torch.testing.assert_close(first[key], again[key])
+        torch.testing.assert_close(getattr(first, key), getattr(again, key))
     model.train()
     assert model.encode_labels(OBJ, REL) is not cached          # training never uses the cache
     with pytest.raises(UserError, match="label_embeds has"):
@@ -117,7 +118,7 @@ def test_activation_checkpointing_does_not_change_outputs_or_gradients():
             out = model(images, mask, OBJ, REL)
             _total(out).backward()
         outs.append((out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
-    torch.testing.assert_close(outs[0][0]["pred_rel_logits"], outs[1][0]["pred_rel_logits"])
+    torch.testing.assert_close(outs[0][0].pred_rel_logits, outs[1][0].pred_rel_logits)
     assert outs[0][1].keys() == outs[1][1].keys()
     for name, grad in outs[0][1].items():
         torch.testing.assert_close(grad, outs[1][1][name], rtol=1e-4, atol=1e-6)
@@ -129,10 +130,10 @@ def test_compat_relation_refiners_move_the_reference_only_in_compat_mode():
     for compat, should_change in ((False, False), (True, True)):
         model = _tiny(compat_original=compat).eval()
         with torch.no_grad():
-            before = model(images, mask, OBJ, REL)["pred_rel_logits"]
+            before = model(images, mask, OBJ, REL).pred_rel_logits
             for mlp in model.sub_bbox_embed[model.cfg.dec_layers:]:
                 mlp.layers[-1].bias.fill_(1.0)
-            after = model(images, mask, OBJ, REL)["pred_rel_logits"]
+            after = model(images, mask, OBJ, REL).pred_rel_logits
         assert (not torch.allclose(before, after)) == should_change
 
 

@@ -71,11 +71,11 @@ def test_compat_eval_with_raw_texts_masks_labels_by_sign_and_pre_encoded_labels_
         outs[compat] = (raw, pre)
     raw, pre = outs[True]
     # the mask changes what the language layers see: raw-text and pre-encoded forwards differ
-    assert (raw["pred_rel_logits"] - pre["pred_rel_logits"]).abs().max() > 1e-4
+    assert (raw.pred_rel_logits - pre.pred_rel_logits).abs().max() > 1e-4
     # without compat both inputs give the same model
     raw, pre = outs[False]
-    torch.testing.assert_close(raw["pred_rel_logits"], pre["pred_rel_logits"], rtol=0, atol=1e-6)
-    torch.testing.assert_close(raw["pred_obj_boxes"], pre["pred_obj_boxes"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(raw.pred_rel_logits, pre.pred_rel_logits, rtol=0, atol=1e-6)
+    torch.testing.assert_close(raw.pred_obj_boxes, pre.pred_obj_boxes, rtol=0, atol=1e-6)
 
 
 def test_compat_training_masks_labels_by_sign_whatever_the_input():
@@ -141,12 +141,12 @@ def test_compat_language_layers_with_every_label_masked_attend_as_unmasked(monke
     seen: list = []
     _record_label_mask(model, seen)
     with torch.no_grad():
-        masked = model(images, mask, OBJ, REL)["pred_rel_logits"]      # raw texts: every label masked
+        masked = model(images, mask, OBJ, REL).pred_rel_logits      # raw texts: every label masked
         embeds = model.encode_labels(OBJ, REL)
-        unmasked = model(images, mask, OBJ, REL, label_embeds=embeds)["pred_rel_logits"]   # no label mask
+        unmasked = model(images, mask, OBJ, REL, label_embeds=embeds).pred_rel_logits   # no label mask
         assert seen[0].all() and seen[1] is None
         # equal up to the rounding of scores shifted by -10000 (float32 spacing ~1e-3 there)
         assert (masked - unmasked).abs().max() < 1e-3
         monkeypatch.setattr(alif, "ORIGINAL_MASK_VALUE", torch.finfo(torch.float32).min)
-        swamped = model(images, mask, OBJ, REL)["pred_rel_logits"]
+        swamped = model(images, mask, OBJ, REL).pred_rel_logits
     assert (swamped - unmasked).abs().max() > 1e-2

@@ -8,6 +8,7 @@ from rlipv2_scale.errors import ConfigError, UserError
 from rlipv2_scale.models.config import named_config
 from rlipv2_scale.models.heads import inverse_sigmoid
 from rlipv2_scale.models.losses import SetCriterion
+from rlipv2_scale.models.outputs import OUTPUT_KEYS
 from rlipv2_scale.models.rlipv2 import build_model
 from rlipv2_scale.models.summary import model_summary
 from rlipv2_scale.models.tagger import (
@@ -61,13 +62,13 @@ def test_forward_shapes_gradients_and_frozen_learned_queries(tagger, images):
     tagger.train()
     out = tagger(*images, OBJ, REL, [person_holding_cup(), no_pairs()])
     p = tagger.cfg.num_pairs
-    assert out["pred_sub_boxes"].shape == (2, p, 4) and out["pred_rel_logits"].shape == (2, p, len(REL))
-    assert out["pred_obj_logits"].shape == (2, p, len(OBJ))
-    assert len(out["aux_outputs"]) == tagger.cfg.dec_layers - 1
-    for key in ("pred_sub_boxes", "pred_obj_boxes", "pred_sub_logits", "pred_obj_logits", "pred_rel_logits"):
-        assert torch.isfinite(out[key]).all(), key
+    assert out.pred_sub_boxes.shape == (2, p, 4) and out.pred_rel_logits.shape == (2, p, len(REL))
+    assert out.pred_obj_logits.shape == (2, p, len(OBJ))
+    assert len(out.aux_outputs) == tagger.cfg.dec_layers - 1
+    for key in OUTPUT_KEYS:
+        assert torch.isfinite(getattr(out, key)).all(), key
     tagger.zero_grad()
-    (out["pred_rel_logits"].sum() + out["pred_sub_boxes"].sum()).backward()
+    (out.pred_rel_logits.sum() + out.pred_sub_boxes.sum()).backward()
     for name in ("coord_proj.weight", "verb_tgt.weight", "reference_points_sub.weight", "reference_points_obj.weight"):
         grad = dict(tagger.named_parameters())[name].grad
         assert grad is not None and grad.abs().sum() > 0, name
@@ -186,7 +187,7 @@ def test_score_candidates_shapes_ranges_and_grouping(tagger, images):
     with torch.no_grad():
         given = Pairs(boxes[1][[0, 1]], boxes[1][[2, 2]], labels[1][[0, 1]], labels[1][[2, 2]])
         out = tagger(images[0][1:], images[1][1:], OBJ, REL, [given])
-    torch.testing.assert_close(scores[23:], out["pred_rel_logits"][0, :2].sigmoid(), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(scores[23:], out.pred_rel_logits[0, :2].sigmoid(), atol=1e-5, rtol=1e-4)
     with pytest.raises(UserError, match="outside"):
         tagger.score_candidates(*images, OBJ, REL, [torch.tensor([[0, 9]]), pairs[1]], boxes, labels)
 
@@ -239,7 +240,7 @@ def test_tagger_loss_pairs_query_i_with_given_pair_i(tagger, images):
     crit = SetCriterion(tagger_loss_config())
     losses = crit(out, targets)
     assert torch.isfinite(losses["loss"])
-    l1 = sum((out["pred_sub_boxes"][b, :len(t.sub_boxes)] - t.sub_boxes).abs().sum() for b, t in enumerate(targets))
+    l1 = sum((out.pred_sub_boxes[b, :len(t.sub_boxes)] - t.sub_boxes).abs().sum() for b, t in enumerate(targets))
     assert losses["loss_sub_bbox"].item() == pytest.approx(l1.item() / 10, rel=1e-5)
     losses["loss"].backward()
 

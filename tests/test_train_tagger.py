@@ -118,11 +118,11 @@ def test_the_trainer_forward_passes_the_batch_targets_as_pairs():
                   ["a", "b", "c", "d", "no objects"], ["r0", "r1", "r2"])
     direct = model(batch.images, batch.pixel_mask, batch.obj_texts, batch.rel_texts, targets)
     via_trainer = tagger_forward(model, batch.images, batch)
-    assert torch.equal(direct["pred_rel_logits"], via_trainer["pred_rel_logits"])
+    assert torch.equal(direct.pred_rel_logits, via_trainer.pred_rel_logits)
     other = [_target(3, [(2, 0), (0, 1)]), _target(2, [(0, 1)])]
     moved = tagger_forward(model, batch.images, Batch(batch.images, batch.pixel_mask, other, batch.obj_texts,
                                                       batch.rel_texts))
-    assert not torch.equal(direct["pred_rel_logits"], moved["pred_rel_logits"])
+    assert not torch.equal(direct.pred_rel_logits, moved.pred_rel_logits)
 
 
 @pytest.fixture(scope="module")

@@ -29,9 +29,9 @@ from rlipv2_scale.data.batch import Target
 from rlipv2_scale.errors import ConfigError
 from rlipv2_scale.models.box_ops import box_cxcywh_to_xyxy, paired_generalized_box_iou
 from rlipv2_scale.models.matcher import HungarianMatcher, Indices
+from rlipv2_scale.models.outputs import OUTPUT_KEYS, RelationOutput, RelationPredictions
 
 _PROB_EPS = 1e-6
-OUTPUT_KEYS = ("pred_sub_boxes", "pred_obj_boxes", "pred_sub_logits", "pred_obj_logits", "pred_rel_logits")
 
 
 def subject_target_index(person_index: int, compat_original: bool) -> int:
@@ -169,9 +169,9 @@ class SetCriterion(nn.Module):
                              "(the last logit is \"no objects\")")
         return [replace(t, sub_labels=torch.full_like(t.sub_labels, index)) for t in targets]
 
-    def match(self, outputs: dict, targets: list[Target]) -> Indices:
+    def match(self, outputs: RelationPredictions, targets: list[Target]) -> Indices:
         if self.cfg.matching == "identity":
-            num_slots = outputs["pred_sub_boxes"].shape[1]
+            num_slots = outputs.pred_sub_boxes.shape[1]
             indices = []
             for t in targets:
                 n = t.sub_boxes.shape[0]
@@ -183,24 +183,22 @@ class SetCriterion(nn.Module):
         return self.matcher(outputs, targets)
 
     def forward(
-        self, outputs: dict, targets: list[Target], num_pairs: float | None = None
+        self, outputs: RelationOutput | dict, targets: list[Target], num_pairs: float | None = None
     ) -> dict[str, torch.Tensor]:
-        """Every loss term; `num_pairs` = GT pairs per rank for box-loss normalisation (computed
-        with an all-reduce over ranks when not given)."""
-        missing = [k for k in OUTPUT_KEYS if k not in outputs]
-        if missing:
-            raise KeyError(f"model outputs lack {missing}; SetCriterion needs {list(OUTPUT_KEYS)}")
-        device = outputs["pred_sub_boxes"].device
-        targets = self.subject_targets(targets, outputs["pred_sub_logits"].shape[-1])
+        """Every loss term of the model's outputs (or a dict with their field names); `num_pairs` = GT
+        pairs per rank for box-loss normalisation (computed with an all-reduce over ranks when not given)."""
+        outputs = RelationOutput.of(outputs)
+        device = outputs.pred_sub_boxes.device
+        targets = self.subject_targets(targets, outputs.pred_sub_logits.shape[-1])
         if num_pairs is None:
             num_pairs = _global_num_pairs(targets, device)
         num_pairs = max(float(num_pairs), 1.0)
 
         pseudo = None
         if self.cfg.rel_loss == "soft_focal" and self.cfg.pseudo_targets:
-            if outputs.get("rel_text_embeds") is None:
-                raise KeyError("loss.pseudo_targets needs outputs['rel_text_embeds'] [Lr, D] from the model")
-            embeds = outputs["rel_text_embeds"]
+            if outputs.rel_text_embeds is None:
+                raise KeyError("loss.pseudo_targets needs outputs.rel_text_embeds [Lr, D] from the model")
+            embeds = outputs.rel_text_embeds
             if not self.cfg.compat_original:
                 embeds = embeds.detach()
             pseudo = [
@@ -208,13 +206,13 @@ class SetCriterion(nn.Module):
                 for t in targets
             ]
 
-        layers = [("", outputs)]
+        layers: list[tuple[str, RelationPredictions]] = [("", outputs)]
         if self.cfg.aux_loss:
-            layers += [(f"_{i}", aux) for i, aux in enumerate(outputs.get("aux_outputs", []))]
+            layers += [(f"_{i}", aux) for i, aux in enumerate(outputs.aux_outputs)]
         losses: dict[str, torch.Tensor] = {}
         finite = []
         for suffix, layer in layers:
-            layer = {k: layer[k].float() for k in OUTPUT_KEYS}
+            layer = RelationPredictions(**{k: getattr(layer, k).float() for k in OUTPUT_KEYS})
             finite += [torch.isfinite(v.detach()).all() for v in layer.values()]
             indices = self.match(layer, targets)
             terms = self._layer_losses(layer, targets, indices, num_pairs, pseudo)
@@ -229,13 +227,13 @@ class SetCriterion(nn.Module):
 
     def _layer_losses(
         self,
-        out: dict[str, torch.Tensor],
+        out: RelationPredictions,
         targets: list[Target],
         indices: Indices,
         num_pairs: float,
         pseudo: list[torch.Tensor] | None,
     ) -> dict[str, torch.Tensor]:
-        device = out["pred_sub_boxes"].device
+        device = out.pred_sub_boxes.device
         batch_idx = torch.cat([torch.full_like(src, b) for b, (src, _) in enumerate(indices)]).to(device)
         src_idx = torch.cat([src for src, _ in indices]).to(device)
         tgt = [(t, j.to(device)) for t, (_, j) in zip(targets, indices)]
@@ -247,7 +245,7 @@ class SetCriterion(nn.Module):
         # Subject / object classification (the original's `models/hoi.py: SetCriterionHOI.loss_obj_labels`).
         ce = []
         for side in (("sub", "obj") if self.cfg.subject_class else ("obj",)):
-            logits = out[f"pred_{side}_logits"]
+            logits = out.pred_sub_logits if side == "sub" else out.pred_obj_logits
             num_classes = logits.shape[-1]
             weight = torch.ones(num_classes, device=device)
             weight[-1] = self.cfg.eos_coef
@@ -262,8 +260,8 @@ class SetCriterion(nn.Module):
         terms["loss_ce"] = sum(ce)
 
         # Boxes (the original's `models/hoi.py: SetCriterionHOI.loss_sub_obj_boxes`).
-        src_sub = out["pred_sub_boxes"][batch_idx, src_idx]
-        src_obj = out["pred_obj_boxes"][batch_idx, src_idx]
+        src_sub = out.pred_sub_boxes[batch_idx, src_idx]
+        src_obj = out.pred_obj_boxes[batch_idx, src_idx]
         gt_sub = gather("sub_boxes").float()
         gt_obj = gather("obj_boxes").float()
         has_obj = (gt_obj != 0).any(dim=1)
@@ -276,7 +274,7 @@ class SetCriterion(nn.Module):
         terms["loss_obj_giou"] = ((1 - giou_obj) * has_obj).sum() / num_obj
 
         # Relations (the original's `models/hoi.py: SetCriterionHOI.loss_verb_labels`).
-        rel_logits = out["pred_rel_logits"]
+        rel_logits = out.pred_rel_logits
         matched_labels = gather("rel_labels").to(rel_logits)
         if matched_labels.shape[-1] != rel_logits.shape[-1]:
             raise ValueError(

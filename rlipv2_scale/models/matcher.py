@@ -19,6 +19,7 @@ from torch import nn
 
 from rlipv2_scale.data.batch import Target
 from rlipv2_scale.models.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+from rlipv2_scale.models.outputs import RelationPredictions
 
 # Stands in for non-finite costs so that scipy still returns an assignment; the loss of such a
 # step is non-finite anyway and the trainer skips it.
@@ -58,11 +59,12 @@ class HungarianMatcher(nn.Module):
         self.subject_class = subject_class
 
     @torch.no_grad()
-    def costs(self, outputs: dict, b: int, target: Target) -> dict[str, torch.Tensor]:
+    def costs(self, outputs: RelationPredictions | dict, b: int, target: Target) -> dict[str, torch.Tensor]:
         """Every cost term of image b as [P, n] fp32 tensors, plus the total under "total"."""
-        sub_boxes = outputs["pred_sub_boxes"][b].float()
-        obj_boxes = outputs["pred_obj_boxes"][b].float()
-        rel_logits = outputs["pred_rel_logits"][b].float()
+        outputs = RelationPredictions.of(outputs)
+        sub_boxes = outputs.pred_sub_boxes[b].float()
+        obj_boxes = outputs.pred_obj_boxes[b].float()
+        rel_logits = outputs.pred_rel_logits[b].float()
         labels = target.rel_labels.to(rel_logits)
         if labels.shape[-1] != rel_logits.shape[-1]:
             raise ValueError(
@@ -75,9 +77,9 @@ class HungarianMatcher(nn.Module):
         has_obj = (gt_obj != 0).any(dim=1)[None, :]
 
         c = {}
-        c["class_obj"] = -outputs["pred_obj_logits"][b].float().softmax(-1)[:, target.obj_labels]
+        c["class_obj"] = -outputs.pred_obj_logits[b].float().softmax(-1)[:, target.obj_labels]
         if self.subject_class:
-            c["class_sub"] = -outputs["pred_sub_logits"][b].float().softmax(-1)[:, target.sub_labels]
+            c["class_sub"] = -outputs.pred_sub_logits[b].float().softmax(-1)[:, target.sub_labels]
         c["rel"] = relation_cost(rel_logits.sigmoid(), labels)
         c["bbox_sub"] = torch.cdist(sub_boxes, gt_sub, p=1)
         c["bbox_obj"] = torch.cdist(obj_boxes, gt_obj, p=1) * has_obj
@@ -100,15 +102,17 @@ class HungarianMatcher(nn.Module):
 
     @torch.no_grad()
     def forward(
-        self, outputs: dict, targets: list[Target], return_costs: bool = False
+        self, outputs: RelationPredictions | dict, targets: list[Target], return_costs: bool = False
     ) -> Indices | tuple[Indices, list[dict[str, torch.Tensor]]]:
         """-> per image (pred_idx, tgt_idx) int64 CPU tensors, sorted by pred_idx.
 
-        With `return_costs`, also the per-image cost terms of `costs`.
+        `outputs`: one decoder layer's predictions (or a dict with their field names). With
+        `return_costs`, also the per-image cost terms of `costs`.
         """
-        if len(targets) != outputs["pred_sub_boxes"].shape[0]:
+        outputs = RelationPredictions.of(outputs)
+        if len(targets) != outputs.pred_sub_boxes.shape[0]:
             raise ValueError(
-                f"{len(targets)} targets for a batch of {outputs['pred_sub_boxes'].shape[0]} images"
+                f"{len(targets)} targets for a batch of {outputs.pred_sub_boxes.shape[0]} images"
             )
         all_costs = [self.costs(outputs, b, t) for b, t in enumerate(targets)]
         # One device->host copy for the whole batch instead of one per image.

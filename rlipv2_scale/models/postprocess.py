@@ -28,6 +28,7 @@ from rlipv2_scale.errors import UserError
 from rlipv2_scale.labels.space import LabelSpace, hico_label_space
 from rlipv2_scale.eval.triplet_nms import TripletNMS
 from rlipv2_scale.models.box_ops import box_cxcywh_to_xyxy
+from rlipv2_scale.models.outputs import RelationPredictions
 
 
 @dataclass
@@ -69,6 +70,7 @@ def triplet_nms(triplets: ImageTriplets, nms: TripletNMS | None = None) -> Image
 class PostProcess:
     """`PostProcess(...)(outputs, orig_sizes) -> list[ImageTriplets]`.
 
+    outputs: the model's last-layer predictions (or a dict with their field names);
     orig_sizes: [B, 2] (H, W) of the original images (`Target.orig_size`).
     """
 
@@ -99,11 +101,13 @@ class PostProcess:
         return cls(**kwargs)
 
     @torch.no_grad()
-    def __call__(self, outputs: dict, orig_sizes: torch.Tensor | Sequence[Sequence[int]]) -> list[ImageTriplets]:
+    def __call__(self, outputs: RelationPredictions | dict,
+                 orig_sizes: torch.Tensor | Sequence[Sequence[int]]) -> list[ImageTriplets]:
+        outputs = RelationPredictions.of(outputs)
         sizes = torch.as_tensor(orig_sizes, dtype=torch.float32)
-        obj_prob = outputs["pred_obj_logits"].float().softmax(-1)[..., :-1]
-        sub_prob = outputs["pred_sub_logits"].float().softmax(-1)[..., :-1]
-        rel_prob = outputs["pred_rel_logits"].float().sigmoid()
+        obj_prob = outputs.pred_obj_logits.float().softmax(-1)[..., :-1]
+        sub_prob = outputs.pred_sub_logits.float().softmax(-1)[..., :-1]
+        rel_prob = outputs.pred_rel_logits.float().sigmoid()
         obj_scores, obj_labels = obj_prob.max(-1)
         sub_scores, sub_labels = sub_prob.max(-1)
         if self.valid is not None and self.valid.shape != (rel_prob.shape[-1], obj_prob.shape[-1]):
@@ -117,8 +121,8 @@ class PostProcess:
         for b in range(rel_prob.shape[0]):
             h, w = sizes[b].tolist()
             scale = torch.tensor([w, h, w, h])
-            sub_boxes = box_cxcywh_to_xyxy(outputs["pred_sub_boxes"][b].float()).cpu() * scale
-            obj_boxes = box_cxcywh_to_xyxy(outputs["pred_obj_boxes"][b].float()).cpu() * scale
+            sub_boxes = box_cxcywh_to_xyxy(outputs.pred_sub_boxes[b].float()).cpu() * scale
+            obj_boxes = box_cxcywh_to_xyxy(outputs.pred_obj_boxes[b].float()).cpu() * scale
             scores = rel_prob[b] * obj_scores[b][:, None]
             b_sub_labels = sub_labels[b]
             if self.mode == "sgg":

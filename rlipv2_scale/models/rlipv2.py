@@ -1,11 +1,11 @@
 """RLIPv2 assembled: backbone -> 4-level input projections -> ALIF encoder (with the RoBERTa label
 encoder) -> ParSe entity / relation decoders -> box and text-similarity heads.
 
-`model(images, pixel_mask, obj_texts, rel_texts)` returns the last decoder layer's predictions
-(`pred_sub_boxes`, `pred_obj_boxes` [B,P,4] cxcywh in [0,1]; `pred_sub_logits`,
-`pred_obj_logits` [B,P,Lo]; `pred_rel_logits` [B,P,Lr]), the earlier layers in `aux_outputs`, and
-`rel_text_embeds` [Lr,dl] (pre-fusion pooled relation-text embeddings). Label embeddings can be
-passed precomputed (`label_embeds` [Lo+Lr, dl]), e.g. once per evaluation.
+`model(images, pixel_mask, obj_texts, rel_texts)` returns a `RelationOutput` (models/outputs.py):
+the last decoder layer's predictions (`pred_sub_boxes`, `pred_obj_boxes` [B,P,4] cxcywh in [0,1];
+`pred_sub_logits`, `pred_obj_logits` [B,P,Lo]; `pred_rel_logits` [B,P,Lr]), the earlier layers in
+`aux_outputs`, and `rel_text_embeds` [Lr,dl] (pre-fusion pooled relation-text embeddings). Label
+embeddings can be passed precomputed (`label_embeds` [Lo+Lr, dl]), e.g. once per evaluation.
 
 Variants: ParSeDA (DAB-Deformable-DETR queries: content `tgt_embed`, anchor boxes
 `refpoint_embed`) and ParSeD (Deformable-DETR queries: `query_embed` split into position, content
@@ -26,11 +26,10 @@ from rlipv2_scale.models.artifacts import PretrainedMixin, instantiate, read_mod
 from rlipv2_scale.models.backbone import Backbone
 from rlipv2_scale.models.config import ModelConfig
 from rlipv2_scale.models.heads import FeatureResizer, LabelSimilarity, box_mlp
+from rlipv2_scale.models.outputs import RelationOutput, RelationPredictions
 from rlipv2_scale.models.parse import EntityDecoder, MultiBranchFusion, RelationDecoder
 from rlipv2_scale.models.position import SinePositionEncoding
 from rlipv2_scale.models.text import LabelEncoder
-
-OUTPUT_KEYS = ("pred_sub_boxes", "pred_obj_boxes", "pred_sub_logits", "pred_obj_logits", "pred_rel_logits")
 
 
 @dataclass
@@ -201,7 +200,7 @@ class RLIPv2(PretrainedMixin, nn.Module):
         return content, h_sub + h_obj
 
     # ---------------------------------------------------------------- decoders + heads
-    def decode(self, enc: Encoded, queries: EntityQueries | None = None) -> dict:
+    def decode(self, enc: Encoded, queries: EntityQueries | None = None) -> RelationOutput:
         queries = queries or self.entity_queries(enc)
         n_dec = self.cfg.dec_layers
         pairs = queries.tgt.shape[1] // 2
@@ -221,20 +220,17 @@ class RLIPv2(PretrainedMixin, nn.Module):
         for i in range(n_dec):
             text = self.classifier.project(enc.text_states[i])
             text_obj, text_rel = text[:, :enc.num_obj], text[:, enc.num_obj:]
-            layers.append({
-                "pred_sub_boxes": sub_boxes[i],
-                "pred_obj_boxes": obj_boxes[i],
-                "pred_sub_logits": self.classifier.logits(hs[i][:, :pairs], self.classifier.bias_obj, text_obj),
-                "pred_obj_logits": self.classifier.logits(hs[i][:, pairs:], self.classifier.bias_obj, text_obj),
-                "pred_rel_logits": self.classifier.logits(hs_rel[i], self.classifier.bias_rel, text_rel),
-            })
-        out = dict(layers[-1])
-        out["aux_outputs"] = layers[:-1]
-        out["rel_text_embeds"] = enc.label_embeds[enc.num_obj:]
-        return out
+            layers.append(RelationPredictions(
+                pred_sub_boxes=sub_boxes[i],
+                pred_obj_boxes=obj_boxes[i],
+                pred_sub_logits=self.classifier.logits(hs[i][:, :pairs], self.classifier.bias_obj, text_obj),
+                pred_obj_logits=self.classifier.logits(hs[i][:, pairs:], self.classifier.bias_obj, text_obj),
+                pred_rel_logits=self.classifier.logits(hs_rel[i], self.classifier.bias_rel, text_rel),
+            ))
+        return RelationOutput(**layers[-1], aux_outputs=layers[:-1], rel_text_embeds=enc.label_embeds[enc.num_obj:])
 
     def forward(self, images: torch.Tensor, pixel_mask: torch.Tensor, obj_texts: list[str], rel_texts: list[str],
-                label_embeds: torch.Tensor | None = None) -> dict:
+                label_embeds: torch.Tensor | None = None) -> RelationOutput:
         return self.decode(self.encode(images, pixel_mask, obj_texts, rel_texts, label_embeds))
 
 

@@ -29,6 +29,7 @@ from rlipv2_scale.errors import ConfigError, UserError
 from rlipv2_scale.models.config import ModelConfig
 from rlipv2_scale.models.heads import inverse_sigmoid
 from rlipv2_scale.models.losses import LossConfig
+from rlipv2_scale.models.outputs import RelationOutput
 from rlipv2_scale.models.rlipv2 import RLIPv2, Encoded, EntityQueries
 
 
@@ -125,7 +126,7 @@ def _select_pairs(target: Target, keep: torch.Tensor) -> Target:
 class RelationTagger(RLIPv2):
     """RLIP-ParSeD with entity queries from given boxes and labels.
 
-    `forward(images, pixel_mask, obj_texts, rel_texts, pairs)` returns the RLIPv2 outputs dict, with
+    `forward(images, pixel_mask, obj_texts, rel_texts, pairs)` returns the RLIPv2 `RelationOutput`, with
     prediction k belonging to the k-th given pair of its image; `score_candidates` returns
     sigmoid confidences per (pair, relation text).
     """
@@ -216,7 +217,7 @@ class RelationTagger(RLIPv2):
 
     # ---------------------------------------------------------------- entry points
     def forward(self, images: torch.Tensor, pixel_mask: torch.Tensor, obj_texts: list[str], rel_texts: list[str],
-                pairs: Sequence[GivenPairs], label_embeds: torch.Tensor | None = None) -> dict:
+                pairs: Sequence[GivenPairs], label_embeds: torch.Tensor | None = None) -> RelationOutput:
         enc = self.encode(images, pixel_mask, obj_texts, rel_texts, label_embeds)
         return self.decode(enc, self.pair_queries(enc, pairs))
 
@@ -253,7 +254,7 @@ class RelationTagger(RLIPv2):
                 idx = torch.tensor([b for b, _ in part], device=enc.memory.device)
                 sub_enc = _select_images(enc, idx)
                 out = self.decode(sub_enc, self.pair_queries(sub_enc, [g for _, g in part]))
-                rel = out["pred_rel_logits"].float().sigmoid()
+                rel = out.pred_rel_logits.float().sigmoid()
                 scores += [rel[k, :g.sub_boxes.shape[0]] for k, (_, g) in enumerate(part)]
             if not scores:
                 return torch.zeros(0, len(rel_texts), device=enc.memory.device)

@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 
 from rlipv2_scale.data.batch import Target
+from rlipv2_scale.models.outputs import OUTPUT_KEYS
 
 
 def count_flops(step: Callable[[], torch.Tensor]) -> int:
@@ -101,8 +102,7 @@ def calibration_step(model: torch.nn.Module, criterion: torch.nn.Module | None, 
         out = model(images, mask, obj, rel, *given)
         if criterion is not None:
             return criterion(out, targets, num_pairs=sum(len(t.sub_index) for t in targets))["loss"]
-        return sum(out[k].float().sum() for k in ("pred_sub_boxes", "pred_obj_boxes", "pred_sub_logits",
-                                                  "pred_obj_logits", "pred_rel_logits"))
+        return sum(out[k].float().sum() for k in OUTPUT_KEYS)
 
     return step
 

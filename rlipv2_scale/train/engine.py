@@ -22,6 +22,7 @@ before anything can fail, so that the marker only ever means "checkpointed on a 
 """
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import json
 import os
@@ -64,6 +65,10 @@ class TrainingDiverged(UserError):
 def _to_fp32(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.float() if value.is_floating_point() else value
+    # Typed outputs (models/outputs.py) stay typed; they are dicts too, so this comes first.
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(value, **{f.name: _to_fp32(getattr(value, f.name))
+                                             for f in dataclasses.fields(value) if f.init})
     if isinstance(value, dict):
         return {k: _to_fp32(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
