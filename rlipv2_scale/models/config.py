@@ -12,7 +12,6 @@ from typing import Literal
 
 from rlipv2_scale.errors import ConfigError
 
-
 BackboneName = Literal["resnet50", "swin_tiny", "swin_large", "tiny_resnet"]
 
 
