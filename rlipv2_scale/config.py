@@ -12,13 +12,16 @@ import difflib
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import TYPE_CHECKING, Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
 from rlipv2_scale.errors import ConfigError
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")
 
 
 def _describe(tp: Any) -> str:
@@ -46,7 +49,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if value not in get_args(tp):
             raise ConfigError(f"config key '{key}': {value!r} is not one of {list(get_args(tp))}")
         return value
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):   # a dataclass type (annotations are never instances)
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):

@@ -49,8 +49,8 @@ def predict_images(model: torch.nn.Module, paths: Sequence[str | Path], objects:
     from rlipv2_scale.eval.triplet_nms import TripletNMS
     from rlipv2_scale.inference import RelationImages, predict
 
-    paths = [Path(p) for p in paths]
-    for p in paths:
+    files = [Path(p) for p in paths]
+    for p in files:
         if not p.is_file():
             raise UserError(f"image '{p}' does not exist")
         try:
@@ -60,17 +60,17 @@ def predict_images(model: torch.nn.Module, paths: Sequence[str | Path], objects:
             raise UserError(f"image '{p}' cannot be read ({exc}); give JPEG or PNG files") from None
     space = open_label_space(objects, relations)
     post = PostProcess(mode="sgg", valid=space.valid, top_k=100, nms=TripletNMS())
-    entries = [{"file_name": p.name} for p in paths]
+    entries = [{"file_name": p.name} for p in files]
     by_dir: dict[Path, list[int]] = {}
-    for i, p in enumerate(paths):
+    for i, p in enumerate(files):
         by_dir.setdefault(p.parent, []).append(i)
-    results: list[ImagePrediction | None] = [None] * len(paths)
+    results: list[ImagePrediction | None] = [None] * len(files)
     for folder, idx in by_dir.items():
         dataset = RelationImages([entries[i] for i in idx], folder, eval_size=eval_size, max_size=max_size)
         preds = predict(model, dataset, space, post, batch_size=batch_size, device=device, progress=False)
         assert preds is not None
         for i, pred in zip(idx, preds):
-            results[i] = ImagePrediction(paths[i], pred)
+            results[i] = ImagePrediction(files[i], pred)
     return [r for r in results if r is not None]
 
 

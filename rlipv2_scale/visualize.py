@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -60,7 +60,7 @@ def draw_relations(image: Image.Image, triplets: Iterable[DrawnTriplet], scale: 
     triplets = list(triplets)
     image = image.convert("RGB")
     w, h = image.size
-    big = image.resize((w * scale, h * scale), Image.NEAREST)
+    big = image.resize((w * scale, h * scale), Image.Resampling.NEAREST)
     font = ImageFont.load_default()
     line_h = 14
     canvas = Image.new("RGB", (big.width, big.height + line_h * max(1, len(triplets)) + 6), (255, 255, 255))
@@ -126,7 +126,7 @@ def plot_training(records: Sequence[dict], out: str | Path, title: str = "traini
     return out
 
 
-def plot_curves(curves: dict[str, Sequence[tuple[int, float]]], out: str | Path, *, ylabel: str = "validation mAP (%)",
+def plot_curves(curves: Mapping[str, Sequence[tuple[int, float]]], out: str | Path, *, ylabel: str = "validation mAP (%)",
                 title: str = "") -> Path:
     """One line per named (step, value) curve."""
     plt = _pyplot()

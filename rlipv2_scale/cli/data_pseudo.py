@@ -21,11 +21,12 @@ def _rank_world() -> tuple[int, int]:
 def _caption(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from rlipv2_scale.data.pseudo.caption import BlipCaptioner, SamplingConfig
+    from rlipv2_scale.data.pseudo.caption import BlipCaptioner, Captioner, SamplingConfig
     from rlipv2_scale.data.pseudo.pipeline import caption_shards
 
     sampling = SamplingConfig(num_captions=args.num_captions, top_p=args.top_p, min_length=args.min_length,
                               max_length=args.max_length, seed=args.seed)
+    captioner: Captioner
     if args.captioner == "blip":
         captioner = BlipCaptioner.from_pretrained(args.model, sampling)
     else:
@@ -89,13 +90,15 @@ def _tag(args: argparse.Namespace) -> int:
     from rlipv2_scale.data.pseudo.pipeline import tag_shards
     from rlipv2_scale.data.pseudo.tag import TagConfig
     from rlipv2_scale.data.pseudo.tagger_scorer import TaggerScorer
+    from rlipv2_scale.models.artifacts import config_of
     from rlipv2_scale.train.export import open_model
 
     rank, world = _rank_world()
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
     tagger = open_model(args.checkpoint, device)
-    if not tagger.cfg.tagger:
-        raise UserError(f"'{args.checkpoint}' holds a {tagger.cfg.name} detector, not a Relation Tagger: pass the "
+    tagger_cfg = config_of(tagger)
+    if not tagger_cfg.tagger:
+        raise UserError(f"'{args.checkpoint}' holds a {tagger_cfg.name} detector, not a Relation Tagger: pass the "
                         "exported Tagger (`rlipv2 export TAGGER_RUN --out DIR`)")
     scorer = TaggerScorer(tagger, _class_names(args.classes), eval_size=args.eval_size,
                           max_size=args.max_size, device=device)

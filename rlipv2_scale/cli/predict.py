@@ -30,6 +30,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from rlipv2_scale.errors import UserError
+    from rlipv2_scale.models.artifacts import card_of
     from rlipv2_scale.predict import draw_predictions, parse_labels, predict_images
     from rlipv2_scale.train.export import open_model
 
@@ -39,11 +40,11 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--top, --size and --batch-size must be positive")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = open_model(args.checkpoint, device, trust_pickle=args.trust_pickle)
-    card = model.card
+    card = card_of(model)
     if (args.objects is None) != (args.relations is None):
         raise UserError("give both --objects and --relations, or neither (then the model's own label lists)")
     if args.objects is None:
-        if card.objects is None:
+        if card.objects is None or card.relations is None:   # the card sets both or neither
             raise UserError(f"'{args.checkpoint}' is open-vocabulary (no label lists of its own): give --objects "
                             "and --relations")
         objects, relations = list(card.objects), list(card.relations)

@@ -9,6 +9,7 @@ images of the batch.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 
@@ -37,7 +38,7 @@ class Target:
     rel_labels: torch.Tensor                # [n, len(rel_texts)] float multi-hot (or confidences)
 
     def to(self, device: torch.device | str) -> "Target":
-        moved = {k: v.to(device) for k, v in self.__dict__.items() if isinstance(v, torch.Tensor)}
+        moved: dict[str, Any] = {k: v.to(device) for k, v in self.__dict__.items() if isinstance(v, torch.Tensor)}
         return replace(self, **moved)
 
 

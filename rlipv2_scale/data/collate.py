@@ -88,8 +88,7 @@ class PackedBatch:
             images[i, :, h:].zero_()
             images[i, :, :h, w:].zero_()
             mask[i, :h, :w] = False
-        targets = [Target(**{k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in t.items()})
-                   for t in self.targets]
+        targets = [Target(**_tensors_from_numpy(t)) for t in self.targets]
         return Batch(images=images, pixel_mask=mask, targets=targets, obj_texts=self.obj_texts,
                      rel_texts=self.rel_texts, num_obj_pos=self.num_obj_pos, num_rel_pos=self.num_rel_pos,
                      meta=self.meta)
@@ -130,6 +129,11 @@ def _empty_uint8(b: int, h: int, w: int) -> torch.Tensor:
     return torch.empty(0, dtype=torch.uint8).new(storage).view(b, 3, h, w)
 
 
+def _tensors_from_numpy(fields: dict[str, Any]) -> dict[str, Any]:
+    """A packed target's fields with numpy arrays back as tensors (the other fields as they are)."""
+    return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in fields.items()}
+
+
 def batch_generator(seed: int, examples: Sequence[Example]) -> torch.Generator:
     """Seeded by the batch's own sample ids and epoch: the same batch draws the same negatives,
     whichever worker builds it and whether or not the run was resumed."""
@@ -146,8 +150,9 @@ class Collator:
             raise ValueError("negative sampling needs a LabelVocabulary")
         self.cfg = cfg
         self.vocab = vocab if cfg.negative_sampling else None
-        self.fixed = (fixed_label_sequence(cfg.fixed_obj_labels, cfg.fixed_rel_labels)
-                      if cfg.fixed_labels else None)
+        # cfg.fixed_labels: both lists set (DataConfig checks that they go together)
+        obj, rel = cfg.fixed_obj_labels, cfg.fixed_rel_labels
+        self.fixed = fixed_label_sequence(obj, rel) if obj is not None and rel is not None else None
 
     def labels_for(self, examples: Sequence[Example]) -> LabelSequence:
         if self.fixed is not None:

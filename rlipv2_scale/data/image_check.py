@@ -5,6 +5,7 @@ Kept free of heavy imports (no mosaicml-streaming, no torch) so worker processes
 from __future__ import annotations
 
 import io
+from typing import cast
 
 from PIL import Image
 
@@ -36,5 +37,6 @@ def check_chunk(items: list[Item]) -> list[Skip | None]:
     out: list[Skip | None] = []
     for it in items:
         res = check_image(it)
-        out.append(res if res is not it else None)
+        # check_image hands back its own item unchanged, or a new Skip
+        out.append(cast(Skip, res) if res is not it else None)
     return out

@@ -112,10 +112,10 @@ class LabelVocabulary:
                             reason="malformed_json") from exc
 
     # -- sampling ---------------------------------------------------------------------------------
-    def sample_objects(self, exclude: set[str], k: int, g: torch.Generator) -> list[str]:
+    def sample_objects(self, exclude: set[str], k: int, g: torch.Generator | None) -> list[str]:
         return self._objs.sample(exclude, k, g)
 
-    def sample_relations(self, exclude: set[str], k: int, g: torch.Generator) -> list[str]:
+    def sample_relations(self, exclude: set[str], k: int, g: torch.Generator | None) -> list[str]:
         return self._rels.sample(exclude, k, g)
 
 

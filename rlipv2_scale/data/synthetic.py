@@ -320,7 +320,16 @@ def _triplets_by_predicate(exclude: frozenset) -> dict[str, list[tuple[str, str,
 # Rendering.
 
 def _jitter(rng: np.random.Generator, c: RGB, amount: int = 12) -> RGB:
-    return tuple(int(np.clip(v + rng.integers(-amount, amount + 1), 0, 255)) for v in c)  # type: ignore[return-value]
+    def one(v: int) -> int:
+        return int(np.clip(v + rng.integers(-amount, amount + 1), 0, 255))
+
+    r, g, b = c
+    return one(r), one(g), one(b)   # drawn in this order
+
+
+def _float_box(box: Box) -> tuple[float, float, float, float]:
+    x1, y1, x2, y2 = box
+    return float(x1), float(y1), float(x2), float(y2)
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -337,7 +346,7 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
         contrast = rng.uniform(12, 28)
         img = base + contrast * np.sign(np.sin(phase))[..., None]
         noise_sd = 5.0
-    img += rng.normal(0, noise_sd, size=img.shape).astype(np.float32)
+    img += rng.normal(0, noise_sd, size=(size, size, 3)).astype(np.float32)   # img's shape, either branch
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
@@ -536,7 +545,7 @@ class SyntheticWorld:
     def scene_with_masks(self, i: int) -> tuple[Scene, np.ndarray]:
         items, rels, rng = self.layout(i)
         image, masks = render(rng, items, self.size)
-        objects = [Object(box=tuple(float(v) for v in it.box), name=it.cls, category_id=CLASS_INDEX[it.cls] + 1)
+        objects = [Object(box=_float_box(it.box), name=it.cls, category_id=CLASS_INDEX[it.cls] + 1)
                    for it in items]
         relations = [Relation(subject=a, object=b, predicate=p) for a, b, p in rels]
         return Scene(image, objects, relations), masks

@@ -174,7 +174,10 @@ class TrainTransform:
         if not any(amounts):
             return None
         order = torch.randperm(3, generator=g).tolist()
-        factors = tuple(_uniform(g, max(0.0, 1 - a), 1 + a) if a else 1.0 for a in amounts)
+        def factor(a: float) -> float:
+            return _uniform(g, max(0.0, 1 - a), 1 + a) if a else 1.0
+
+        factors = (factor(amounts[0]), factor(amounts[1]), factor(amounts[2]))   # drawn in this order
         channel_mean = image.reshape(3, -1).to(torch.float32).mean(1).tolist()
         return color_affine(order, factors, sum(w * m for w, m in zip(GREY_WEIGHTS, channel_mean)))
 

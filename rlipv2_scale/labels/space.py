@@ -94,8 +94,9 @@ def hico_label_space() -> LabelSpace:
     from rlipv2_scale.labels import metadata as md
 
     objects, verbs = md.hico_objects(), md.hico_verbs()
-    splits = {name: tuple(tuple(int(x) for x in t) for t in split["unseen_triplets"])
-              for name, split in md.hico_zero_shot_splits()["splits"].items()}
+    splits: dict[str, tuple[Triplet, ...]] = {
+        name: tuple((int(s), int(o), int(v)) for s, o, v in split["unseen_triplets"])
+        for name, split in md.hico_zero_shot_splits()["splits"].items()}
     return LabelSpace(
         objects=tuple(o["name"] for o in objects), verbs=tuple(v["text"] for v in verbs),
         valid=md.hico_valid_verb_object(), object_ids=tuple(o["coco_id"] for o in objects),

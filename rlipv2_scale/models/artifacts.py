@@ -23,7 +23,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Protocol, Sequence, cast
 
 import torch
 from torch import nn
@@ -220,8 +220,17 @@ def resolve_pretrained(name_or_path: str | os.PathLike) -> Path:
                         f"(`huggingface-cli download {name_or_path} --local-dir DIR`) and pass DIR") from None
 
 
+class _SavableModel(Protocol):
+    """What `PretrainedMixin.save_pretrained` needs of the model it is mixed into."""
+
+    cfg: ModelConfig
+
+    def state_dict(self) -> Mapping[str, Any]: ...
+
+
 class PretrainedMixin:
-    """`from_pretrained(dir or hub id)` / `save_pretrained(dir)` for the model classes."""
+    """`from_pretrained(dir or hub id)` / `save_pretrained(dir)` for the model classes (mixed into
+    `nn.Module` subclasses whose constructor takes `(cfg, pretrained=..., **kwargs)`)."""
 
     cfg: ModelConfig
 
@@ -233,9 +242,10 @@ class PretrainedMixin:
             raise UserError(f"'{name_or_path}' holds {kind}; load it with "
                             f"{'RelationTagger' if md.config.tagger else 'RLIPv2'}.from_pretrained or "
                             "rlipv2_scale.models.load_pretrained")
-        return instantiate(cls(md.config, pretrained=False, **kwargs), md, device)
+        model_class = cast("type[nn.Module]", cls)   # the mixin is only mixed into nn.Module subclasses
+        return instantiate(model_class(md.config, pretrained=False, **kwargs), md, device)
 
-    def save_pretrained(self, out: str | os.PathLike, card: ModelCard | None = None) -> Path:
+    def save_pretrained(self: _SavableModel, out: str | os.PathLike, card: ModelCard | None = None) -> Path:
         card = card or getattr(self, "card", None) or ModelCard(task="tagger" if self.cfg.tagger else "rlipv2")
         return save_model_dir(out, self.cfg, self.state_dict(), card, tokenizer=tokenizer_of(self.cfg))
 
@@ -243,8 +253,24 @@ class PretrainedMixin:
 def instantiate(model: nn.Module, md: ModelDir, device: str | torch.device = "cpu") -> nn.Module:
     """`model` (built from `md.config`, random weights) with the directory's weights and card, in eval mode."""
     load_state(model, md.state, str(md.path))
-    model.card = md.card
+    setattr(model, "card", md.card)   # read back with `card_of`
     return model.to(device).eval()
+
+
+def card_of(model: nn.Module) -> ModelCard:
+    """The card `instantiate` attached to a model read from a model directory."""
+    card = getattr(model, "card")
+    if not isinstance(card, ModelCard):
+        raise TypeError(f"{type(model).__name__}.card is a {type(card).__name__}, not a ModelCard")
+    return card
+
+
+def config_of(model: nn.Module) -> ModelConfig:
+    """The `ModelConfig` a model of this project (RLIPv2, Relation Tagger) was built from."""
+    cfg = getattr(model, "cfg")
+    if not isinstance(cfg, ModelConfig):
+        raise TypeError(f"{type(model).__name__}.cfg is a {type(cfg).__name__}, not a ModelConfig")
+    return cfg
 
 
 def tokenizer_of(cfg: ModelConfig) -> Any:

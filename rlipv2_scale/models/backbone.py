@@ -12,6 +12,8 @@ The timm model is held as `body`, so checkpoint keys read `backbone.body.<timm n
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import timm
 import torch
 import torch.nn.functional as F
@@ -28,7 +30,7 @@ _SWIN_ARCH = {"swin_tiny": "swin_tiny_patch4_window7_224", "swin_large": "swin_l
 _SWIN_FROZEN = ("norm", "relative_position_bias_table", "absolute_pos_embed")
 
 
-def _downsample_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def _downsample_mask(mask: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return F.interpolate(mask[None].float(), size=size).to(torch.bool)[0]
 
 
@@ -71,7 +73,9 @@ def _group_norm(num_channels: int, **kwargs) -> nn.GroupNorm:
 
 def _stage_width(stage: nn.Sequential) -> int:
     block = stage[-1]
-    return (block.conv2 if isinstance(block, BasicBlock) else block.conv3).out_channels
+    conv = block.conv2 if isinstance(block, BasicBlock) else block.conv3   # timm: BasicBlock or Bottleneck
+    assert isinstance(conv, nn.Conv2d)
+    return conv.out_channels
 
 
 class Backbone(nn.Module):
@@ -109,7 +113,8 @@ class Backbone(nn.Module):
                         p.requires_grad_(False)
         elif cfg.name == "tiny_resnet":
             c = cfg.channels
-            self.body = ResNet(BasicBlock, (1, 1, 1, 1), channels=c, stem_width=c[0], num_classes=0,
+            # timm annotates `block` as an instance (Union[BasicBlock, Bottleneck]); it takes the class
+            self.body = ResNet(BasicBlock, (1, 1, 1, 1), channels=c, stem_width=c[0], num_classes=0,  # type: ignore[arg-type]
                                norm_layer=_group_norm)
         else:  # pragma: no cover - Literal-checked by the config loader
             raise ConfigError(f"unknown backbone.name '{cfg.name}'")

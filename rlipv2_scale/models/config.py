@@ -12,12 +12,14 @@ from typing import Literal
 
 from rlipv2_scale.errors import ConfigError
 
+BackboneName = Literal["resnet50", "swin_tiny", "swin_large", "tiny_resnet"]
+
 
 @dataclass
 class BackboneConfig:
     """Image backbone returning three levels (strides 8/16/32)."""
 
-    name: Literal["resnet50", "swin_tiny", "swin_large", "tiny_resnet"] = "resnet50"
+    name: BackboneName = "resnet50"
     # A timm model id with pretrained weights; loaded only when set (and the model is built with
     # pretrained=True).
     pretrained_weights: str | None = "resnet50.tv_in1k"
@@ -118,7 +120,7 @@ def _r50() -> ModelConfig:
     return ModelConfig(name="r50")
 
 
-def _swin(name: str, backbone: str, weights: str, drop_path: float, queries: int = 200) -> ModelConfig:
+def _swin(name: str, backbone: BackboneName, weights: str, drop_path: float, queries: int = 200) -> ModelConfig:
     return ModelConfig(
         name=name,
         backbone=BackboneConfig(name=backbone, pretrained_weights=weights, drop_path=drop_path),

@@ -30,8 +30,10 @@ class MLP(nn.Module):
 def box_mlp(d_model: int) -> MLP:
     """256 -> 256 -> 256 -> 4 box delta in logit space, last layer zero-initialised (boxes start at the reference)."""
     mlp = MLP(d_model, d_model, 4, 3)
-    nn.init.zeros_(mlp.layers[-1].weight)
-    nn.init.zeros_(mlp.layers[-1].bias)
+    last = mlp.layers[-1]
+    assert isinstance(last, nn.Linear)
+    nn.init.zeros_(last.weight)
+    nn.init.zeros_(last.bias)
     return mlp
 
 

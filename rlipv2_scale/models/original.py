@@ -85,17 +85,18 @@ def _cfg_key(cfg: ModelConfig) -> str:
 
 
 @functools.lru_cache(maxsize=8)
-def _our_layout(cfg_json: str) -> tuple[Layout, dict[str, int]]:
+def _our_layout(cfg_json: str) -> tuple[Layout, dict[str, tuple[int, int]]]:
     from rlipv2_scale.models.rlipv2 import build_model
 
     cfg = from_dict(ModelConfig, json.loads(cfg_json))
     with torch.device("meta"):   # shapes only: no memory, no init cost, no download
         model = build_model(cfg, pretrained=False)
-    layout = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
-    windows = {}
+    layout: Layout = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+    windows: dict[str, tuple[int, int]] = {}
     for name, module in model.named_modules():
         if hasattr(module, "relative_position_bias_table") and hasattr(module, "window_size"):
-            windows[name] = tuple(module.window_size)
+            wh, ww = module.window_size   # timm's window attention: (height, width)
+            windows[name] = (wh, ww)
     return layout, windows
 
 

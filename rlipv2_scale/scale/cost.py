@@ -271,6 +271,8 @@ def rank_memory(cost: ModelCost, stage: int | None, world: int, micro_batch: int
     w = 2 if cost.precision == "bf16" else 4                 # bytes of a weight / gradient in the model's dtype
     bucket = w * min(tr, b.reduce_bucket)
     act = cost.activation_bytes(micro_batch)
+    persistent: dict[str, float]
+    step: dict[str, float]
     if stage is None:
         persistent = {"weights": w * psi, "optimizer": 8 * tr, "master": 4 * tr if w == 2 else 0.0}
         step = {"gradients": w * tr}

@@ -124,8 +124,9 @@ def build_plan(cfg, recipe_name: str, gpus: list[int], gpu: str = "h100", inter_
         m = measure_once(model, h, w, n_obj, n_rel)
         measurements = [m]
     else:
-        measurements = [measure_once(model, s, s, n_obj, n_rel) for s in probe_sizes]
-        m = extrapolate(*measurements, h, w)
+        small, large = probe_sizes
+        measurements = [measure_once(model, small, small, n_obj, n_rel), measure_once(model, large, large, n_obj, n_rel)]
+        m = extrapolate(measurements[0], measurements[1], h, w)
     precision = "bf16" if cfg.train.precision in ("bf16", "fp16", "auto") else "fp32"   # fp16: bf16's bytes
     cost = model_cost(model, m, precision)
     a = PlanAssumptions(gpu=GPUS[gpu], inter_node_gbps=inter_node_gbps, mfu=mfu, micro_batch=cfg.data.batch_size,

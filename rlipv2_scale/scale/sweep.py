@@ -38,7 +38,7 @@ class Axis:
 
 
 def parse_axes(items: list[str]) -> list[Axis]:
-    axes = []
+    axes: list[Axis] = []
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key or not raw:
@@ -138,7 +138,7 @@ def plan_sweep(recipe: str | os.PathLike, axes_items: list[str], out: str | os.P
     for i, combo in enumerate(combinations(axes)):
         overrides = [f"{k}={v}" for k, v in combo.items() if k not in PSEUDO_KEYS]
         try:
-            load_run_config(recipe, base + overrides)
+            load_run_config(Path(recipe), base + overrides)
         except (UserError, ValueError, TypeError) as exc:
             raise UserError(f"sweep combination {combo} is not a valid run of '{recipe}': {exc}") from exc
         name = run_name(i, combo)

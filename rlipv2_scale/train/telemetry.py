@@ -12,11 +12,14 @@ import secrets
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
 from rlipv2_scale.errors import UserError
+
+if TYPE_CHECKING:
+    import wandb
 
 # Dense bf16 tensor-core peaks (TFLOP/s) for MFU, matched against the device name.
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "V100": 125.0}
@@ -114,7 +117,7 @@ class Telemetry:
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
         self.bar = None
-        self.wandb = None
+        self.wandb: wandb.Run | None = None
         self.wandb_id = wandb_id
         if not enabled:
             return

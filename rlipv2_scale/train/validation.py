@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from rlipv2_scale.errors import ConfigError
 from rlipv2_scale.inference import ShardImages, evaluate_relations, label_space_for
 from rlipv2_scale.train.config import RunConfig
 from rlipv2_scale.train.launch import DistInfo
@@ -39,7 +40,13 @@ class RelationValidation:
             assert data is not None
             limit = None if self.cfg.max_batches is None else \
                 self.cfg.max_batches * data.batch_size * self.info.world_size
-            self.dataset = ShardImages([s.local for s in data.sources], self.space, data.transforms.eval_size,
+            shard_dirs = []
+            for s in data.sources:
+                if s.local is None:
+                    raise ConfigError(f"eval.data source '{s.name}': validation reads local shard directories; "
+                                      "set its 'local'")
+                shard_dirs.append(s.local)
+            self.dataset = ShardImages(shard_dirs, self.space, data.transforms.eval_size,
                                        data.transforms.max_size, limit=limit)
         return self.dataset
 
