@@ -51,11 +51,12 @@ from rlipv2_scale.models.artifacts import load_state
 from rlipv2_scale.models.losses import SetCriterion
 from rlipv2_scale.models.rlipv2 import build_model, resize_query_rows
 from rlipv2_scale.train.export import init_weights
-from rlipv2_scale.train.optim import build_optimizer, build_scheduler, group_lrs
+from rlipv2_scale.train.optim import build_optimizer, build_scheduler
 from rlipv2_scale.train.parts import Builder, Evaluator, Parts, ResumableLoader, rlipv2_forward
 from rlipv2_scale.train.tagger import build_tagger_parts
 from rlipv2_scale.train.validation import RelationValidation
-from rlipv2_scale.train.telemetry import Telemetry, Window, count_flops, peak_memory_bytes, peak_tflops
+from rlipv2_scale.train.hooks import EvalHook, default_hooks
+from rlipv2_scale.train.telemetry import FlopMeter, Telemetry, peak_tflops
 
 
 class TrainingDiverged(UserError):
@@ -149,7 +150,10 @@ class Trainer:
         self.samples = 0
         self.skipped = 0
         self.overflows = 0
+        self.stopping = False            # a stop signal, agreed on by every rank
+        self.nonfinite_in_row = 0
         self.wandb_id: str | None = None
+        self.hooks = default_hooks(evaluator)
         resumed = ckpt_io.read_trainer_state(self.resumed_from) if self.resumed_from is not None else {}
         log = cfg.logging
         wandb_cfg = ({"project": log.wandb_project, "entity": log.wandb_entity, "mode": log.wandb_mode}
@@ -345,77 +349,65 @@ class Trainer:
             self.telemetry.close()
 
     def _fit(self) -> int:
-        cfg = self.cfg
-        gas = cfg.train.grad_accum
-        global_batch = cfg.data.batch_size * self.info.world_size
-        window = Window()
-        in_row = 0
-        micro = 0
-        stop = False
-        # The last step whose weights gave a finite loss (those of a resumed step have not, yet).
-        self.good_step = self.step - 1
+        """The loop: micro-steps until the last optimizer step or a stop; the hooks do the rest."""
+        self.good_step = self.step - 1   # the last step whose weights gave a finite loss
         self.engine.train()
-        if cfg.eval.only:
-            self._evaluate()
-            if self.is_main:
-                (self.run_dir / COMPLETED_MARKER).write_text(json.dumps({"step": self.step}))
-            return 0
-        if self.step >= self.total_steps:
-            return self._finish()
-        for batch, waited in self._batches():
-            window.data_time += waited
-            measure = self.flops_per_image is None and self.info.device.type == "cuda" and micro == 0
-            losses: dict[str, torch.Tensor] = {}
-
-            def forward_backward(skip_check: list[bool]) -> None:
-                nonlocal losses
-                losses = self._forward(batch)
-                nonfinite, stop_now = self._agree(not bool(torch.isfinite(losses["loss"]).item()))
-                skip_check[:] = [nonfinite, stop_now]
-                if not nonfinite:
-                    self.engine.backward(losses["loss"])
-
-            decision: list[bool] = []
-            if measure:
-                flops = count_flops(lambda: forward_backward(decision))
-                self.flops_per_image = flops / batch.batch_size
-            else:
-                forward_backward(decision)
-            nonfinite, stop = decision
-            if nonfinite:
-                self.skipped += 1
-                in_row += 1
-                if in_row >= cfg.train.max_nonfinite_in_row:
-                    raise self._diverged(in_row)
+        if self.cfg.eval.only:           # evaluate the initial weights and stop (zero-shot NF)
+            EvalHook(self.evaluator).evaluate(self)
+            return self._completed()
+        micro = 0
+        for batch, waited in (self._batches() if self.step < self.total_steps else ()):
+            losses = self._micro_step(batch, first=micro == 0)
+            for hook in self.hooks:
+                hook.after_batch(self, waited, losses)
+            if losses is None:           # a non-finite loss, skipped on every rank
                 continue
-            in_row = 0
-            self.good_step = self.step
-            self.engine.step()
             micro += 1
-            window.add({k: float(v.detach()) for k, v in losses.items() if v.numel() == 1}, global_batch)
-            if micro % gas:
+            if micro % self.cfg.train.grad_accum:
                 continue
             self.step += 1
-            self.samples += global_batch * gas
+            self.samples += self.cfg.data.batch_size * self.info.world_size * self.cfg.train.grad_accum
             self._step_schedule()
-            self.telemetry.advance()
-            if self.step % cfg.logging.every_steps == 0 or self.step == self.total_steps or stop:
-                self._log(window)
-                window.reset()
-            if self.evaluator is not None and cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0:
-                self._evaluate()
-            if stop or self.step >= self.total_steps:
+            for hook in self.hooks:
+                hook.after_step(self)
+            if self.stopping or self.step >= self.total_steps:
                 break
-            if self.step % cfg.checkpoint.every_steps == 0:
-                self.save()
-        if stop and self.step < self.total_steps:
-            path = self.save()
-            if self.is_main:
-                (self.run_dir / PREEMPTED_MARKER).write_text(json.dumps({"step": self.step, "checkpoint": str(path)}))
-                print(f"rlipv2: stop signal received: checkpointed step {self.step} to {path}; "
-                      f"resume with --resume auto", flush=True)
-            return EXIT_PREEMPTED
-        return self._finish()
+        for hook in self.hooks:
+            hook.after_train(self)
+        return EXIT_PREEMPTED if self.preempted else self._completed()
+
+    @property
+    def preempted(self) -> bool:
+        """Stopped by a signal before the last step (the run continues after a requeue)."""
+        return self.stopping and self.step < self.total_steps
+
+    def _micro_step(self, batch: Batch, first: bool) -> dict[str, float] | None:
+        """Forward, every rank's agreement on [non-finite loss, stop requested], backward and
+        DeepSpeed's step: the micro-batch's scalar losses, or None when it was skipped (`max_nonfinite_in_row`
+        skipped in a row end the run). The first micro-step on a GPU also measures the FLOPs per image."""
+        meter = FlopMeter(self.flops_per_image is None and self.info.device.type == "cuda" and first)
+        with meter:
+            losses = self._forward(batch)
+            nonfinite, self.stopping = self._agree(not bool(torch.isfinite(losses["loss"]).item()))
+            if not nonfinite:
+                self.engine.backward(losses["loss"])
+        if meter.flops is not None:
+            self.flops_per_image = meter.flops / batch.batch_size
+        if nonfinite:
+            self.skipped += 1
+            self.nonfinite_in_row += 1
+            if self.nonfinite_in_row >= self.cfg.train.max_nonfinite_in_row:
+                raise self._diverged(self.nonfinite_in_row)
+            return None
+        self.nonfinite_in_row = 0
+        self.good_step = self.step
+        self.engine.step()
+        return {k: float(v.detach()) for k, v in losses.items() if v.numel() == 1}
+
+    def _completed(self) -> int:
+        if self.is_main:
+            (self.run_dir / COMPLETED_MARKER).write_text(json.dumps({"step": self.step}))
+        return 0
 
     def _diverged(self, in_row: int) -> TrainingDiverged:
         """Save the diverging state aside; `latest` becomes the newest checkpoint whose weights gave a
@@ -432,15 +424,6 @@ class Trainer:
         dist.broadcast_object_list(message, src=0)   # every rank says the same
         return TrainingDiverged(message[0])
 
-    def _finish(self) -> int:
-        if self.evaluator is not None and (not self.cfg.eval.every_steps or self.step % self.cfg.eval.every_steps):
-            self._evaluate()
-        if self.cfg.checkpoint.at_end:
-            self.save()
-        if self.is_main:
-            (self.run_dir / COMPLETED_MARKER).write_text(json.dumps({"step": self.step}))
-        return 0
-
     def _step_schedule(self) -> None:
         """Advance the lr schedule after an optimizer step DeepSpeed applied. DeepSpeed skips a step
         whose gradients overflowed (non-finite gradient norm; under fp16 it also lowers the loss
@@ -452,44 +435,6 @@ class Trainer:
         if self.is_main:
             scale = f"; loss scale now {self.engine.optimizer.loss_scale:g}" if self.fp16 else ""
             print(f"rlipv2: gradient overflow at step {self.step}: DeepSpeed skipped the update{scale}", flush=True)
-
-    def _log(self, window: Window) -> None:
-        names = sorted(window.sums)
-        values = torch.tensor([window.means()[k] for k in names] + [window.data_time], dtype=torch.float64,
-                              device=self.info.device)
-        dist.all_reduce(values)
-        values /= self.info.world_size
-        elapsed = max(time.perf_counter() - window.start, 1e-9)
-        grad_norm = self.engine.get_global_grad_norm()
-        record: dict[str, Any] = {"step": self.step, "epoch": self.epoch, "samples": self.samples}
-        record.update({k: float(v) for k, v in zip(names, values[:-1].tolist())})
-        record.update({f"lr/{k}": v for k, v in group_lrs(self.optimizer).items()})
-        record["grad_norm"] = None if grad_norm is None else float(grad_norm)
-        record["images_per_s"] = window.images / elapsed
-        record["data_time_share"] = float(values[-1]) / elapsed
-        record["peak_memory_bytes"] = peak_memory_bytes(self.info.device)
-        record["skipped_steps"] = self.skipped
-        record["overflow_steps"] = self.overflows
-        if self.fp16:
-            record["loss_scale"] = float(self.engine.optimizer.loss_scale)
-        if self.flops_per_image is not None:
-            tflops = self.flops_per_image * record["images_per_s"] / self.info.world_size / 1e12
-            record["tflops_per_device"] = tflops
-            if self.peak_tflops:
-                record["mfu"] = tflops / self.peak_tflops
-        self.telemetry.log(record)
-
-    def _evaluate(self) -> None:
-        self.engine.eval()
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            result = self.evaluator(self.engine, self.step)
-        self.engine.train()
-        if self.is_main and result:
-            record = {"step": self.step, **{f"val/{k}": v for k, v in result.items()}}
-            self.telemetry.log(record)
-            print("rlipv2: validation " + ", ".join(f"{k} {v:.2f}" for k, v in record.items() if k != "step")
-                  + f" at step {self.step}", flush=True)
-
 
 def build_rlipv2(cfg: RunConfig, info: DistInfo) -> Parts:
     """The RLIPv2 model, its set criterion, the streaming loader of this rank and the validation hook."""

@@ -345,8 +345,10 @@ def _validate_deepspeed(merged: dict, extra: dict) -> None:
     try:
         DeepSpeedConfig(probe)
     except Exception as exc:   # pydantic ValidationError, DeepSpeed's asserts and ValueErrors
-        if callable(getattr(exc, "errors", None)):   # pydantic: which field of which section, and why
-            detail = f"{exc.title}: " + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        errors = getattr(exc, "errors", None)
+        if callable(errors):   # pydantic: which field of which section, and why
+            detail = f"{getattr(exc, 'title', '')}: " + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                                                               for e in errors())
         else:
             detail = " ".join(str(exc).split())
         raise ConfigError(f"train.deepspeed is not a valid DeepSpeed config: {detail[:400]}; see "
