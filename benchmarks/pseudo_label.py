@@ -150,7 +150,7 @@ def measure_tagging(records, repeats: int) -> dict[str, Any]:
     from rlipv2_scale.data.pseudo.tagger_scorer import TaggerScorer
     from rlipv2_scale.data.synthetic import CLASS_NAMES, PREDICATE_NAMES
     from rlipv2_scale.models.config import named_config
-    from rlipv2_scale.models.rlipv2 import build_model
+    from rlipv2_scale.models.build import build_model
 
     torch.manual_seed(0)
     cfg = named_config("tiny_tagger")
@@ -179,7 +179,7 @@ def tagger_r50_flops(sizes: list[tuple[int, int]], target: tuple[int, int], num_
     """Forward FLOPs of `tagger_r50` (random init, local tokenizer) for one 100-pair group at
     reduced sizes, extrapolated linearly in pixels to `target`."""
     from rlipv2_scale.models.config import named_config
-    from rlipv2_scale.models.rlipv2 import build_model
+    from rlipv2_scale.models.build import build_model
     from rlipv2_scale.models.text import default_label_corpus
 
     cfg = named_config("tagger_r50")

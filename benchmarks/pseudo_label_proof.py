@@ -310,7 +310,7 @@ def main() -> None:
     del scorer
     untrained_quality = None
     if not args.skip_untrained:
-        from rlipv2_scale.models.rlipv2 import build_model
+        from rlipv2_scale.models.build import build_model
 
         torch.manual_seed(args.seed)
         untrained = build_model(load_tagger(tagger_dir).cfg, pretrained=False).eval()

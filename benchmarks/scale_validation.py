@@ -86,7 +86,7 @@ def world_texts() -> tuple[list[str], list[str]]:
 
 def measure_cost(config: str, over: list[str], resolution: int, device: str = "cpu"):
     """The model's ModelCost (FLOPs and activations per image and per step, counts)."""
-    from rlipv2_scale.models.rlipv2 import build_model
+    from rlipv2_scale.models.build import build_model
     from rlipv2_scale.scale.plan import measure_once, model_cost
     from rlipv2_scale.train.config import load_run_config
 
@@ -228,7 +228,7 @@ def run_config(config: str, data: Path, work: Path, args: argparse.Namespace, ma
 def run_config_gpu(config: str, args: argparse.Namespace, machine, log) -> dict:
     """Single GPU, plain PyTorch: forward, set criterion, backward, clipping, AdamW."""
     from rlipv2_scale.models.losses import SetCriterion
-    from rlipv2_scale.models.rlipv2 import build_model
+    from rlipv2_scale.models.build import build_model
     from rlipv2_scale.scale.calibrate import model_optimizer_seconds
     from rlipv2_scale.scale.cost import machine_rank_memory, step_time
     from rlipv2_scale.scale.measure import calibration_step, device_sync, time_forward_backward

@@ -41,7 +41,7 @@ from rlipv2_scale.data.synthetic import (BASE_SIZE, CLASS_NAMES, HELD_OUT, HICO_
                                          SplitSummary, eval_label_space, write_split)
 from rlipv2_scale.errors import UserError
 from rlipv2_scale.labels.space import LabelSpace
-from rlipv2_scale.models.rlipv2 import load_pretrained
+from rlipv2_scale.models.build import load_pretrained
 from rlipv2_scale.train.export import export_run, open_model
 
 Log = Callable[[str], None]
@@ -189,7 +189,7 @@ def score(preds: list[dict], split_dir: Path, split: str) -> dict[str, Any]:
 
 def random_init_model(run_dir: Path, seed: int) -> torch.nn.Module:
     """The demo's model with fresh random weights (the floor the trained model is compared with)."""
-    from rlipv2_scale.models.rlipv2 import build_model
+    from rlipv2_scale.models.build import build_model
     from rlipv2_scale.train.config import load_run_config
 
     cfg = load_run_config(run_dir / "config.yaml")

@@ -299,7 +299,7 @@ def _zero_shot(setting: str | None, space: LabelSpace) -> tuple[bool, str | list
 def _load_model(checkpoint_dir: str | Path, device: str | None, space: LabelSpace) -> tuple[torch.nn.Module, str]:
     """The model of a model directory on `device` (default: this rank's GPU when there is one), checked
     against the label space it is about to be scored in."""
-    from rlipv2_scale.models.rlipv2 import load_pretrained
+    from rlipv2_scale.models.build import load_pretrained
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and dist.is_available() and dist.is_initialized() and ":" not in device:

@@ -19,7 +19,7 @@ from rlipv2_scale.inference import (
 from rlipv2_scale.models import original as O
 from rlipv2_scale.models.config import named_config
 from rlipv2_scale.models.postprocess import ImageTriplets, PostProcess
-from rlipv2_scale.models.rlipv2 import build_model
+from rlipv2_scale.models.build import build_model
 
 FAST = ["--eval-size", "64", "--max-size", "128", "--num-workers", "0", "--device", "cpu"]
 VERB = {v["name"]: v["index"] for v in vcoco_verbs()}

@@ -10,7 +10,7 @@ import torch
 import torch.multiprocessing as mp
 from PIL import Image
 
-from rlipv2_scale.models.rlipv2 import load_pretrained
+from rlipv2_scale.models.build import load_pretrained
 from rlipv2_scale.errors import UserError
 from rlipv2_scale.labels.space import hico_label_space
 from relation_data import toy_label_space
@@ -20,7 +20,7 @@ from rlipv2_scale.inference import (
 from rlipv2_scale.models import original as O
 from rlipv2_scale.models.config import named_config
 from rlipv2_scale.models.postprocess import PostProcess
-from rlipv2_scale.models.rlipv2 import build_model
+from rlipv2_scale.models.build import build_model
 
 SIZES = {"HICO_test2015_00000001.jpg": (96, 128), "HICO_test2015_00000002.jpg": (128, 80),
          "HICO_test2015_00000003.jpg": (64, 64)}

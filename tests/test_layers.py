@@ -1,5 +1,5 @@
-"""The package's layers, checked on its source: every import (module-level or inside a function)
-goes to the importer's own layer or a lower one, siblings marked independent never import each
+"""The package's layers, checked on its source: every import (module-level or inside a function;
+not those only for type annotations) goes to the importer's own layer or a lower one, siblings marked independent never import each
 other, and no two modules import each other, directly or around a loop.
 
     cli > pipelines (demo, predict, visualize, scale, cluster) > train > inference > models
@@ -40,11 +40,24 @@ def modules() -> dict[str, Path]:
     return found
 
 
+def _runtime_nodes(tree: ast.AST):
+    """Every node, but those under `if TYPE_CHECKING:` (annotations only, never executed)."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        yield node
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and isinstance(child.test, ast.Name) and child.test.id == "TYPE_CHECKING":
+                stack.extend(child.orelse)
+            else:
+                stack.append(child)
+
+
 def imported(name: str, path: Path, known: dict[str, Path]) -> set[str]:
     """The project modules `name` imports anywhere in its source."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     names: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in _runtime_nodes(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             names |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom):

@@ -11,7 +11,7 @@ import dataclasses
 import torch
 
 from rlipv2_scale.models.config import named_config
-from rlipv2_scale.models.rlipv2 import build_model
+from rlipv2_scale.models.build import build_model
 
 OBJ = ["person", "bicycle", "horse", "cup", "dog", "no objects"]
 REL = ["ride", "hold", "sit on", "walk", "feed"]

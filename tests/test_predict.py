@@ -11,7 +11,7 @@ from PIL import Image
 
 from rlipv2_scale.cli import main
 from rlipv2_scale.errors import UserError
-from rlipv2_scale.models.rlipv2 import load_pretrained
+from rlipv2_scale.models.build import load_pretrained
 from rlipv2_scale.predict import draw_predictions, open_label_space, parse_labels, predict_images
 from rlipv2_scale.visualize import DrawnTriplet, draw_relations, top_triplets
 
@@ -21,7 +21,7 @@ def model_dir(tmp_path_factory):
     """A tiny random model written as a model directory by `save_pretrained`, input size 64 in its card."""
     from rlipv2_scale.models.artifacts import ModelCard
     from rlipv2_scale.models.config import named_config
-    from rlipv2_scale.models.rlipv2 import build_model
+    from rlipv2_scale.models.build import build_model
 
     d = tmp_path_factory.mktemp("model") / "m"
     torch.manual_seed(0)

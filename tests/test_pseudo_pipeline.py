@@ -90,7 +90,7 @@ def test_bad_input_is_counted_and_reported_never_fatal(tmp_path):
     from rlipv2_scale.data.pseudo.tag import run_tagging
     from rlipv2_scale.data.pseudo.tagger_scorer import TaggerScorer
     from rlipv2_scale.models.config import named_config
-    from rlipv2_scale.models.rlipv2 import build_model
+    from rlipv2_scale.models.build import build_model
 
     names = {1: ["person", "cup"], 2: ["person", "ball"], 3: ["zebra", "person"], 4: ["person", "box"]}
     images = {1: _jpeg(), 2: b"not an image at all", 3: _jpeg(), 4: _jpeg()}

@@ -89,7 +89,7 @@ def test_tagger_scorer_scores_every_pair_and_text():
     from rlipv2_scale.data.pseudo.tagger_scorer import TaggerScorer
     from rlipv2_scale.errors import UserError
     from rlipv2_scale.models.config import named_config
-    from rlipv2_scale.models.rlipv2 import build_model
+    from rlipv2_scale.models.build import build_model
 
     torch.manual_seed(0)
     tagger = build_model(named_config("tiny_tagger"), pretrained=False)

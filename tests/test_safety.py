@@ -84,7 +84,7 @@ def test_hostile_checkpoint_runs_no_code(tmp_path, capsys, zero):
 def test_trusted_checkpoint_exports_with_a_warning(tmp_path, capsys):
     from safetensors.torch import load_file
 
-    from rlipv2_scale.models.rlipv2 import build_model
+    from rlipv2_scale.models.build import build_model
     from rlipv2_scale.train.config import load_run_config
 
     run = tmp_path / "run"

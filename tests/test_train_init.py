@@ -6,7 +6,7 @@ import torch
 
 from rlipv2_scale.errors import UserError
 from rlipv2_scale.models.artifacts import load_state
-from rlipv2_scale.models.rlipv2 import build_model
+from rlipv2_scale.models.build import build_model
 from rlipv2_scale.train.config import run_config_from_dict
 from rlipv2_scale.train.engine import _fit_query_rows
 

@@ -71,7 +71,7 @@ def test_tiny_pretraining_two_ranks_resumes_exactly_and_exports(workdir, tmp_pat
     rlipv2(workdir, "export", str(b), "--out", str(out))
     from safetensors.torch import load_file
 
-    from rlipv2_scale.models.rlipv2 import build_model
+    from rlipv2_scale.models.build import build_model
     from rlipv2_scale.train.config import load_run_config
 
     model = build_model(load_run_config(b / "config.yaml").model, pretrained=False)

@@ -109,7 +109,7 @@ def test_loader_fills_slots_with_negatives_and_resumes_its_rng():
 
 
 def test_the_trainer_forward_passes_the_batch_targets_as_pairs():
-    from rlipv2_scale.models.rlipv2 import build_model
+    from rlipv2_scale.models.build import build_model
 
     torch.manual_seed(0)
     model = build_model(named_config("tiny_tagger"), pretrained=False).eval()
@@ -169,7 +169,7 @@ def test_tiny_tagger_trains_resumes_exactly_and_exports(workdir, tmp_path):
 
 
 def test_init_from_a_detector_may_lack_only_the_tagger_layers():
-    from rlipv2_scale.models.rlipv2 import build_model
+    from rlipv2_scale.models.build import build_model
 
     torch.manual_seed(0)
     model = build_model(named_config("tiny_tagger"), pretrained=False)
@@ -188,7 +188,7 @@ def test_init_from_a_detector_may_lack_only_the_tagger_layers():
 def test_tagger_recipes_go_through_cluster_submit_and_scale_plan(tmp_path, capsys):
     from rlipv2_scale.cli import main
     from rlipv2_scale.cluster.slurm import SlurmOptions, render_job
-    from rlipv2_scale.models.rlipv2 import build_model
+    from rlipv2_scale.models.build import build_model
     from rlipv2_scale.scale.plan import measure_total
 
     script, _ = render_job(TINY, SlurmOptions(gpus_per_node=0), overrides=[f"run.dir={tmp_path / 'run'}"],

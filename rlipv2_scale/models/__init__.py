@@ -1,1 +1,1 @@
-"""RLIPv2 models: configs (`config.named_config`), `rlipv2.build_model`, matcher, losses, post-processing."""
+"""RLIPv2 models: configs (`config.named_config`), `build.build_model` / `build.load_pretrained`, matcher, losses, post-processing."""

@@ -86,7 +86,7 @@ def _cfg_key(cfg: ModelConfig) -> str:
 
 @functools.lru_cache(maxsize=8)
 def _our_layout(cfg_json: str) -> tuple[Layout, dict[str, tuple[int, int]]]:
-    from rlipv2_scale.models.rlipv2 import build_model
+    from rlipv2_scale.models.build import build_model
 
     cfg = from_dict(ModelConfig, json.loads(cfg_json))
     with torch.device("meta"):   # shapes only: no memory, no init cost, no download

@@ -22,7 +22,7 @@ from torch.profiler import record_function
 
 from rlipv2_scale.errors import UserError
 from rlipv2_scale.models.alif import AlifEncoder
-from rlipv2_scale.models.artifacts import PretrainedMixin, instantiate, read_model_dir, resolve_pretrained
+from rlipv2_scale.models.artifacts import PretrainedMixin
 from rlipv2_scale.models.backbone import Backbone
 from rlipv2_scale.models.config import ModelConfig
 from rlipv2_scale.models.heads import FeatureResizer, LabelSimilarity, box_mlp
@@ -250,18 +250,3 @@ def resize_query_rows(weight: torch.Tensor, num_queries: int, compat_original: b
         return weight[:num_queries]
     half_old, half_new = old // 2, num_queries // 2
     return torch.cat([weight[:half_new], weight[half_old:half_old + half_new]])
-
-
-def build_model(cfg: ModelConfig, pretrained: bool = True) -> nn.Module:
-    """The model of `cfg`; `pretrained=False` never loads weights (random init, no download)."""
-    if cfg.tagger:
-        from rlipv2_scale.models.tagger import build_tagger
-
-        return build_tagger(cfg, pretrained=pretrained)
-    return RLIPv2(cfg, pretrained=pretrained)
-
-
-def load_pretrained(name_or_path: str, device: str | torch.device = "cpu") -> nn.Module:
-    """The model of a model directory (or Hub id), RLIPv2 or Relation Tagger, in eval mode on `device`."""
-    md = read_model_dir(resolve_pretrained(name_or_path))
-    return instantiate(build_model(md.config, pretrained=False), md, device)

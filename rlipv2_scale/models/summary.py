@@ -63,7 +63,7 @@ def resolve_config(spec: str) -> ModelConfig:
 
 def model_summary(cfg: ModelConfig) -> dict:
     """Build `cfg` on the meta device (random init, nothing loaded) and count its parameters."""
-    from rlipv2_scale.models.rlipv2 import build_model
+    from rlipv2_scale.models.build import build_model
 
     with torch.device("meta"):
         model = build_model(cfg, pretrained=False)

@@ -112,7 +112,7 @@ def build_plan(cfg, recipe_name: str, gpus: list[int], gpu: str = "h100", inter_
     """`cfg` is a RunConfig: its model, its label-sequence sizes, micro-batch and schedule;
     `machine`: measured constants (`rlipv2 scale calibrate`) to add the optimiser's and DeepSpeed's
     time and the measured collective latency."""
-    from rlipv2_scale.models.rlipv2 import build_model
+    from rlipv2_scale.models.build import build_model
 
     model_cfg = replace(cfg.model, text=replace(cfg.model.text, pretrained=None, tokenizer=None))
     model = build_model(model_cfg, pretrained=False)

@@ -49,7 +49,8 @@ from rlipv2_scale.train.launch import (COMPLETED_MARKER, EXIT_PREEMPTED, PREEMPT
 from rlipv2_scale.data.streaming import build_train_loader
 from rlipv2_scale.models.artifacts import load_state
 from rlipv2_scale.models.losses import SetCriterion
-from rlipv2_scale.models.rlipv2 import build_model, resize_query_rows
+from rlipv2_scale.models.rlipv2 import resize_query_rows
+from rlipv2_scale.models.build import build_model
 from rlipv2_scale.train.export import init_weights
 from rlipv2_scale.train.optim import build_optimizer, build_scheduler
 from rlipv2_scale.train.parts import Builder, Evaluator, Parts, ResumableLoader, rlipv2_forward
