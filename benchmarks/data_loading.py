@@ -42,7 +42,7 @@ from torchvision.io import encode_jpeg
 from rlipv2_scale.config import from_dict
 from rlipv2_scale.data.config import DataConfig, TransformConfig
 from rlipv2_scale.data.labels import LabelVocabulary, build_label_sequence
-from rlipv2_scale.data.schema import ImageInfo, Object, RelationalRecord, Relation
+from rlipv2_scale.data.schema import ImageInfo, Object, Relation, RelationalRecord
 from rlipv2_scale.data.shards import write_shards
 from rlipv2_scale.data.streaming import build_train_loader
 

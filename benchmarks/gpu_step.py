@@ -61,8 +61,8 @@ REFERENCE = dict(alif_bi_attention="eager", ms_deform_attn="torch")
 
 
 def _model(name: str, device: torch.device):
-    from rlipv2_scale.models.config import named_config
     from rlipv2_scale.models.build import build_model
+    from rlipv2_scale.models.config import named_config
 
     cfg = named_config(name)
     # random init, no download: a local tokenizer instead of roberta-base's

@@ -61,9 +61,9 @@ def _attributed_share(prof: torch.profiler.profile, step_us: float,
 
 def _run(name: str, size: int, batch: int, steps: int, num_obj: int, num_rel: int, threads: int, queue) -> None:
     torch.set_num_threads(threads)
+    from rlipv2_scale.models.build import build_model
     from rlipv2_scale.models.config import named_config
     from rlipv2_scale.models.outputs import OUTPUT_KEYS
-    from rlipv2_scale.models.build import build_model
     from rlipv2_scale.train.telemetry import peak_resident_bytes
 
     cfg = named_config(name)

@@ -162,11 +162,9 @@ def run_config(config: str, data: Path, work: Path, args: argparse.Namespace, ma
     import psutil
 
     from rlipv2_scale.scale.calibrate import forward_backward_seconds
-    from rlipv2_scale.scale.cost import machine_rank_memory
+    from rlipv2_scale.scale.cost import ModelCost, machine_rank_memory
     from rlipv2_scale.scale.report import summarise_run
     from rlipv2_scale.scale.sweep import plan_sweep, run_local
-
-    from rlipv2_scale.scale.cost import ModelCost
 
     over = overrides_for(config, data, args.steps, args.resolution, args.batch)
     # FLOPs and activation bytes are deterministic: measured once per work folder.
@@ -227,8 +225,8 @@ def run_config(config: str, data: Path, work: Path, args: argparse.Namespace, ma
 # ------------------------------------------------------------------------------------------ GPU, plain PyTorch
 def run_config_gpu(config: str, args: argparse.Namespace, machine, log) -> dict:
     """Single GPU, plain PyTorch: forward, set criterion, backward, clipping, AdamW."""
-    from rlipv2_scale.models.losses import SetCriterion
     from rlipv2_scale.models.build import build_model
+    from rlipv2_scale.models.losses import SetCriterion
     from rlipv2_scale.scale.calibrate import model_optimizer_seconds
     from rlipv2_scale.scale.cost import machine_rank_memory, step_time
     from rlipv2_scale.scale.measure import calibration_step, device_sync, time_forward_backward

@@ -103,8 +103,8 @@ def checkpoint_map(run_dir: Path, val_dir: Path, every: int = 0, log=print) -> l
     run twice."""
     from rlipv2_scale.data.synthetic import BASE_SIZE
     from rlipv2_scale.demo import predict_split, score
-    from rlipv2_scale.train.export import open_model
     from rlipv2_scale.train.checkpoint import read_trainer_state
+    from rlipv2_scale.train.export import open_model
 
     cache = run_dir / "val_map.json"
     if cache.is_file():
@@ -212,7 +212,8 @@ def summary_markdown(s: dict) -> str:
     lines = ["# A first scaling study on the synthetic world", "",
              f"Profile `{s['profile']}`: {p['train_images']} training / {p['val_images']} validation scenes, "
              f"{p['steps']} steps of {p['batch_size']} images per rank on {p['nproc']} rank(s) (one thread each), "
-             f"validation mAP of the checkpoints every {p.get('score_every') or p['eval_every']} steps; {s['seconds']:.0f} s of training runs in all on {s['machine']['cpus']} CPU core(s) "
+             f"validation mAP of the checkpoints every {p.get('score_every') or p['eval_every']} steps; "
+             f"{s['seconds']:.0f} s of training runs in all on {s['machine']['cpus']} CPU core(s) "
              f"(1-min load average {s['machine']['load_average_1min_end']:.1f} at the end, shared with other work). "
              "Validation mAP: relation mAP on the validation split's seen triplets (any subject class, HICO-DET "
              "scoring) of each scored checkpoint.", ""]

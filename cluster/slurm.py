@@ -126,7 +126,7 @@ def expand_sweep(sweep: list[str]) -> list[list[str]]:
 
 
 def _load_recipe(recipe: Path, overrides: list[str]):
-    from rlipv2_scale.train.config import load_run_config   # the trainer's schema is the one truth
+    from rlipv2_scale.train.config import load_run_config  # the trainer's schema is the one truth
 
     return load_run_config(recipe, overrides)
 

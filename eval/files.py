@@ -8,8 +8,8 @@ from typing import Any
 import msgspec
 
 from rlipv2_scale.errors import UserError
-from rlipv2_scale.labels.space import LabelSpace, Triplet
 from rlipv2_scale.eval.relation_json import RelationFile, decode_listed
+from rlipv2_scale.labels.space import LabelSpace, Triplet
 
 
 def read_json(path: str | Path, what: str) -> Any:

@@ -43,10 +43,16 @@ from rlipv2_scale.errors import UserError
 from rlipv2_scale.eval.ap import eleven_point_ap
 from rlipv2_scale.eval.boxes import continuous_iou, pixel_iou
 from rlipv2_scale.eval.files import read_ground_truth, read_predictions
-from rlipv2_scale.labels.space import LabelSpace, hico_label_space
-from rlipv2_scale.eval.relation_json import (Candidates, GroundTruth, RelationFile, flatten_relations,
-                                             load_candidates, load_ground_truth)
+from rlipv2_scale.eval.relation_json import (
+    Candidates,
+    GroundTruth,
+    RelationFile,
+    flatten_relations,
+    load_candidates,
+    load_ground_truth,
+)
 from rlipv2_scale.eval.triplet_nms import TripletNMS
+from rlipv2_scale.labels.space import LabelSpace, hico_label_space
 
 TOP_K = 100
 IOU_THRESHOLD = 0.5

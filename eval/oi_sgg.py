@@ -30,9 +30,9 @@ import numpy as np
 from rlipv2_scale.eval.boxes import pairwise_pixel_iou, pixel_iou
 from rlipv2_scale.eval.files import read_ground_truth, read_predictions
 from rlipv2_scale.eval.hico import Ranked, rank_candidates, triplet_ap
-from rlipv2_scale.labels.space import LabelSpace
 from rlipv2_scale.eval.relation_json import Candidates, GroundTruth, RelationFile, load_candidates, load_ground_truth
 from rlipv2_scale.eval.triplet_nms import TripletNMS, grouped_nms
+from rlipv2_scale.labels.space import LabelSpace
 
 N_OBJECTS, N_PREDICATES = 288, 30
 PHRASE_NMS = 0.5

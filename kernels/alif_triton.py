@@ -261,7 +261,8 @@ def _num_splits(base_programs: int, loop_blocks: int, requested: int | None,
                 target_programs: int = 264, min_loop: int = 8) -> tuple[int, int]:
     """(splits, blocks per split). Long loops over few programs split until `target_programs`
     are running, keeping at least 4 blocks per split; loops under `min_loop` blocks never split
-    (the merge, or the zeroed fp32 buffers and casts, would cost more launches than it saves). The forward aims at two waves of 132 SMs, since its splits
+    (the merge, or the zeroed fp32 buffers and casts, would cost more launches than it saves). The
+    forward aims at two waves of 132 SMs, since its splits
     are merged through an fp32 buffer per split; the backward's splits only add a small [Nk, D]
     tile atomically, so it aims at eight: the H200 tile search showed the backward dominating,
     with its long-loop kernels (dk/dv over 22k image tokens, dq of the labels) running 1-2

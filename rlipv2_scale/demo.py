@@ -37,8 +37,17 @@ import torch
 
 from rlipv2_scale.data.convert import ConvertSummary, convert
 from rlipv2_scale.data.shards import iter_records
-from rlipv2_scale.data.synthetic import (BASE_SIZE, CLASS_NAMES, HELD_OUT, HICO_FILE, PREDICATE_NAMES, SPLITS,
-                                         SplitSummary, eval_label_space, write_split)
+from rlipv2_scale.data.synthetic import (
+    BASE_SIZE,
+    CLASS_NAMES,
+    HELD_OUT,
+    HICO_FILE,
+    PREDICATE_NAMES,
+    SPLITS,
+    SplitSummary,
+    eval_label_space,
+    write_split,
+)
 from rlipv2_scale.errors import UserError
 from rlipv2_scale.labels.space import LabelSpace
 from rlipv2_scale.models.build import load_pretrained

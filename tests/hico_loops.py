@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from rlipv2_scale.labels.space import LabelSpace, hico_label_space
 from rlipv2_scale.eval.triplet_nms import TripletNMS
+from rlipv2_scale.labels.space import LabelSpace, hico_label_space
 
 
 def _iou(gt_box, pred_box) -> float:

@@ -17,8 +17,12 @@ if not INTERPRETER and not torch.cuda.is_available():
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
-from rlipv2_scale.kernels import alif_bi_attention, attention_core_reference, ms_deform_attn  # noqa: E402
-from rlipv2_scale.kernels import ms_deform_attn_triton  # noqa: E402
+from rlipv2_scale.kernels import (  # noqa: E402
+    alif_bi_attention,
+    attention_core_reference,
+    ms_deform_attn,
+    ms_deform_attn_triton,  # noqa: E402
+)
 from rlipv2_scale.kernels.alif_triton import _keep, fused_alif_block, fused_attention  # noqa: E402
 
 DEVICE = "cpu" if INTERPRETER else "cuda"

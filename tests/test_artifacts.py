@@ -8,10 +8,19 @@ import pytest
 import torch
 
 from rlipv2_scale.errors import UserError
-from rlipv2_scale.models.artifacts import (CARD_FILE, CONFIG_FILE, TOKENIZER_DIR, WEIGHTS_FILE, ModelCard, load_state,
-                                           read_model_dir, resolve_pretrained, save_model_dir)
-from rlipv2_scale.models.config import named_config
+from rlipv2_scale.models.artifacts import (
+    CARD_FILE,
+    CONFIG_FILE,
+    TOKENIZER_DIR,
+    WEIGHTS_FILE,
+    ModelCard,
+    load_state,
+    read_model_dir,
+    resolve_pretrained,
+    save_model_dir,
+)
 from rlipv2_scale.models.build import build_model, load_pretrained
+from rlipv2_scale.models.config import named_config
 from rlipv2_scale.models.rlipv2 import RLIPv2
 from rlipv2_scale.models.tagger import RelationTagger
 

@@ -11,14 +11,13 @@ from importlib import resources
 import pytest
 import torch
 
-from rlipv2_scale.models.build import load_pretrained
 from rlipv2_scale.cli import main
 from rlipv2_scale.errors import UserError
 from rlipv2_scale.models import original as O
+from rlipv2_scale.models.build import build_model, load_pretrained
 from rlipv2_scale.models.config import named_config
 from rlipv2_scale.models.outputs import OUTPUT_KEYS
 from rlipv2_scale.models.rlipv2 import resize_query_rows
-from rlipv2_scale.models.build import build_model
 
 OBJ = ["person", "cup", "horse", "no objects"]
 REL = ["hold", "ride", "feed"]

@@ -4,9 +4,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from data_fixtures import oi_sgg, pseudo_coco, vg_raw
 
 from rlipv2_scale import cli
+
+from data_fixtures import oi_sgg, pseudo_coco, vg_raw
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ from rlipv2_scale.cli import CommandTree
 from rlipv2_scale.cli import eval as eval_cli
 from rlipv2_scale.errors import UserError
 from rlipv2_scale.labels.space import hico_label_space
+
 from relation_data import random_relation_data
 
 

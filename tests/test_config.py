@@ -3,8 +3,7 @@ from typing import Literal
 
 import pytest
 
-from rlipv2_scale.config import (deep_merge, from_dict, load_config, parse_overrides, read_yaml, save_config,
-                                 to_dict)
+from rlipv2_scale.config import deep_merge, from_dict, load_config, parse_overrides, read_yaml, save_config, to_dict
 from rlipv2_scale.errors import ConfigError
 
 

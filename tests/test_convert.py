@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import pytest
-from data_fixtures import hico, jpeg, pseudo_coco, truncate, vg_raw, write_json
 
 from rlipv2_scale.data.convert import convert
 from rlipv2_scale.data.image_check import check_image
 from rlipv2_scale.data.shards import iter_records
 from rlipv2_scale.errors import DataError, UserError
+
+from data_fixtures import hico, jpeg, pseudo_coco, truncate, vg_raw, write_json
 
 
 def many_hico(root, n):

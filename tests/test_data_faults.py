@@ -9,14 +9,15 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from data_fixtures import coco_instances, hico, jpeg, oi_sgg, pseudo_coco, truncate, vcoco, vg_raw, write_json
 
 from rlipv2_scale import cli
 from rlipv2_scale.config import from_dict
 from rlipv2_scale.data.config import DataConfig
-from rlipv2_scale.data.schema import ImageInfo, Object, RelationalRecord, Relation
+from rlipv2_scale.data.schema import ImageInfo, Object, Relation, RelationalRecord
 from rlipv2_scale.data.shards import iter_records, write_shards
 from rlipv2_scale.errors import DataError, UserError
+
+from data_fixtures import coco_instances, hico, jpeg, oi_sgg, pseudo_coco, truncate, vcoco, vg_raw, write_json
 
 
 @pytest.fixture

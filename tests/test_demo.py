@@ -8,8 +8,17 @@ from pathlib import Path
 import pytest
 
 from rlipv2_scale.data.synthetic import CLASS_NAMES, HELD_OUT, PREDICATE_NAMES, write_split
-from rlipv2_scale.demo import (QUICK, RECIPES, DemoPlan, demo_label_space, draw_examples, recipe_path, results_table,
-                               score, train_overrides)
+from rlipv2_scale.demo import (
+    QUICK,
+    RECIPES,
+    DemoPlan,
+    demo_label_space,
+    draw_examples,
+    recipe_path,
+    results_table,
+    score,
+    train_overrides,
+)
 from rlipv2_scale.train.config import load_run_config
 
 

@@ -11,15 +11,21 @@ from PIL import Image
 
 from rlipv2_scale.cli import main
 from rlipv2_scale.errors import UserError
-from rlipv2_scale.labels.metadata import vcoco_verbs
 from rlipv2_scale.inference import (
-    evaluate_oi_checkpoint, evaluate_vcoco_checkpoint, find_oi_files, find_vcoco_files, oi_label_space_from_files,
-    vcoco_detections, vcoco_image_id, vcoco_label_space,
+    evaluate_oi_checkpoint,
+    evaluate_vcoco_checkpoint,
+    find_oi_files,
+    find_vcoco_files,
+    oi_label_space_from_files,
+    vcoco_detections,
+    vcoco_image_id,
+    vcoco_label_space,
 )
+from rlipv2_scale.labels.metadata import vcoco_verbs
 from rlipv2_scale.models import original as O
+from rlipv2_scale.models.build import build_model
 from rlipv2_scale.models.config import named_config
 from rlipv2_scale.models.postprocess import ImageTriplets, PostProcess
-from rlipv2_scale.models.build import build_model
 
 FAST = ["--eval-size", "64", "--max-size", "128", "--num-workers", "0", "--device", "cpu"]
 VERB = {v["name"]: v["index"] for v in vcoco_verbs()}

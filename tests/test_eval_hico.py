@@ -13,11 +13,12 @@ from rlipv2_scale.errors import UserError
 from rlipv2_scale.eval.ap import eleven_point_ap
 from rlipv2_scale.eval.files import read_relations, read_unseen_triplets
 from rlipv2_scale.eval.hico import evaluate_hico, evaluate_hico_files
-from rlipv2_scale.labels.space import LabelSpace, hico_label_space
-from hico_loops import evaluate_hico_loops, expand_per_query
 from rlipv2_scale.eval.relation_json import RelationFile, _whole, rank_within_images
-from relation_data import random_relation_data, to_per_query, toy_label_space
 from rlipv2_scale.eval.triplet_nms import TripletNMS
+from rlipv2_scale.labels.space import LabelSpace, hico_label_space
+
+from hico_loops import evaluate_hico_loops, expand_per_query
+from relation_data import random_relation_data, to_per_query, toy_label_space
 
 # objects: 0 person, 1 cup, 2 ball; verbs: 0 hold, 1 throw, 2 look; "throw cup" is not a valid pair
 VALID = np.ones((3, 3))

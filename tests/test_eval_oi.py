@@ -9,6 +9,7 @@ from rlipv2_scale.errors import UserError
 from rlipv2_scale.eval.files import read_predictions
 from rlipv2_scale.eval.oi_sgg import evaluate_oi_sgg, evaluate_oi_sgg_files, oi_label_space
 from rlipv2_scale.eval.relation_json import RelationFile
+
 from relation_data import random_relation_data
 
 S1, O1, O2 = [0.0, 0.0, 99.0, 99.0], [100.0, 0.0, 199.0, 99.0], [300.0, 0.0, 399.0, 99.0]

@@ -1,7 +1,7 @@
 """Inference over a HICO-DET-format test set and `eval hico-det --checkpoint`, end to end on a tiny model."""
 import json
-import shutil
 import os
+import shutil
 import types
 
 import numpy as np
@@ -10,17 +10,22 @@ import torch
 import torch.multiprocessing as mp
 from PIL import Image
 
-from rlipv2_scale.models.build import load_pretrained
 from rlipv2_scale.errors import UserError
-from rlipv2_scale.labels.space import hico_label_space
-from relation_data import toy_label_space
 from rlipv2_scale.inference import (
-    RelationImages, collate_images, evaluate_checkpoint, find_hico_files, label_texts, predict,
+    RelationImages,
+    collate_images,
+    evaluate_checkpoint,
+    find_hico_files,
+    label_texts,
+    predict,
 )
+from rlipv2_scale.labels.space import hico_label_space
 from rlipv2_scale.models import original as O
+from rlipv2_scale.models.build import build_model, load_pretrained
 from rlipv2_scale.models.config import named_config
 from rlipv2_scale.models.postprocess import PostProcess
-from rlipv2_scale.models.build import build_model
+
+from relation_data import toy_label_space
 
 SIZES = {"HICO_test2015_00000001.jpg": (96, 128), "HICO_test2015_00000002.jpg": (128, 80),
          "HICO_test2015_00000003.jpg": (64, 64)}
@@ -225,8 +230,8 @@ def test_distributed_slices_gather_to_the_single_process_result(hico_root, model
 
 
 def test_open_images_hook(hico_root, model_dir, tmp_path):
-    from rlipv2_scale.labels.space import LabelSpace
     from rlipv2_scale.inference import evaluate_oi_checkpoint
+    from rlipv2_scale.labels.space import LabelSpace
 
     space = LabelSpace(objects=("person", "cup", "horse"), verbs=("hold", "ride"), valid=np.ones((2, 3)))
     gt = [{"file_name": name, "annotations": [{"bbox": [1, 1, 30, 30], "category_id": 0},

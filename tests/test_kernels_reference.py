@@ -128,7 +128,9 @@ def test_alif_padding_does_not_change_valid_outputs_and_zero_gate_is_identity():
     v, l, pos = (torch.randn(1, n, c, generator=gen, dtype=torch.float64) for n, c in ((5, dv), (3, dl), (5, dv)))
     gate = torch.tensor(0.3, dtype=torch.float64)
     base_v, base_l = alif_bi_attention(v, l, pos, *params, gate, gate, heads, backend="torch")
-    pad = lambda x, n: torch.cat([x, torch.randn(1, n, x.shape[2], generator=gen, dtype=torch.float64) * 50], 1)
+    def pad(x, n):
+        return torch.cat([x, torch.randn(1, n, x.shape[2], generator=gen, dtype=torch.float64) * 50], 1)
+
     v_pad = torch.tensor([[0] * 5 + [1] * 3], dtype=torch.bool)
     l_pad = torch.tensor([[0] * 3 + [1] * 2], dtype=torch.bool)
     got_v, got_l = alif_bi_attention(pad(v, 3), pad(l, 2), pad(pos, 3), *params, gate, gate, heads,

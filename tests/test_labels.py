@@ -10,7 +10,7 @@ from streaming import MDSWriter
 
 from rlipv2_scale.data.batch import NO_OBJECTS
 from rlipv2_scale.data.labels import LabelVocabulary, build_label_sequence, fixed_label_sequence
-from rlipv2_scale.data.schema import ImageInfo, Object, RelationalRecord, Relation
+from rlipv2_scale.data.schema import ImageInfo, Object, Relation, RelationalRecord
 from rlipv2_scale.data.shards import COLUMNS
 from rlipv2_scale.errors import DataError
 

@@ -4,7 +4,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from targets import make_target
 from rlipv2_scale.errors import ConfigError
 from rlipv2_scale.models.losses import (
     LossConfig,
@@ -13,6 +12,8 @@ from rlipv2_scale.models.losses import (
     relation_pseudo_targets,
     soft_focal_loss,
 )
+
+from targets import make_target
 
 
 def tiny_case():

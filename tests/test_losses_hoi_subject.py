@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from targets import make_target
 from rlipv2_scale.errors import ConfigError
-from rlipv2_scale.models.losses import LossConfig, SetCriterion
-from rlipv2_scale.models.losses import subject_target_index
+from rlipv2_scale.models.losses import LossConfig, SetCriterion, subject_target_index
+
+from targets import make_target
 
 # object texts: 0 "person", 1 "bicycle", 2 "cup", 3 "no objects"
 SUB_LOGITS = [[math.log(6.0), 0.0, 0.0, 0.0],    # query 0: person (p = 2/3)

@@ -4,9 +4,10 @@ import math
 import pytest
 import torch
 
-from targets import make_target
 from rlipv2_scale.models import box_ops
 from rlipv2_scale.models.matcher import HungarianMatcher, relation_cost
+
+from targets import make_target
 
 
 def random_outputs(b, p, lo, lr, gen):

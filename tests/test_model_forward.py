@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from rlipv2_scale.errors import UserError
+from rlipv2_scale.models.build import build_model
 from rlipv2_scale.models.config import named_config
 from rlipv2_scale.models.outputs import OUTPUT_KEYS, RelationOutput
-from rlipv2_scale.models.build import build_model
 from rlipv2_scale.models.rlipv2 import RLIPv2, resize_query_rows
 
 OBJ = ["person", "bicycle", "horse", "no objects"]

@@ -10,8 +10,8 @@ import dataclasses
 
 import torch
 
-from rlipv2_scale.models.config import named_config
 from rlipv2_scale.models.build import build_model
+from rlipv2_scale.models.config import named_config
 
 OBJ = ["person", "bicycle", "horse", "cup", "dog", "no objects"]
 REL = ["ride", "hold", "sit on", "walk", "feed"]

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from rlipv2_scale.errors import UserError
-from rlipv2_scale.labels.space import LabelSpace, hico_label_space
 from rlipv2_scale.eval.triplet_nms import TripletNMS
+from rlipv2_scale.labels.space import LabelSpace, hico_label_space
 from rlipv2_scale.models.postprocess import ImageTriplets, PostProcess, to_hico_json, triplet_nms
 
 

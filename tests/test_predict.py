@@ -20,8 +20,8 @@ from rlipv2_scale.visualize import DrawnTriplet, draw_relations, top_triplets
 def model_dir(tmp_path_factory):
     """A tiny random model written as a model directory by `save_pretrained`, input size 64 in its card."""
     from rlipv2_scale.models.artifacts import ModelCard
-    from rlipv2_scale.models.config import named_config
     from rlipv2_scale.models.build import build_model
+    from rlipv2_scale.models.config import named_config
 
     d = tmp_path_factory.mktemp("model") / "m"
     torch.manual_seed(0)

@@ -42,9 +42,9 @@ def one_error_line(capsys) -> str:
 
 def checkpoint(run: Path, module_states: dict, zero: bool) -> Path:
     """A run directory laid out as the trainer writes it (stage 0: the module whole; ZeRO: shards)."""
-    from train_toy import toy_config
-
     from rlipv2_scale.config import save_config
+
+    from train_toy import toy_config
 
     ckpt = run / "checkpoints" / "step_00000001"
     (ckpt / "pytorch_model").mkdir(parents=True)

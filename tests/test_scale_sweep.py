@@ -4,8 +4,17 @@ from pathlib import Path
 import pytest
 
 from rlipv2_scale.errors import UserError
-from rlipv2_scale.scale.sweep import (Axis, combinations, load_sweep, parse_axes, plan_sweep, render_slurm, run_local,
-                                      run_name, split_values)
+from rlipv2_scale.scale.sweep import (
+    Axis,
+    combinations,
+    load_sweep,
+    parse_axes,
+    plan_sweep,
+    render_slurm,
+    run_local,
+    run_name,
+    split_values,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "recipes" / "demo" / "demo.yaml"

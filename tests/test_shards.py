@@ -4,12 +4,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from data_fixtures import jpeg
 
-from rlipv2_scale.data.schema import ImageInfo, Object, RelationalRecord, Relation
+from rlipv2_scale.data.schema import ImageInfo, Object, Relation, RelationalRecord
 from rlipv2_scale.data.shards import COLUMNS, iter_records, record_from_sample, write_shards
 from rlipv2_scale.data.sources import Dropped, Skip
 from rlipv2_scale.errors import DataError, UserError
+
+from data_fixtures import jpeg
 
 
 def make_records(tmp_path, n):

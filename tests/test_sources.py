@@ -1,14 +1,24 @@
 """Readers of the real formats, on fixtures written in their exact layouts."""
 from __future__ import annotations
 
-
 import pytest
-from data_fixtures import coco_instances, hico, jpeg, oi_sgg, pseudo_coco, vcoco, vg_raw, write_json
 
 from rlipv2_scale.data.schema import RelationalRecord
-from rlipv2_scale.data.sources import (Dropped, Skip, read_coco, read_hico_det, read_o365, read_oi_sgg,
-                                       read_pseudo, read_synthetic, read_vcoco, read_vg)
+from rlipv2_scale.data.sources import (
+    Dropped,
+    Skip,
+    read_coco,
+    read_hico_det,
+    read_o365,
+    read_oi_sgg,
+    read_pseudo,
+    read_synthetic,
+    read_vcoco,
+    read_vg,
+)
 from rlipv2_scale.errors import UserError
+
+from data_fixtures import coco_instances, hico, jpeg, oi_sgg, pseudo_coco, vcoco, vg_raw, write_json
 
 
 def split_items(items):

@@ -17,7 +17,7 @@ from torchvision.io import encode_jpeg
 
 from rlipv2_scale.config import from_dict
 from rlipv2_scale.data.config import DataConfig
-from rlipv2_scale.data.schema import ImageInfo, Object, RelationalRecord, Relation
+from rlipv2_scale.data.schema import ImageInfo, Object, Relation, RelationalRecord
 from rlipv2_scale.data.shards import COLUMNS
 from rlipv2_scale.errors import ConfigError, DataError
 

@@ -7,8 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from rlipv2_scale.cli import CommandTree
-from rlipv2_scale.cli import data_subset
+from rlipv2_scale.cli import CommandTree, data_subset
 from rlipv2_scale.data.subset import select_subset, subset_file_name, write_subsets
 from rlipv2_scale.errors import DataError, UserError
 

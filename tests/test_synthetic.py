@@ -10,11 +10,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rlipv2_scale.cli import CommandTree
-from rlipv2_scale.cli import data_synth
+from rlipv2_scale.cli import CommandTree, data_synth
 from rlipv2_scale.data import synthetic as sw
-from rlipv2_scale.data.synthetic import (CLASS_NAMES, HELD_OUT, PREDICATE_NAMES, SyntheticWorld, ambiguous,
-                                         relation_between, scene_relations, write_split)
+from rlipv2_scale.data.synthetic import (
+    CLASS_NAMES,
+    HELD_OUT,
+    PREDICATE_NAMES,
+    SyntheticWorld,
+    ambiguous,
+    relation_between,
+    scene_relations,
+    write_split,
+)
 from rlipv2_scale.errors import UserError
 
 
@@ -130,7 +137,8 @@ def _geometry_holds(pred: str, s: tuple, sc: str, o: tuple, oc: str) -> bool:
     if pred == "inside":
         return oc in ("box", "basket") and sc in SMALL and sx1 - ox1 >= 2 and sy1 - oy1 >= 2 and ox2 - sx2 >= 2 and oy2 - sy2 >= 2
     if pred == "under":
-        return oc == "table" and sc in ("ball", "box", "basket", "cup", "bottle") and ox1 <= sx1 and sx2 <= ox2 and sy2 <= oy2 and sy1 >= oy1 + 0.2 * (oy2 - oy1)
+        return (oc == "table" and sc in ("ball", "box", "basket", "cup", "bottle") and ox1 <= sx1 and sx2 <= ox2
+                and sy2 <= oy2 and sy1 >= oy1 + 0.2 * (oy2 - oy1))
     if pred == "on":
         return oc in ("table", "box", "book") and sc not in ("person", "table", "car") and sy2 == oy1 and ox1 <= (sx1 + sx2) / 2 < ox2
     if pred == "above":

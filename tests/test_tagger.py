@@ -5,11 +5,11 @@ import torch
 
 from rlipv2_scale.data.batch import Target
 from rlipv2_scale.errors import ConfigError, UserError
+from rlipv2_scale.models.build import build_model
 from rlipv2_scale.models.config import named_config
 from rlipv2_scale.models.heads import inverse_sigmoid
 from rlipv2_scale.models.losses import SetCriterion
 from rlipv2_scale.models.outputs import OUTPUT_KEYS
-from rlipv2_scale.models.build import build_model
 from rlipv2_scale.models.summary import model_summary
 from rlipv2_scale.models.tagger import (
     Pairs,

@@ -65,9 +65,9 @@ def test_an_unknown_deepspeed_key_is_one_line(extra, names):
 
 
 def test_the_recipe_key_reaches_the_config():
-    from train_toy import toy_config
-
     from rlipv2_scale.config import parse_overrides
+
+    from train_toy import toy_config
 
     cfg = toy_config("unused", parse_overrides(["train.deepspeed.zero_optimization.offload_optimizer.device=cpu"]))
     assert cfg.train.deepspeed == {"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}

@@ -18,8 +18,7 @@ import torch
 
 from rlipv2_scale.errors import UserError
 from rlipv2_scale.models.artifacts import load_state
-from rlipv2_scale.train.checkpoint import (CheckpointManager, gathered_state_dict,
-                                           read_trainer_state)
+from rlipv2_scale.train.checkpoint import CheckpointManager, gathered_state_dict, read_trainer_state
 from rlipv2_scale.train.launch import EXIT_PREEMPTED
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]

@@ -72,6 +72,7 @@ def test_ranks_die_with_a_killed_launcher_and_the_run_directory_is_locked(tmp_pa
         assert ranks, "no rank found"
 
         from rlipv2_scale.train.engine import run
+
         from train_toy import toy_builder, toy_config
 
         for second in (lambda: run(toy_config(str(tmp_path)), build=toy_builder()),                # `rlipv2 train`

@@ -11,7 +11,7 @@ import torch.distributed as dist
 from PIL import Image
 from torch import nn
 
-from rlipv2_scale.data.schema import ImageInfo, Object, RelationalRecord, Relation
+from rlipv2_scale.data.schema import ImageInfo, Object, Relation, RelationalRecord
 from rlipv2_scale.data.shards import write_shards
 from rlipv2_scale.errors import UserError
 from rlipv2_scale.inference import ShardImages, ground_truth_entry, label_space_for

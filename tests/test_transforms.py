@@ -9,10 +9,20 @@ import torchvision.transforms.v2.functional as F
 from torchvision.io import encode_jpeg
 
 from rlipv2_scale.data.config import TransformConfig
-from rlipv2_scale.data.schema import ImageInfo, Object, RelationalRecord, Relation
-from rlipv2_scale.data.transforms import (GREY_WEIGHTS, IMAGENET_MEAN, IMAGENET_STD, EvalTransform, TrainTransform,
-                                          color_affine, decode, normalize, prepare_example, resized_size,
-                                          sample_generator)
+from rlipv2_scale.data.schema import ImageInfo, Object, Relation, RelationalRecord
+from rlipv2_scale.data.transforms import (
+    GREY_WEIGHTS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    EvalTransform,
+    TrainTransform,
+    color_affine,
+    decode,
+    normalize,
+    prepare_example,
+    resized_size,
+    sample_generator,
+)
 from rlipv2_scale.errors import DataError
 
 SMALL = TransformConfig(train_scales=[64, 80, 96], max_size=160, crop_scales=[72, 88], crop_min=48, crop_max=72,

@@ -121,8 +121,8 @@ def _report(title: str, rows: list[tuple[str, float | None]], results: dict, out
 def run_hico(args: argparse.Namespace) -> int:
     from rlipv2_scale.eval.files import read_unseen_triplets
     from rlipv2_scale.eval.hico import evaluate_hico_files
-    from rlipv2_scale.labels.space import hico_label_space
     from rlipv2_scale.eval.triplet_nms import TripletNMS
+    from rlipv2_scale.labels.space import hico_label_space
 
     if args.checkpoint is not None:
         return _run_hico_checkpoint(args)

@@ -6,7 +6,6 @@ import argparse
 import os
 from pathlib import Path
 
-
 # --nproc / --resume may also come among the overrides after RECIPE: parsed twice from one list.
 _OPTIONS = ((("--nproc",), {"type": int, "default": 1, "help": "start N local ranks through torchrun"}),
             (("--resume",), {"metavar": "auto|PATH", "help": "auto: the run directory's latest checkpoint (none: "

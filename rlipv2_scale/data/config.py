@@ -1,7 +1,8 @@
 """`DataConfig`: where the shards are, how they are mixed, augmented, labelled and batched.
 
 Loaded strictly through `rlipv2_scale.config.from_dict` (unknown keys are errors). Defaults follow
-the original pre-training (`datasets/mixed_dataset.py: MixedRelDetection`, `make_vg_transforms`, `engine.py: merge_batch_data`); the demo recipe shrinks the image
+the original pre-training (`datasets/mixed_dataset.py: MixedRelDetection`, `make_vg_transforms`,
+`engine.py: merge_batch_data`); the demo recipe shrinks the image
 sizes and the label-sequence lengths.
 """
 from __future__ import annotations

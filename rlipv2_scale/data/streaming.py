@@ -33,7 +33,6 @@ from typing import Any
 import torch
 from streaming import Stream, StreamingDataLoader, StreamingDataset
 
-from rlipv2_scale.data.shared_memory import clean_stale
 from rlipv2_scale.data.batch import Batch
 from rlipv2_scale.data.collate import Collator, PackedBatch
 from rlipv2_scale.data.config import DataConfig, SourceConfig
@@ -41,6 +40,7 @@ from rlipv2_scale.data.labels import LabelVocabulary
 from rlipv2_scale.data.mds_index import check_shards
 from rlipv2_scale.data.schema import RelationalRecord
 from rlipv2_scale.data.shards import record_from_sample
+from rlipv2_scale.data.shared_memory import clean_stale
 from rlipv2_scale.data.transforms import EvalTransform, Example, TrainTransform, prepare_example, sample_generator
 from rlipv2_scale.errors import ConfigError, DataError
 

@@ -1,4 +1,5 @@
-"""ALIF: Asymmetric Language-Image Fusion inside the deformable encoder (the original's `models/deformable_transformer.py: RLIPv2_DeformableTransformerEncoder`).
+"""ALIF: Asymmetric Language-Image Fusion inside the deformable encoder (the original's
+`models/deformable_transformer.py: RLIPv2_DeformableTransformerEncoder`).
 
 A fusion round is a gated bidirectional attention between image tokens (by default only the
 coarsest level) and the label sequence (`AlifBlock`), followed by one freshly initialised RoBERTa

@@ -86,7 +86,8 @@ class ModelConfig:
     # Position encoding: Swin runs subtract 0.5 from the cumulative pixel index before normalising.
     position_offset: float = 0.0
     checkpoint_encoder: bool = False      # activation checkpointing of the deformable encoder layers
-    # Reproduce the [QUIRK]s of the original's `models/dab_deformable/deformable_transformer.py`, `models/fuse_helper.py` and `util/misc.py` for loading released checkpoints.
+    # Reproduce the [QUIRK]s of the original's `models/dab_deformable/deformable_transformer.py`,
+    # `models/fuse_helper.py` and `util/misc.py` for loading released checkpoints.
     compat_original: bool = False
 
     def __post_init__(self) -> None:

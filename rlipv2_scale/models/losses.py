@@ -107,7 +107,8 @@ def hard_focal_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
 def relation_pseudo_targets(
     rel_labels: torch.Tensor, rel_text_embeds: torch.Tensor, threshold: float = 0.3
 ) -> torch.Tensor:
-    """RPL (the original's `models/hoi.py: RLIP_ParSeDA.forward`, `pseudo_verb`): pseudo-targets for the relation texts that are similar to a pair's positives.
+    """RPL (the original's `models/hoi.py: RLIP_ParSeDA.forward`, `pseudo_verb`): pseudo-targets for
+    the relation texts that are similar to a pair's positives.
 
     rel_labels [n, L] (multi-hot or confidences), rel_text_embeds [L, D] -> u [n, L] in [0, 1]:
     D_ij = ||R_i - R_j||, S_ij = max_k D_ik - D_ij, u = Σ_i y_i S_i,: / max, zero on the pair's

@@ -1,4 +1,5 @@
-"""ParSe decoding: parallel entity decoding, then sequential relation decoding (the original's `models/dab_deformable/deformable_transformer.py: DABDeformableTransformerDecoderHOI`).
+"""ParSe decoding: parallel entity decoding, then sequential relation decoding (the original's
+`models/dab_deformable/deformable_transformer.py: DABDeformableTransformerDecoderHOI`).
 
 The entity decoder runs all `Nq` queries together (first half subjects, second half objects;
 pair i = subject i + object P+i) and refines their boxes layer by layer. The relation decoder

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from rlipv2_scale.errors import UserError
-from rlipv2_scale.labels.space import LabelSpace, hico_label_space
 from rlipv2_scale.eval.triplet_nms import TripletNMS
+from rlipv2_scale.labels.space import LabelSpace, hico_label_space
 from rlipv2_scale.models.box_ops import box_cxcywh_to_xyxy
 from rlipv2_scale.models.outputs import RelationPredictions
 

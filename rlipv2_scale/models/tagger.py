@@ -1,4 +1,5 @@
-"""Relation Tagger (the original's `models/verb_tagger_helper.py: prepare_query`, `generate_relations_using_verb_tagger.py`): scores candidate relation texts for *given* region pairs.
+"""Relation Tagger (the original's `models/verb_tagger_helper.py: prepare_query`,
+`generate_relations_using_verb_tagger.py`): scores candidate relation texts for *given* region pairs.
 
 The Tagger is RLIP-ParSeD whose entity queries are built from given boxes and labels instead of
 learned embeddings: the subject of pair k fills query slot k and its object slot P+k, with
@@ -30,7 +31,7 @@ from rlipv2_scale.models.config import ModelConfig
 from rlipv2_scale.models.heads import inverse_sigmoid
 from rlipv2_scale.models.losses import LossConfig
 from rlipv2_scale.models.outputs import RelationOutput
-from rlipv2_scale.models.rlipv2 import RLIPv2, Encoded, EntityQueries
+from rlipv2_scale.models.rlipv2 import Encoded, EntityQueries, RLIPv2
 
 
 class GivenPairs(Protocol):
@@ -84,7 +85,8 @@ def duplicate_entity_mask(labels: torch.Tensor, boxes: torch.Tensor, valid: torc
 
 
 def tagger_loss_config(**overrides) -> LossConfig:
-    """Tagger loss (the original's `models/hoi.py: SetCriterionHOI.loss_verb_tagger`): identity matching, CE (no-objects weight 0.1), L1 2.5 + GIoU 1, hard focal."""
+    """Tagger loss (the original's `models/hoi.py: SetCriterionHOI.loss_verb_tagger`): identity
+    matching, CE (no-objects weight 0.1), L1 2.5 + GIoU 1, hard focal."""
     return LossConfig(matching="identity", rel_loss="focal", pseudo_targets=False, **overrides)
 
 

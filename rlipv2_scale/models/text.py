@@ -1,4 +1,5 @@
-"""RoBERTa label encoder: one pooled 768-d vector per label string (the original's `models/dab_deformable/deformable_transformer.py: RLIP_ParSeDABDeformableTransformer_v2`).
+"""RoBERTa label encoder: one pooled 768-d vector per label string (the original's
+`models/dab_deformable/deformable_transformer.py: RLIP_ParSeDABDeformableTransformer_v2`).
 
 Every label ("person", "ride", "no objects", ...) is its own sentence; the label embedding is
 RoBERTa's `pooler_output`. Real configs load `roberta-base` (weights and tokenizer); tiny configs

@@ -328,8 +328,8 @@ def _baseline_worker(payload: dict) -> dict:
 def _forward_backward_worker(payload: dict) -> dict:
     """The model of a recipe: forward, set criterion and backward on a synthetic micro-batch, timed
     on every rank at once (ranks that share a host slow each other down)."""
-    from rlipv2_scale.models.losses import SetCriterion
     from rlipv2_scale.models.build import build_model
+    from rlipv2_scale.models.losses import SetCriterion
     from rlipv2_scale.scale.measure import calibration_step, time_forward_backward
     from rlipv2_scale.train.config import load_run_config
 

@@ -327,7 +327,8 @@ def step_time(cost: ModelCost, machine, stage: int | None, world: int, micro_bat
     """Seconds of one optimizer step (one micro-batch) on one rank, by part.
 
     `forward_backward_s`: the model's forward, loss and backward at this micro-batch (measured FLOP
-    rate); `data_s`: the loader's time per batch (in the training process: num_workers=0); `machine`: `calibrate.MachineConstants`; `contention`: how much slower a rank's local
+    rate); `data_s`: the loader's time per batch (in the training process: num_workers=0); `machine`:
+    `calibrate.MachineConstants`; `contention`: how much slower a rank's local
     work runs when `world` ranks share the host (1 on separate GPUs); `stage=None`: plain PyTorch,
     no DeepSpeed. Optimiser: AdamW with clipping on the rank's share of the parameters (the whole
     model under ZeRO-0, a 1/N partition under ZeRO ≥ 1). DeepSpeed: its per-stage cost per

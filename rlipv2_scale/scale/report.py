@@ -23,10 +23,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-
 from rlipv2_scale.errors import UserError
-from rlipv2_scale.train.config import load_run_config
 from rlipv2_scale.scale.sweep import INDEX, PSEUDO_KEYS, SweepRun, load_sweep
+from rlipv2_scale.train.config import load_run_config
 
 METRICS = "metrics.jsonl"
 

@@ -39,25 +39,34 @@ from torch import nn
 
 from rlipv2_scale.config import save_config, to_dict
 from rlipv2_scale.data.batch import Batch
+from rlipv2_scale.data.streaming import build_train_loader
 from rlipv2_scale.errors import DataError, UserError
+from rlipv2_scale.models.artifacts import load_state
+from rlipv2_scale.models.build import build_model
+from rlipv2_scale.models.losses import SetCriterion
+from rlipv2_scale.models.rlipv2 import resize_query_rows
 from rlipv2_scale.safe_load import torch_load
 from rlipv2_scale.train import checkpoint as ckpt_io
 from rlipv2_scale.train.config import RunConfig, load_run_config
-from rlipv2_scale.train.launch import (COMPLETED_MARKER, EXIT_PREEMPTED, PREEMPTED_MARKER, DistInfo,
-                                       build_accelerator, deepspeed_config, die_with_parent, init_distributed,
-                                       merge_deepspeed, report_to_launcher)
-from rlipv2_scale.data.streaming import build_train_loader
-from rlipv2_scale.models.artifacts import load_state
-from rlipv2_scale.models.losses import SetCriterion
-from rlipv2_scale.models.rlipv2 import resize_query_rows
-from rlipv2_scale.models.build import build_model
 from rlipv2_scale.train.export import init_weights
+from rlipv2_scale.train.hooks import EvalHook, default_hooks
+from rlipv2_scale.train.launch import (
+    COMPLETED_MARKER,
+    EXIT_PREEMPTED,
+    PREEMPTED_MARKER,
+    DistInfo,
+    build_accelerator,
+    deepspeed_config,
+    die_with_parent,
+    init_distributed,
+    merge_deepspeed,
+    report_to_launcher,
+)
 from rlipv2_scale.train.optim import build_optimizer, build_scheduler
 from rlipv2_scale.train.parts import Builder, Evaluator, Parts, ResumableLoader, rlipv2_forward
 from rlipv2_scale.train.tagger import build_tagger_parts
-from rlipv2_scale.train.validation import RelationValidation
-from rlipv2_scale.train.hooks import EvalHook, default_hooks
 from rlipv2_scale.train.telemetry import FlopMeter, Telemetry, peak_tflops
+from rlipv2_scale.train.validation import RelationValidation
 
 
 class TrainingDiverged(UserError):

@@ -19,8 +19,14 @@ from typing import Iterator
 import torch
 
 from rlipv2_scale.errors import UserError
-from rlipv2_scale.models.artifacts import (ModelCard, is_model_dir, load_state, read_model_dir, save_model_dir,
-                                           tokenizer_of)
+from rlipv2_scale.models.artifacts import (
+    ModelCard,
+    is_model_dir,
+    load_state,
+    read_model_dir,
+    save_model_dir,
+    tokenizer_of,
+)
 from rlipv2_scale.models.build import build_model, load_pretrained
 from rlipv2_scale.train import checkpoint as ckpt_io
 from rlipv2_scale.train.config import RunConfig, load_run_config

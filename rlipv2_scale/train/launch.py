@@ -248,7 +248,7 @@ def _run_torchrun(cmd: list[str], env: dict, child_setup: Callable[[], None]) ->
     proc = subprocess.Popen(cmd, env=env, preexec_fn=child_setup)
 
     def forward(signum, frame):
-        import psutil   # a dependency of accelerate
+        import psutil  # a dependency of accelerate
 
         # The ranks only: their data-loader workers would die of a SIGUSR1.
         for child in psutil.Process(proc.pid).children(recursive=False):

@@ -13,8 +13,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from rlipv2_scale.data.schema import ImageInfo, Object, RelationalRecord
-from rlipv2_scale.data.sources.base import (Dropped, Item, Skip, as_id, fit_box, guarded, load_json, read_image,
-                                            xywh_to_xyxy)
+from rlipv2_scale.data.sources.base import (
+    Dropped,
+    Item,
+    Skip,
+    as_id,
+    fit_box,
+    guarded,
+    load_json,
+    read_image,
+    xywh_to_xyxy,
+)
 from rlipv2_scale.errors import DataError, UserError
 
 

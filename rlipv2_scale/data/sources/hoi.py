@@ -20,9 +20,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from rlipv2_scale.data.schema import ImageInfo, Object, RelationalRecord, Relation
-from rlipv2_scale.data.sources.base import (Dropped, Item, as_id, expect_list, fit_box, guarded, load_json,
-                                            read_image)
+from rlipv2_scale.data.schema import ImageInfo, Object, Relation, RelationalRecord
+from rlipv2_scale.data.sources.base import Dropped, Item, as_id, expect_list, fit_box, guarded, load_json, read_image
 from rlipv2_scale.errors import DataError, UserError
 from rlipv2_scale.labels import metadata
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from rlipv2_scale.data.schema import ImageInfo, Object, RelationalRecord, Relation
+from rlipv2_scale.data.schema import ImageInfo, Object, Relation, RelationalRecord
 from rlipv2_scale.data.sources.base import Item, as_id, expect_list, fit_box, guarded, load_json, read_image
 from rlipv2_scale.errors import DataError, UserError
 

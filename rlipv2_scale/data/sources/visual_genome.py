@@ -16,9 +16,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from rlipv2_scale.data.schema import ImageInfo, Object, RelationalRecord, Relation
-from rlipv2_scale.data.sources.base import (Dropped, Item, Skip, expect_list, fit_box, guarded, load_json,
-                                            read_image, xywh_to_xyxy)
+from rlipv2_scale.data.schema import ImageInfo, Object, Relation, RelationalRecord
+from rlipv2_scale.data.sources.base import (
+    Dropped,
+    Item,
+    Skip,
+    expect_list,
+    fit_box,
+    guarded,
+    load_json,
+    read_image,
+    xywh_to_xyxy,
+)
 from rlipv2_scale.errors import DataError, UserError
 
 SCENE_GRAPHS = "scene_graphs.json"
@@ -42,7 +51,8 @@ def _object_name(obj: dict, lower: bool) -> str:
 def parse_scene_graph(entry: dict, *, source: str, split: str, width: int, height: int, file_name: str,
                       image_bytes: bytes, threshold: float, lower: bool, keep_empty: bool,
                       provenance: dict[str, Any]) -> Iterator[Item]:
-    """One scene-graph entry (layout read by the original's `datasets/mixed_dataset.py: MixedRelDetection`) -> a record; relations below `threshold` are dropped."""
+    """One scene-graph entry (layout read by the original's `datasets/mixed_dataset.py:
+    MixedRelDetection`) -> a record; relations below `threshold` are dropped."""
     sid = str(_image_id(entry))
     objects: list[Object] = []
     index: dict[Any, int] = {}
