@@ -21,7 +21,11 @@ $(STAMP): pyproject.toml setup.py constraints.txt
 demo: $(STAMP)
 	$(VENV)/bin/rlipv2 demo --out runs/demo
 
+# Lint (ruff), a basic type check of the library (mypy, pyproject's [tool.mypy]), then the tests
+# (the import-layer check is one of them: tests/test_layers.py).
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Pin what this venv holds (after `make test` passed with it) as the tested versions.
