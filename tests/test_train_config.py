@@ -10,9 +10,9 @@ from rlipv2_scale.errors import ConfigError
 from rlipv2_scale.train.config import load_run_config
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
-# The `rlipv2 train` recipes (recipes/tagger/ holds Relation Tagger recipes, another schema).
+# Every `rlipv2 train` recipe, Relation Tagger ones included (task: tagger).
 ALL = sorted(p for p in RECIPES.rglob("*.yaml") if not p.name.startswith("_")
-             and p.relative_to(RECIPES).parts[0] in ("pretrain", "finetune", "tiny", "demo"))
+             and p.relative_to(RECIPES).parts[0] in ("pretrain", "finetune", "tiny", "demo", "tagger"))
 FULL = [p for p in ALL if p.relative_to(RECIPES).parts[0] in ("pretrain", "finetune")]
 
 
@@ -98,3 +98,26 @@ def test_resolved_config_round_trips(tmp_path, name):
     cfg = load_run_config(RECIPES / name)
     save_config(cfg, tmp_path / "config.yaml")
     assert load_run_config(tmp_path / "config.yaml") == cfg
+
+
+def test_benchmark_label_lists_by_name_round_trip_and_drift_is_refused(tmp_path):
+    from rlipv2_scale.config import save_config
+    from rlipv2_scale.errors import ConfigError
+    from rlipv2_scale.labels.space import hico_label_space
+    from rlipv2_scale.train.config import load_run_config, run_config_from_dict
+
+    cfg = load_run_config(RECIPES / "finetune" / "hico_full_r50.yaml")
+    hico = hico_label_space()
+    assert cfg.data.fixed_obj_labels == list(hico.objects) and cfg.data.fixed_rel_labels == list(hico.verbs)
+    assert cfg.eval.data is not None and cfg.eval.data.fixed_rel_labels == list(hico.verbs)
+    save_config(cfg, tmp_path / "config.yaml")                    # a run's resolved config loads again
+    assert load_run_config(tmp_path / "config.yaml").data.fixed_rel_labels == list(hico.verbs)
+    base = {"model": {"name": "tiny"}}
+    drifted = list(hico.verbs)
+    drifted[3] = "blows"
+    with pytest.raises(ConfigError, match=r"hico-det's but for 'blows' \(expected 'blow'\); write labels: hico-det"):
+        run_config_from_dict({**base, "data": {"sources": [{"name": "x", "local": "y"}],
+                                               "fixed_obj_labels": list(hico.objects), "fixed_rel_labels": drifted}})
+    with pytest.raises(ConfigError, match="names the label lists"):
+        run_config_from_dict({**base, "data": {"sources": [{"name": "x", "local": "y"}], "labels": "vcoco",
+                                               "fixed_obj_labels": ["a"], "fixed_rel_labels": ["b"]}})

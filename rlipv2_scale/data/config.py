@@ -8,6 +8,9 @@ sizes and the label-sequence lengths.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
+
+from rlipv2_scale.labels import metadata
 
 
 @dataclass
@@ -101,7 +104,9 @@ class DataConfig:
     num_rel_labels: int = 167
     negative_sampling: bool = True
     vocabulary: str | None = None             # label-frequency JSON (`LabelVocabulary.save`); scanned if None
-    # Fine-tuning: the benchmark's fixed label lists (no negatives; every batch uses them as given).
+    # Fine-tuning: the benchmark's fixed label lists (no negatives; every batch uses them as given),
+    # given by name (`labels: hico-det | vcoco`, from `rlipv2_scale.labels.metadata`) or as lists.
+    labels: Literal["hico-det", "vcoco"] | None = None
     fixed_obj_labels: list[str] | None = None
     fixed_rel_labels: list[str] | None = None
     relation_threshold: float = 0.20          # pseudo-label relations below this confidence are ignored
@@ -124,6 +129,15 @@ class DataConfig:
             raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
         if not 0.0 <= self.relation_threshold <= 1.0:
             raise ValueError(f"data.relation_threshold must be in [0, 1], got {self.relation_threshold}")
+        if self.labels is not None:
+            named = benchmark_labels(self.labels)
+            # (a resolved config, as saved with a run, holds both: the same lists)
+            if (self.fixed_obj_labels, self.fixed_rel_labels) not in ((None, None), named):
+                raise ValueError(f"data.labels={self.labels} names the label lists: remove fixed_obj_labels / "
+                                 "fixed_rel_labels, or set labels: null to list them")
+            self.fixed_obj_labels, self.fixed_rel_labels = named
+        elif self.fixed_obj_labels is not None and self.fixed_rel_labels is not None:
+            _refuse_drift(self.fixed_obj_labels, self.fixed_rel_labels)
         if (self.fixed_obj_labels is None) != (self.fixed_rel_labels is None):
             raise ValueError("data.fixed_obj_labels and data.fixed_rel_labels go together: set both or neither")
         if self.fixed_obj_labels is not None and (not self.fixed_obj_labels or not self.fixed_rel_labels):
@@ -132,3 +146,24 @@ class DataConfig:
     @property
     def fixed_labels(self) -> bool:
         return self.fixed_obj_labels is not None
+
+
+def benchmark_labels(name: str) -> tuple[list[str], list[str]]:
+    """(object texts, relation texts) a benchmark is fine-tuned and scored with."""
+    objects = [o["name"] for o in metadata.hico_objects()]          # V-COCO uses the same 80 COCO objects
+    if name == "hico-det":
+        return objects, [v["text"] for v in metadata.hico_verbs()]
+    return objects, [v["text"] for v in metadata.vcoco_verbs()]
+
+
+def _refuse_drift(objects: list[str], relations: list[str]) -> None:
+    """Lists that are a benchmark's but for a few entries (a typo, an old name) would silently be
+    scored in a label space of their own instead of the benchmark's: name the differences."""
+    for name in ("hico-det", "vcoco"):
+        want_obj, want_rel = benchmark_labels(name)
+        if (len(objects), len(relations)) != (len(want_obj), len(want_rel)):
+            continue
+        differ = [f"{a!r} (expected {b!r})" for a, b in zip(objects + relations, want_obj + want_rel) if a != b]
+        if 0 < len(differ) <= 5:
+            raise ValueError(f"the fixed label lists are {name}'s but for {', '.join(differ)}; write "
+                             f"labels: {name} instead of the lists (or fix those entries)")
