@@ -6,7 +6,9 @@ import pytest
 from rlipv2_scale.data.pseudo.candidates import CandidateChunk
 from rlipv2_scale.data.pseudo.tag import (TagConfig, read_tags, report, run_tagging, tag_image,
                                           to_record, to_scene_graph)
+from rlipv2_scale.data.pseudo.paraphrases import predicate_synonyms
 from rlipv2_scale.data.schema import ImageInfo, Object, RelationalRecord
+from rlipv2_scale.errors import UserError
 
 
 def _record(i=1):
@@ -32,16 +34,49 @@ def test_threshold_topk_dedup_and_candidate_texts():
               CandidateChunk([(0, 1)], ["riding"], [["riding"]])]
     scorer = TableScorer({(0, 1, "riding"): 0.9, (0, 1, "feeding"): 0.3, (2, 1, "riding"): 0.04,
                           (2, 1, "feeding"): 0.5})
-    got = tag_image(_record(), chunks, scorer, TagConfig())
+    # every text of the forward (the original): (0, 1) also takes (2, 1)'s "feeding"
+    got = tag_image(_record(), chunks, scorer, TagConfig(texts="all"))
     # 0.04 < keep threshold; (0,1,riding) appears in two chunks → kept once with its max
     assert [(r.subject, r.object, r.predicate, r.confidence) for r in got] == [
         (0, 1, "riding", 0.9), (0, 1, "feeding", 0.3), (2, 1, "feeding", 0.5)]
-    top1 = tag_image(_record(), chunks, scorer, TagConfig(top_k_per_pair=1))
+    top1 = tag_image(_record(), chunks, scorer, TagConfig(texts="all", top_k_per_pair=1))
     assert [(r.subject, r.predicate) for r in top1] == [(0, "riding"), (2, "feeding")]
-    own = tag_image(_record(), chunks, scorer, TagConfig(only_candidate_texts=True))
-    assert (0, 1, "feeding") not in {(r.subject, r.object, r.predicate) for r in own}
-    nodedup = tag_image(_record(), chunks, scorer, TagConfig(deduplicate=False))
+    own = tag_image(_record(), chunks, scorer, TagConfig(texts="candidates"))
+    assert [(r.subject, r.object, r.predicate) for r in own] == [(0, 1, "riding"), (2, 1, "feeding")]
+    nodedup = tag_image(_record(), chunks, scorer, TagConfig(texts="all", deduplicate=False))
     assert sum(r.predicate == "riding" and r.subject == 0 for r in nodedup) == 2
+    with pytest.raises(ValueError, match="texts"):
+        TagConfig(texts="own")
+
+
+def test_synonyms_merge_into_one_tag_per_pair_at_their_max():
+    chunk = CandidateChunk([(0, 1), (2, 1)], ["riding", "sitting on top of", "next to"],
+                           [["riding", "sitting on top of", "next to"], ["sitting on top of"]])
+    scorer = TableScorer({(0, 1, "riding"): 0.4, (0, 1, "sitting on top of"): 0.7, (0, 1, "next to"): 0.5,
+                          (2, 1, "sitting on top of"): 0.3})
+    syn = {"riding": "riding", "sitting on top of": "riding", "next to": "next to"}
+    got = tag_image(_record(), [chunk], scorer, TagConfig(synonyms=syn))
+    assert [(r.subject, r.predicate, r.confidence) for r in got] == [
+        (0, "riding", 0.7), (0, "next to", 0.5), (2, "riding", 0.3)]
+    # top-k counts merged predicates, not wordings: top-1 keeps riding (0.7), not both riding wordings
+    top1 = tag_image(_record(), [chunk], scorer, TagConfig(synonyms=syn, top_k_per_pair=1))
+    assert [(r.subject, r.predicate) for r in top1] == [(0, "riding"), (2, "riding")]
+    unmerged = tag_image(_record(), [chunk], scorer, TagConfig(top_k_per_pair=2))
+    assert [r.predicate for r in unmerged if r.subject == 0] == ["sitting on top of", "next to"]
+
+
+def test_predicate_synonym_tables(tmp_path):
+    assert predicate_synonyms("none") is None
+    syn = predicate_synonyms("synthetic")
+    assert syn["sitting on top of"] == syn["riding"] == "riding" and syn["beside"] == "next to"
+    f = tmp_path / "syn.json"
+    f.write_text(json.dumps({"holding": ["carrying", "Holding  onto"]}))
+    assert predicate_synonyms(str(f)) == {"holding": "holding", "carrying": "holding", "holding onto": "holding"}
+    f.write_text(json.dumps(["holding"]))
+    with pytest.raises(UserError, match="must map each predicate"):
+        predicate_synonyms(str(f))
+    with pytest.raises(UserError, match="does not exist"):
+        predicate_synonyms(str(tmp_path / "missing.json"))
 
 
 def test_bad_scorer_shape_is_reported():

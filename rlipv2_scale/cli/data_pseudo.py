@@ -10,7 +10,7 @@ import argparse
 import os
 from pathlib import Path
 
-from rlipv2_scale.data.pseudo.paraphrases import load_table
+from rlipv2_scale.data.pseudo.paraphrases import load_table, predicate_synonyms
 from rlipv2_scale.errors import UserError
 
 
@@ -94,7 +94,8 @@ def _tag(args: argparse.Namespace) -> int:
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
     scorer = TaggerScorer(load_tagger(args.checkpoint, device), _class_names(args.classes), eval_size=args.eval_size,
                           max_size=args.max_size, device=device)
-    cfg = TagConfig(keep_threshold=args.keep_threshold, top_k_per_pair=args.top_k, deduplicate=not args.no_dedup)
+    cfg = TagConfig(keep_threshold=args.keep_threshold, top_k_per_pair=args.top_k or None, texts=args.texts,
+                    synonyms=predicate_synonyms(args.synonyms), deduplicate=not args.no_dedup)
     summary = tag_shards(args.shards, args.candidates, scorer, args.out, cfg, rank=rank, world_size=world)
     print(f"tagged {summary.tagged} images ({summary.already_done} already done, {summary.without_candidates} "
           f"without candidates, {len(summary.failed_to_decode)} failed to decode"
@@ -176,7 +177,12 @@ def register(tree) -> None:
     p.add_argument("--classes", default="coco80", help="object class list: coco80 | o365 | synthetic | a file")
     p.add_argument("--out", required=True)
     p.add_argument("--keep-threshold", type=float, default=0.05, help="confidences kept in the output")
-    p.add_argument("--top-k", type=int, default=None, help="keep at most K texts per pair")
+    p.add_argument("--texts", choices=["candidates", "all"], default="candidates",
+                   help="texts a pair may take: its own candidate texts, or every text of the forward (the "
+                        "original; far less precise)")
+    p.add_argument("--synonyms", default="none", metavar="none|synthetic|FILE",
+                   help="merge synonymous wordings of one predicate per pair (a JSON file: predicate → wordings)")
+    p.add_argument("--top-k", type=int, default=None, help="keep at most K texts per pair (0: no limit)")
     p.add_argument("--no-dedup", action="store_true", help="keep repeated (pair, text) entries")
     p.add_argument("--eval-size", type=int, default=800)
     p.add_argument("--max-size", type=int, default=1333)

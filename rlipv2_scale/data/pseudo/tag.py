@@ -3,10 +3,16 @@
 A `PairScorer` (the Relation Tagger, or any model with the same contract) gives a confidence for
 every (candidate pair, relation text) of a chunk. `run_tagging` walks images with their candidate
 chunks, takes this rank's share, keeps every confidence ≥ `keep_threshold` (0.05: the training-time
-threshold, 0.20 by default, is applied when the file is read), optionally the top-k texts per pair,
-and appends one JSON line per image to a per-rank file — resumable like captioning. `to_scene_graph`
+threshold, 0.20 by default, is applied when the file is read) and appends one JSON line per image to a per-rank file — resumable like captioning. `to_scene_graph`
 builds the original's pseudo-label JSON entry (§3.6 of the reference) and `to_record` the project's
 `RelationalRecord`, so the output goes straight into MDS shards.
+
+Which scores of a forward become tags (`TagConfig`): the texts a pair may take (`texts`: its own
+candidate texts, or every text of the chunk as the original does), synonymous wordings of one
+predicate merged into one tag at their highest confidence (`synonyms`), and the top-k per pair.
+Every phrase of a chunk is scored against every pair of it, so with `texts="all"` a pair also gets
+the phrases of other pairs, which on the synthetic world more than halves precision
+(benchmarks/results/pseudo_label_proof.md).
 """
 from __future__ import annotations
 
@@ -40,12 +46,20 @@ class TaggedRelation:
     confidence: float
 
 
+TEXT_MODES = ("candidates", "all")
+
+
 @dataclass
 class TagConfig:
     keep_threshold: float = 0.05
     top_k_per_pair: int | None = None        # the original's "Top2" files use 2
-    only_candidate_texts: bool = False       # the original scores every text of the forward
+    texts: str = "candidates"                # "all": every text of the forward, as the original
+    synonyms: dict[str, str] | None = None   # phrase → the wording its synonyms are merged into
     deduplicate: bool = True                 # keep the max confidence per (subject, object, predicate)
+
+    def __post_init__(self) -> None:
+        if self.texts not in TEXT_MODES:
+            raise ValueError(f"texts must be one of {TEXT_MODES}, got {self.texts!r}")
 
 
 def tag_image(record: RelationalRecord, chunks: list[CandidateChunk], scorer: PairScorer,
@@ -58,11 +72,18 @@ def tag_image(record: RelationalRecord, chunks: list[CandidateChunk], scorer: Pa
             raise ValueError(f"scorer returned shape {scores.shape} for {len(chunk.pairs)} pairs × "
                              f"{len(chunk.texts)} texts")
         for p, (s, o) in enumerate(chunk.pairs):
-            allowed = set(chunk.pair_texts[p]) if cfg.only_candidate_texts else set(chunk.texts)
+            allowed = set(chunk.pair_texts[p]) if cfg.texts == "candidates" else set(chunk.texts)
             ranked = [t for t in np.argsort(-scores[p], kind="stable")
                       if scores[p, t] >= cfg.keep_threshold and chunk.texts[t] in allowed]
-            for t in ranked[:cfg.top_k_per_pair] if cfg.top_k_per_pair else ranked:
-                key, conf = (s, o, chunk.texts[t]), float(scores[p, t])
+            if cfg.synonyms:                 # ranked by confidence: the first wording of a group is its max
+                merged: dict[str, int] = {}
+                for t in ranked:
+                    merged.setdefault(cfg.synonyms.get(chunk.texts[t], chunk.texts[t]), t)
+                picked = list(merged.items())
+            else:
+                picked = [(chunk.texts[t], t) for t in ranked]
+            for text, t in picked[:cfg.top_k_per_pair] if cfg.top_k_per_pair else picked:
+                key, conf = (s, o, text), float(scores[p, t])
                 if key in found and not cfg.deduplicate:
                     duplicates.append(TaggedRelation(*key, conf))
                 else:
