@@ -153,22 +153,47 @@ def test_tagger_scorer_scores_every_pair_and_text():
         TaggerScorer(tagger, ["person"], eval_size=64).score(rec, chunk)
 
 
-def test_pseudo_label_quality_against_known_relations():
-    from rlipv2_scale.data.pseudo.quality import candidate_quality, tag_quality
-    from rlipv2_scale.data.pseudo.synthetic_captions import canonical_predicate
-    from rlipv2_scale.data.pseudo.tag import TaggedRelation as T
+def _proof_benchmark():
+    """benchmarks/pseudo_label_proof.py, whose scorer the README's pseudo-label figures come from."""
+    import importlib.util
+    from pathlib import Path
 
-    truth = {"1": [(0, 1, "holding"), (1, 2, "on")], "2": [(0, 1, "inside")]}
-    tags = [("1", [T(0, 1, "carrying", 0.6), T(0, 1, "holding", 0.3),    # two synonyms: one prediction at 0.6
-                   T(1, 2, "under", 0.25), T(2, 1, "gripping", 0.1)]),
-            ("2", [T(0, 1, "in", 0.07), T(0, 1, "floating", 0.9)])]       # "floating" is no predicate: wrong
-    q = tag_quality(tags, truth, canonical_predicate, thresholds=(0.05, 0.2, 0.5))
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "pseudo_label_proof.py"
+    spec = importlib.util.spec_from_file_location("pseudo_label_proof", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_proof_scorer_counts_the_wordings_of_one_pair_once():
+    bench = _proof_benchmark()
+
+    def ann(i, rels, names=("person", "cup", "table")):
+        return {"image": {"id": i}, "objects": [{"name": n} for n in names],
+                "relations": [{"subject": s, "object": o, "predicate": p, "confidence": c} for s, o, p, c in rels]}
+
+    truth = {"1": ann(1, [(0, 1, "holding", None), (1, 2, "on", None)]), "2": ann(2, [(0, 1, "inside", None)])}
+    pseudo = {"1": ann(1, [(0, 1, "carrying", 0.6), (0, 1, "holding", 0.3),    # two wordings: one prediction at 0.6
+                           (1, 2, "under", 0.25), (2, 1, "gripping", 0.1)]),
+              "2": ann(2, [(0, 1, "in", 0.07), (0, 1, "floating", 0.9)])}      # "floating" is no predicate: wrong
+    q = bench.score_shards(pseudo, truth, thresholds=(0.05, 0.2, 0.5))
     # 0.05: {1:(0,1,holding), (1,2,under), (2,1,holding), 2:(0,1,inside), (0,1,?floating)} → 2 of 5 right, 2 of 3 found
-    assert q["0.05"] == {"predicted": 5, "correct": 2, "true": 3, "precision": 0.4, "recall": 0.6667}
-    assert q["0.2"] == {"predicted": 3, "correct": 1, "true": 3, "precision": 0.3333, "recall": 0.3333}
+    assert {k: q["0.05"][k] for k in ("predicted", "correct", "true", "pairs", "precision", "recall")} == {
+        "predicted": 5, "correct": 2, "true": 3, "pairs": 4, "precision": 0.4, "recall": 0.6667}
+    assert (q["0.2"]["predicted"], q["0.2"]["correct"], q["0.2"]["precision"]) == (3, 1, 0.3333)
     assert q["0.5"]["predicted"] == 2 and q["0.5"]["correct"] == 1
-    assert tag_quality([], truth, canonical_predicate, (0.5,))["0.5"]["precision"] is None
+    assert bench.score_shards({}, truth, (0.5,))["0.5"]["precision"] is None
+    with pytest.raises(SystemExit, match="objects differ"):
+        bench.score_shards({"1": ann(1, [], names=("cup", "person", "table"))}, truth)
 
-    cands = {"1": [CandidateChunk([(0, 1), (1, 2)], ["carrying", "beneath"], [["carrying"], ["beneath", "carrying"]])]}
-    assert candidate_quality(cands, truth, canonical_predicate) == {
-        "predicted": 3, "correct": 1, "true": 3, "precision": 0.3333, "recall": 0.3333}
+
+def test_cli_tag_rejects_a_bad_synonym_file_in_one_line(tmp_path, capsys):
+    from rlipv2_scale.cli import main
+
+    bad = tmp_path / "syn.json"
+    bad.write_text("{not json")
+    argv = ["data", "tag", "--shards", str(tmp_path), "--candidates", str(tmp_path), "--checkpoint", str(tmp_path),
+            "--out", str(tmp_path / "tags"), "--synonyms", str(bad)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "syn.json" in err[0] and "not valid JSON" in err[0]

@@ -90,12 +90,13 @@ def _tag(args: argparse.Namespace) -> int:
     from rlipv2_scale.data.pseudo.tag import TagConfig
     from rlipv2_scale.data.pseudo.tagger_scorer import TaggerScorer, load_tagger
 
+    synonyms = predicate_synonyms(args.synonyms)      # a bad file fails before the model loads
     rank, world = _rank_world()
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
     scorer = TaggerScorer(load_tagger(args.checkpoint, device), _class_names(args.classes), eval_size=args.eval_size,
                           max_size=args.max_size, device=device)
     cfg = TagConfig(keep_threshold=args.keep_threshold, top_k_per_pair=args.top_k or None, texts=args.texts,
-                    synonyms=predicate_synonyms(args.synonyms), deduplicate=not args.no_dedup)
+                    synonyms=synonyms, deduplicate=not args.no_dedup)
     summary = tag_shards(args.shards, args.candidates, scorer, args.out, cfg, rank=rank, world_size=world)
     print(f"tagged {summary.tagged} images ({summary.already_done} already done, {summary.without_candidates} "
           f"without candidates, {len(summary.failed_to_decode)} failed to decode"
