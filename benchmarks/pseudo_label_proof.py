@@ -54,13 +54,13 @@ IMAGE_SIZE = 128
 # Levers: the `rlipv2 data tag` options each one adds to the shared ones. "default" is the CLI's
 # default (no option) and must stay the best of these on the synthetic world.
 LEVERS: dict[str, list[str]] = {
-    "all texts (original)": ["--texts", "all", "--synonyms", "none", "--top-k", "0"],
-    "candidate texts": ["--texts", "candidates", "--top-k", "0"],
-    "candidate texts, synonyms merged": ["--texts", "candidates", "--synonyms", "synthetic", "--top-k", "0"],
-    "candidate texts, top-1": ["--texts", "candidates", "--top-k", "1"],
-    "candidate texts, synonyms merged, top-2": ["--texts", "candidates", "--synonyms", "synthetic", "--top-k", "2"],
-    "all texts, synonyms merged, top-1": ["--texts", "all", "--synonyms", "synthetic", "--top-k", "1"],
-    "default": [],
+    "all texts (original)": ["--texts", "all", "--no-use-captions", "--synonyms", "none", "--top-k", "0"],
+    "candidate texts": ["--texts", "candidates", "--no-use-captions", "--top-k", "0"],
+    "candidate texts, synonyms merged": ["--no-use-captions", "--synonyms", "synthetic", "--top-k", "0"],
+    "candidate texts, top-1": ["--no-use-captions", "--top-k", "1"],
+    "candidate texts, synonyms merged, top-2": ["--no-use-captions", "--synonyms", "synthetic", "--top-k", "2"],
+    "captions weigh the Tagger, synonyms merged": ["--use-captions", "--synonyms", "synthetic"],
+    "default (captions weigh the Tagger)": [],
 }
 
 COMMANDS: list[str] = []            # every rlipv2 command run, in order, for the results
@@ -176,18 +176,22 @@ def pipeline(out: Path, args: argparse.Namespace, detection: Path, truth_shards:
     seconds["caption_parse"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    tagger = out / "tagger"
+    tagger, run_dir, steps = out / "tagger", out / "tagger_run", args.tagger_steps
+    train = ("data", "train-tagger", ROOT / "recipes" / "tagger" / "tiny.yaml", f"run.dir={run_dir}",
+             f"data.sources=[{{name: vg, local: '{out / 'shards' / 'train'}'}}]",
+             f"model.text.tokenizer={out / 'tokenizer'}", f"train.max_steps={steps}",
+             f"data.batch_size={args.tagger_batch}", f"train.seed={42 + args.seed}", f"data.seed={42 + args.seed}",
+             f"checkpoint.every_steps={steps}", "logging.every_steps=50")
     if args.reuse_tagger and (tagger / "model.safetensors").is_file():
+        if f"max_steps: {steps}\n" not in (run_dir / "config.yaml").read_text():
+            raise SystemExit(f"--reuse-tagger: {run_dir} was not trained for {steps} steps")
+        COMMANDS.append("# reused OUT/tagger, exported from an earlier run in this work folder of:")
+        COMMANDS.append("# rlipv2 " + shlex.join(str(a) for a in train))
+        COMMANDS.append("# rlipv2 " + shlex.join(["data", "export-tagger", str(run_dir), str(tagger)]))
         log(f"reusing the tagger in {tagger}")
     else:
-        run_dir = out / "tagger_run"
         shutil.rmtree(run_dir, ignore_errors=True)
-        steps = args.tagger_steps
-        cli("data", "train-tagger", ROOT / "recipes" / "tagger" / "tiny.yaml", f"run.dir={run_dir}",
-            f"data.sources=[{{name: vg, local: '{out / 'shards' / 'train'}'}}]",
-            f"model.text.tokenizer={out / 'tokenizer'}", f"train.max_steps={steps}",
-            f"data.batch_size={args.tagger_batch}", f"train.seed={42 + args.seed}", f"data.seed={42 + args.seed}",
-            f"checkpoint.every_steps={steps}", "logging.every_steps=50")
+        cli(*train)
         shutil.rmtree(tagger, ignore_errors=True)
         cli("data", "export-tagger", run_dir, tagger)
         seconds["tagger_training"] = time.perf_counter() - t
@@ -196,7 +200,7 @@ def pipeline(out: Path, args: argparse.Namespace, detection: Path, truth_shards:
     for name, options in LEVERS.items():
         if args.levers and name not in args.levers:
             continue
-        slug = name.split(" (")[0].replace(", ", "_").replace(" ", "-")
+        slug = "default" if name.startswith("default") else name.split(" (")[0].replace(", ", "_").replace(" ", "-")
         tags, pseudo, curve = out / "tags" / slug, out / "pseudo" / slug, out / "pseudo_curve" / slug
         for d in (tags, pseudo, curve):
             shutil.rmtree(d, ignore_errors=True)

@@ -96,7 +96,7 @@ def _tag(args: argparse.Namespace) -> int:
     scorer = TaggerScorer(load_tagger(args.checkpoint, device), _class_names(args.classes), eval_size=args.eval_size,
                           max_size=args.max_size, device=device)
     cfg = TagConfig(keep_threshold=args.keep_threshold, top_k_per_pair=args.top_k or None, texts=args.texts,
-                    synonyms=synonyms, deduplicate=not args.no_dedup)
+                    synonyms=synonyms, deduplicate=not args.no_dedup, use_captions=args.use_captions)
     summary = tag_shards(args.shards, args.candidates, scorer, args.out, cfg, rank=rank, world_size=world)
     print(f"tagged {summary.tagged} images ({summary.already_done} already done, {summary.without_candidates} "
           f"without candidates, {len(summary.failed_to_decode)} failed to decode"
@@ -183,7 +183,11 @@ def register(tree) -> None:
                         "original; far less precise)")
     p.add_argument("--synonyms", default="none", metavar="none|synthetic|FILE",
                    help="merge synonymous wordings of one predicate per pair (a JSON file: predicate → wordings)")
-    p.add_argument("--top-k", type=int, default=None, help="keep at most K texts per pair (0: no limit)")
+    p.add_argument("--use-captions", action=argparse.BooleanOptionalAction, default=True,
+                   help="weigh the Tagger with the captions: per pair the predicate of highest Tagger × caption "
+                        "share, per class pair as many pairs as one caption relates, confidence √(Tagger × share)")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="with --no-use-captions: keep at most K texts per pair (0: no limit)")
     p.add_argument("--no-dedup", action="store_true", help="keep repeated (pair, text) entries")
     p.add_argument("--eval-size", type=int, default=800)
     p.add_argument("--max-size", type=int, default=1333)
