@@ -8,7 +8,8 @@ from PIL import Image
 from rlipv2_scale.data.pseudo.caption import read_captions
 from rlipv2_scale.data.pseudo.parse import RuleBasedParser
 from rlipv2_scale.data.pseudo.paraphrases import ParaphraseTable
-from rlipv2_scale.data.pseudo.pipeline import (caption_shards, export_pseudo_labels, load_candidates, parse_shards,
+from rlipv2_scale.data.pseudo.pipeline import (caption_shards, export_pseudo_labels, load_candidates,
+                                               load_caption_evidence, parse_shards,
                                                tag_shards)
 from rlipv2_scale.data.pseudo.synthetic_captions import NAME_PARAPHRASES, SyntheticCaptioner, TruthCaptioner
 from rlipv2_scale.data.schema import ImageInfo, Object, RelationalRecord
@@ -77,6 +78,8 @@ def test_missing_stage_outputs_are_named(tmp_path):
         parse_shards(tmp_path / "det", tmp_path / "nocaps", RuleBasedParser(ParaphraseTable({})), tmp_path / "p")
     with pytest.raises(UserError, match="run `rlipv2 data parse` first"):
         load_candidates(tmp_path / "p")
+    with pytest.raises(UserError, match="rerun `rlipv2 data parse`, or tag with --no-use-captions"):
+        load_caption_evidence(tmp_path / "p")
 
 
 class FixedCaptioner:

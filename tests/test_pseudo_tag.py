@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from rlipv2_scale.data.pseudo.candidates import CandidateChunk
-from rlipv2_scale.data.pseudo.tag import (TagConfig, read_tags, report, run_tagging, tag_image,
+from rlipv2_scale.data.pseudo.tag import (CaptionEvidence, TagConfig, read_tags, report, run_tagging, tag_image,
                                           to_record, to_scene_graph)
 from rlipv2_scale.data.pseudo.paraphrases import predicate_synonyms
 from rlipv2_scale.data.schema import ImageInfo, Object, RelationalRecord
@@ -77,6 +77,31 @@ def test_predicate_synonym_tables(tmp_path):
         predicate_synonyms(str(f))
     with pytest.raises(UserError, match="does not exist"):
         predicate_synonyms(str(tmp_path / "missing.json"))
+
+
+def test_captions_pick_the_predicate_and_how_many_pairs():
+    # two people (0, 2) and a horse (1): both person → horse pairs are candidates, the captions
+    # relate one person to the horse, in 3 of 4 captions as "riding" (twice as "sitting on top of")
+    chunk = CandidateChunk([(0, 1), (2, 1)], ["riding", "sitting on top of", "next to"],
+                           [["riding", "sitting on top of", "next to"], ["riding", "sitting on top of", "next to"]])
+    evidence = CaptionEvidence([[("person", "riding", "horse")], [("person", "sitting on top of", "horse")],
+                                [("person", "sitting on top of", "horse")], [("person", "next to", "horse")]])
+    scorer = TableScorer({(0, 1, "riding"): 0.3, (0, 1, "sitting on top of"): 0.2, (0, 1, "next to"): 0.4,
+                          (2, 1, "riding"): 0.1, (2, 1, "next to"): 0.2})
+    syn = {"riding": "riding", "sitting on top of": "riding", "next to": "next to"}
+    got = tag_image(_record(), [chunk], scorer, TagConfig(synonyms=syn), evidence)
+    # riding: Tagger 0.3 (max of its wordings) × 3/4 beats next to: 0.4 × 1/4; person 2 is left out
+    assert [(r.subject, r.object, r.predicate) for r in got] == [(0, 1, "riding")]
+    assert got[0].confidence == pytest.approx(np.sqrt(0.3 * 0.75))
+    # without merging, each wording has its own share: next to 0.4 × 1/4 beats riding 0.3 × 1/4
+    plain = tag_image(_record(), [chunk], scorer, TagConfig(), evidence)
+    assert [(r.subject, r.predicate) for r in plain] == [(0, "next to")]
+    # a caption relating two people to the horse keeps both pairs
+    two = CaptionEvidence(evidence.captions + [[("person", "riding", "horse"), ("person", "next to", "horse")]])
+    assert {r.subject for r in tag_image(_record(), [chunk], scorer, TagConfig(synonyms=syn), two)} == {0, 2}
+    # --no-use-captions: the Tagger alone
+    alone = tag_image(_record(), [chunk], scorer, TagConfig(use_captions=False, top_k_per_pair=1), evidence)
+    assert [(r.subject, r.predicate) for r in alone] == [(0, "next to"), (2, "next to")]
 
 
 def test_bad_scorer_shape_is_reported():
