@@ -18,8 +18,10 @@
 4. `--pretrain-steps N` (items 3-4 of issue #22; hours on 2 CPU cores): `rlipv2 train` with the demo
    recipe on the VG-format split alone, + the default lever's pseudo-labels, + the detection split
    with its hidden true relations (the ceiling), for each seed of `--pretrain-seeds`, then each run
-   scored on the demo's test scenes (relation mAP on seen and held-out combinations; mean ± std over
-   seeds; the share of the ceiling's gain the pseudo-labels reach).
+   scored on the demo's test scenes as `rlipv2 demo` scores them (relation mAP on seen and held-out
+   combinations; mean ± std over seeds; the share of the ceiling's gain the pseudo-labels reach).
+   The scoring is the demo's library call: `rlipv2 eval hico-det` knows only HICO-DET's label space,
+   not the synthetic world's.
 
     # precision / recall of every lever (about 20 min on 2 busy CPU cores)
     nice -n 19 python benchmarks/pseudo_label_proof.py --out runs/pseudo_proof

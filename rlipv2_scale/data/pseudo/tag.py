@@ -8,11 +8,13 @@ builds the original's pseudo-label JSON entry (§3.6 of the reference) and `to_r
 `RelationalRecord`, so the output goes straight into MDS shards.
 
 Which scores of a forward become tags (`TagConfig`): the texts a pair may take (`texts`: its own
-candidate texts, or every text of the chunk as the original does), synonymous wordings of one
-predicate merged into one tag at their highest confidence (`synonyms`), and the top-k per pair.
-Every phrase of a chunk is scored against every pair of it, so with `texts="all"` a pair also gets
-the phrases of other pairs, which on the synthetic world more than halves precision
-(benchmarks/results/pseudo_label_proof.md).
+candidate texts, or every text of the chunk as the original does: every phrase of a chunk is scored
+against every pair of it, so a pair also gets the phrases of other pairs, which on the synthetic
+world halves precision), synonymous wordings of one predicate merged into one tag at their highest
+confidence (`synonyms`), and then either the captions' evidence (`use_captions`, see
+`CaptionEvidence`: one predicate per pair, as many pairs per class pair as a caption relates) or
+every score ≥ `keep_threshold`, optionally the top-k per pair (benchmarks/results/pseudo_label_proof.md
+compares them).
 """
 from __future__ import annotations
 
