@@ -185,7 +185,8 @@ def register(tree) -> None:
                    help="merge synonymous wordings of one predicate per pair (a JSON file: predicate → wordings)")
     p.add_argument("--use-captions", action=argparse.BooleanOptionalAction, default=True,
                    help="weigh the Tagger with the captions: per pair the predicate of highest Tagger × caption "
-                        "share, per class pair as many pairs as one caption relates, confidence √(Tagger × share)")
+                        "share, per class pair as many pairs as one caption relates, confidence √(Tagger × share of "
+                        "captions relating the two classes)")
     p.add_argument("--top-k", type=int, default=None,
                    help="with --no-use-captions: keep at most K texts per pair (0: no limit)")
     p.add_argument("--no-dedup", action="store_true", help="keep repeated (pair, text) entries")

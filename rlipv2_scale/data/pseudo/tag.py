@@ -72,8 +72,9 @@ class CaptionEvidence:
     A candidate pair is made by class names alone, so with two people and one cup both person → cup
     pairs are candidates for "holding" while a caption that names one holding means one. The Tagger
     sees the pixels, the captions know how many and what: `tag_image` takes from the captions the
-    share of captions that state a (classes, predicate) and the most instances of a class pair any
-    one caption relates, and from the Tagger which pairs and how sure.
+    share of captions that state a (classes, predicate), the share that relate the two classes at
+    all, and the most instances of a class pair any one caption relates; from the Tagger which pairs
+    and how sure.
     """
 
     captions: list[list[tuple[str, str, str]]]
@@ -86,18 +87,25 @@ class CaptionEvidence:
                 counts[pred] = counts.get(pred, 0) + 1
         return {p: n / max(1, len(self.captions)) for p, n in counts.items()}
 
+    def pair_share(self, subject: str, obj: str) -> float:
+        """The share of captions relating this class pair, in any words."""
+        return sum(any((s, o) == (subject, obj) for s, _, o in ts) for ts in self.captions) / max(1, len(self.captions))
+
     def instances(self, subject: str, obj: str) -> int:
         return max((sum((s, o) == (subject, obj) for s, _, o in ts) for ts in self.captions), default=0)
 
 
 def _caption_weighted(record: RelationalRecord, chunks: list[CandidateChunk], scorer: PairScorer, cfg: TagConfig,
                       evidence: CaptionEvidence) -> list[TaggedRelation]:
-    """One predicate per pair, the one of highest Tagger × caption support; per class pair, the
-    pairs the Tagger is surest of, as many as one caption relates at most; confidence the geometric
-    mean of the Tagger's and the captions' (a relation both agree on). On the synthetic world this
-    is the lever that lifts precision without losing recall (benchmarks/results/pseudo_label_proof.md)."""
+    """One predicate per pair, the one of highest Tagger × caption share; per class pair, the pairs
+    the Tagger is surest of, as many as one caption relates at most; confidence √(Tagger × the share
+    of captions relating the class pair), a relation both agree on. The class pair's share, not the
+    predicate's, because captions split one predicate over its wordings ("riding", "sitting on top
+    of"): without a synonym table that would halve the confidence of a well-attested relation. On
+    the synthetic world this lifts precision without losing recall
+    (benchmarks/results/pseudo_label_proof.md)."""
     names = [o.name for o in record.objects]
-    chosen: dict[tuple[int, int], tuple[float, str, float]] = {}     # pair → (tagger, predicate, support)
+    chosen: dict[tuple[int, int], tuple[float, str]] = {}     # pair → (Tagger confidence, predicate)
     supports: dict[tuple[str, str], dict[str, float]] = {}
     for chunk in chunks:
         scores = _scores(record, chunk, scorer)
@@ -116,16 +124,17 @@ def _caption_weighted(record: RelationalRecord, chunks: list[CandidateChunk], sc
             if best is None:
                 continue
             if (s, o) not in chosen or tagger[best] > chosen[(s, o)][0]:      # a pair in two chunks
-                chosen[(s, o)] = (tagger[best], best, sup.get(best, 0.0))
+                chosen[(s, o)] = (tagger[best], best)
     by_classes: dict[tuple[str, str], list[tuple[int, int]]] = {}
     for pair in chosen:
         by_classes.setdefault((names[pair[0]], names[pair[1]]), []).append(pair)
     out = []
     for classes, pairs in by_classes.items():
         pairs.sort(key=lambda pair: -chosen[pair][0])
+        share = evidence.pair_share(*classes)
         for s, o in pairs[:max(1, evidence.instances(*classes))]:
-            tagger_conf, pred, sup = chosen[(s, o)]
-            conf = float(np.sqrt(tagger_conf * sup))
+            tagger_conf, pred = chosen[(s, o)]
+            conf = float(np.sqrt(tagger_conf * share))
             if conf >= cfg.keep_threshold:
                 out.append(TaggedRelation(s, o, pred, conf))
     return out
