@@ -54,7 +54,7 @@ TEXT_MODES = ("candidates", "all")
 @dataclass
 class TagConfig:
     keep_threshold: float = 0.05
-    top_k_per_pair: int | None = None        # the original's "Top2" files use 2
+    top_k_per_pair: int | None = None        # without use_captions; the original's "Top2" files use 2
     texts: str = "candidates"                # "all": every text of the forward, as the original
     synonyms: dict[str, str] | None = None   # phrase → the wording its synonyms are merged into
     deduplicate: bool = True                 # keep the max confidence per (subject, object, predicate)
