@@ -323,7 +323,8 @@ def markdown(res: dict[str, Any]) -> str:
     if res.get("pretraining"):
         lines += ["Pre-training: the demo recipe, each mix with the same steps, batch and seeds, scored on the "
                   "demo's test scenes.", "",
-                  "| pre-training data | seed | steps | relation mAP | zero-shot mAP | full mAP |", "|---|---|---|---|---|---|"]
+                  "| pre-training data | seed | steps | relation mAP | zero-shot mAP | full mAP |",
+                  "|---|---|---|---|---|---|"]
         for r in res["pretraining"]:
             lines.append(f"| {r['sources']} | {r['seed']} | {r['steps']} | {r['relation_map']} | "
                          f"{r['zero_shot_relation_map']} | {r['full_map']} |")

@@ -14,8 +14,8 @@ from typing import Callable, Iterator
 from rlipv2_scale.data.pseudo.caption import Captioner, CaptionRunSummary, ImageItem, read_captions, run_captioning
 from rlipv2_scale.data.pseudo.candidates import CandidateChunk, build_candidates
 from rlipv2_scale.data.pseudo.parse import CaptionParser, ParseStats, Triplet, image_triplets
-from rlipv2_scale.data.pseudo.tag import (CaptionEvidence, PairScorer, TagConfig, TagRunSummary, read_tags, report, run_tagging,
-                                          to_record, to_scene_graph)
+from rlipv2_scale.data.pseudo.tag import (CaptionEvidence, PairScorer, TagConfig, TagRunSummary, read_tags, report,
+                                          run_tagging, to_record, to_scene_graph)
 from rlipv2_scale.data.schema import RelationalRecord
 from rlipv2_scale.data.shards import ConvertSummary, iter_records, write_shards
 from rlipv2_scale.errors import UserError
@@ -89,7 +89,8 @@ def load_caption_evidence(parse_dir: str | Path) -> dict[str, CaptionEvidence]:
     if not path.is_file():
         raise UserError(f"{path} does not exist (written by `rlipv2 data parse` since captions guide tagging); "
                         "rerun `rlipv2 data parse`, or tag with --no-use-captions")
-    return {k: CaptionEvidence([[tuple(t) for t in ts] for ts in caps]) for k, caps in json.loads(path.read_text()).items()}
+    raw = json.loads(path.read_text())
+    return {k: CaptionEvidence([[tuple(t) for t in ts] for ts in caps]) for k, caps in raw.items()}
 
 
 def tag_shards(shards: str | Path, parse_dir: str | Path, scorer: PairScorer, out_dir: str | Path,

@@ -3,7 +3,8 @@
 A `PairScorer` (the Relation Tagger, or any model with the same contract) gives a confidence for
 every (candidate pair, relation text) of a chunk. `run_tagging` walks images with their candidate
 chunks, takes this rank's share, keeps every confidence ≥ `keep_threshold` (0.05: the training-time
-threshold, 0.20 by default, is applied when the file is read) and appends one JSON line per image to a per-rank file — resumable like captioning. `to_scene_graph`
+threshold, 0.20 by default, is applied when the file is read) and appends one JSON line per image
+to a per-rank file — resumable like captioning. `to_scene_graph`
 builds the original's pseudo-label JSON entry (§3.6 of the reference) and `to_record` the project's
 `RelationalRecord`, so the output goes straight into MDS shards.
 
