@@ -261,6 +261,7 @@ def pretraining(out: Path, args: argparse.Namespace, res: dict[str, Any]) -> Non
                                        "train_seconds": round(train_s, 1), **test_scores(out, run_dir)})
             write(res, args.results, out, quiet=True)
     res["pretraining_summary"] = pretraining_summary(res["pretraining"])
+    res["pretraining_commands"] = portable(COMMANDS, out)
 
 
 def test_scores(out: Path, run_dir: Path) -> dict[str, float]:
@@ -339,10 +340,17 @@ def markdown(res: dict[str, Any]) -> str:
             g = summ["share_of_ceiling_gain"]
             lines += ["", f"Share of the ceiling's gain (vg+pseudo − vg) / (vg+truth − vg): relation mAP "
                       f"{g['relation_map']}, zero-shot mAP {g['zero_shot_relation_map']}."]
+        if res.get("pretraining_commands"):
+            lines += ["", "Pre-training commands:", "", "```"] + res["pretraining_commands"] + ["```"]
     else:
         lines.append("Pre-training comparison with these labels: pending (`--pretrain-steps N`).")
     lines += ["", f"Machine: {res['machine']}", ""]
     return "\n".join(lines)
+
+
+def portable(commands: list[str], out: Path) -> list[str]:
+    """The commands with the work folder as OUT and paths relative to the repository."""
+    return [c.replace(str(out), "OUT").replace(str(ROOT) + "/", "") for c in commands]
 
 
 def write(res: dict[str, Any], results: Path, out: Path, quiet: bool = False) -> None:
@@ -410,7 +418,7 @@ def main() -> None:
                     "platform": platform.platform()},
     }
     res["seconds"]["world"] = round(world_s, 1)
-    res["commands"] = [c.replace(str(out), "OUT").replace(str(ROOT) + "/", "") for c in COMMANDS]
+    res["commands"] = portable(COMMANDS, out)
     write(res, args.results, out)
     if args.pretrain_steps > 0:
         pretraining(out, args, res)
