@@ -23,7 +23,8 @@
    The scoring is the demo's library call: `rlipv2 eval hico-det` knows only HICO-DET's label space,
    not the synthetic world's.
 
-    # precision / recall of every lever (about 20 min on 2 busy CPU cores)
+    # precision / recall of every lever (about 40 min on 2 busy CPU cores, half of it the Tagger's
+    # training; --reuse-tagger skips that on a second run in the same folder)
     nice -n 19 python benchmarks/pseudo_label_proof.py --out runs/pseudo_proof
     # + the pre-training comparison, reusing that work folder (pending: hours on this machine)
     nice -n 19 python benchmarks/pseudo_label_proof.py --out runs/pseudo_proof --only-pretrain \\
