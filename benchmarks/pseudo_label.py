@@ -59,8 +59,13 @@ def flops(fn) -> float:
 def tiny_blip(workdir: Path):
     """A random BLIP with a locally trained WordPiece tokenizer (nothing downloaded)."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
-    from transformers import (BertTokenizerFast, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor,
-                              BlipProcessor)
+    from transformers import (
+        BertTokenizerFast,
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipImageProcessor,
+        BlipProcessor,
+    )
 
     from rlipv2_scale.data.pseudo.synthetic_captions import NAME_PARAPHRASES, PREDICATE_SYNONYMS
 
@@ -149,8 +154,8 @@ def measure_tagging(records, repeats: int) -> dict[str, Any]:
     from rlipv2_scale.data.pseudo.candidates import CandidateChunk
     from rlipv2_scale.data.pseudo.tagger_scorer import TaggerScorer
     from rlipv2_scale.data.synthetic import CLASS_NAMES, PREDICATE_NAMES
-    from rlipv2_scale.models.config import named_config
     from rlipv2_scale.models.build import build_model
+    from rlipv2_scale.models.config import named_config
 
     torch.manual_seed(0)
     cfg = named_config("tiny_tagger")
@@ -178,8 +183,8 @@ def measure_tagging(records, repeats: int) -> dict[str, Any]:
 def tagger_r50_flops(sizes: list[tuple[int, int]], target: tuple[int, int], num_rel: int = 50) -> dict[str, Any]:
     """Forward FLOPs of `tagger_r50` (random init, local tokenizer) for one 100-pair group at
     reduced sizes, extrapolated linearly in pixels to `target`."""
-    from rlipv2_scale.models.config import named_config
     from rlipv2_scale.models.build import build_model
+    from rlipv2_scale.models.config import named_config
     from rlipv2_scale.models.text import default_label_corpus
 
     cfg = named_config("tagger_r50")

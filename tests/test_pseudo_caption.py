@@ -6,8 +6,14 @@ import pytest
 import torch
 from PIL import Image
 
-from rlipv2_scale.data.pseudo.caption import (BlipCaptioner, ImageItem, SamplingConfig, output_path, read_captions,
-                                              run_captioning)
+from rlipv2_scale.data.pseudo.caption import (
+    BlipCaptioner,
+    ImageItem,
+    SamplingConfig,
+    output_path,
+    read_captions,
+    run_captioning,
+)
 
 WORDS = "a picture of man woman dog horse riding sitting on next to holding bench table cup ball".split()
 
@@ -24,8 +30,13 @@ def tiny_blip(tmp_path_factory):
     """A randomly initialised BLIP with a locally trained WordPiece tokenizer: the real classes and
     the real generation path, nothing downloaded."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
-    from transformers import (BertTokenizerFast, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor,
-                              BlipProcessor)
+    from transformers import (
+        BertTokenizerFast,
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipImageProcessor,
+        BlipProcessor,
+    )
 
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)

@@ -3,9 +3,16 @@ import json
 import pytest
 
 from rlipv2_scale.data.pseudo.candidates import build_candidates
-from rlipv2_scale.data.pseudo.parse import (ParseStats, RuleBasedParser, Triplet, find_mentions, image_triplets,
-                                            make_parser, _tokens)
 from rlipv2_scale.data.pseudo.paraphrases import ParaphraseTable, builtin_table, load_table, plural_forms
+from rlipv2_scale.data.pseudo.parse import (
+    ParseStats,
+    RuleBasedParser,
+    Triplet,
+    _tokens,
+    find_mentions,
+    image_triplets,
+    make_parser,
+)
 from rlipv2_scale.data.pseudo.synthetic_captions import NAME_PARAPHRASES
 from rlipv2_scale.errors import UserError
 
@@ -95,8 +102,7 @@ def test_bad_paraphrase_files(tmp_path):
 
 
 def test_synthetic_captions_parse_back_to_true_relations():
-    from rlipv2_scale.data.pseudo.synthetic_captions import (NAME_PARAPHRASES, SyntheticCaptioner,
-                                                             canonical_predicate)
+    from rlipv2_scale.data.pseudo.synthetic_captions import NAME_PARAPHRASES, SyntheticCaptioner, canonical_predicate
 
     table = ParaphraseTable(NAME_PARAPHRASES)
     names = ["person", "cup", "table", "ball"]

@@ -4,9 +4,19 @@ import numpy as np
 import pytest
 
 from rlipv2_scale.data.pseudo.candidates import CandidateChunk
-from rlipv2_scale.data.pseudo.tag import (TagConfig, read_tags, report, run_tagging, tag_image,
-                                          to_record, to_scene_graph)
+from rlipv2_scale.data.pseudo.paraphrases import predicate_synonyms
+from rlipv2_scale.data.pseudo.tag import (
+    CaptionEvidence,
+    TagConfig,
+    read_tags,
+    report,
+    run_tagging,
+    tag_image,
+    to_record,
+    to_scene_graph,
+)
 from rlipv2_scale.data.schema import ImageInfo, Object, RelationalRecord
+from rlipv2_scale.errors import UserError
 
 
 def _record(i=1):
@@ -32,16 +42,75 @@ def test_threshold_topk_dedup_and_candidate_texts():
               CandidateChunk([(0, 1)], ["riding"], [["riding"]])]
     scorer = TableScorer({(0, 1, "riding"): 0.9, (0, 1, "feeding"): 0.3, (2, 1, "riding"): 0.04,
                           (2, 1, "feeding"): 0.5})
-    got = tag_image(_record(), chunks, scorer, TagConfig())
+    # every text of the forward (the original): (0, 1) also takes (2, 1)'s "feeding"
+    got = tag_image(_record(), chunks, scorer, TagConfig(texts="all"))
     # 0.04 < keep threshold; (0,1,riding) appears in two chunks → kept once with its max
     assert [(r.subject, r.object, r.predicate, r.confidence) for r in got] == [
         (0, 1, "riding", 0.9), (0, 1, "feeding", 0.3), (2, 1, "feeding", 0.5)]
-    top1 = tag_image(_record(), chunks, scorer, TagConfig(top_k_per_pair=1))
+    top1 = tag_image(_record(), chunks, scorer, TagConfig(texts="all", top_k_per_pair=1))
     assert [(r.subject, r.predicate) for r in top1] == [(0, "riding"), (2, "feeding")]
-    own = tag_image(_record(), chunks, scorer, TagConfig(only_candidate_texts=True))
-    assert (0, 1, "feeding") not in {(r.subject, r.object, r.predicate) for r in own}
-    nodedup = tag_image(_record(), chunks, scorer, TagConfig(deduplicate=False))
+    own = tag_image(_record(), chunks, scorer, TagConfig(texts="candidates"))
+    assert [(r.subject, r.object, r.predicate) for r in own] == [(0, 1, "riding"), (2, 1, "feeding")]
+    nodedup = tag_image(_record(), chunks, scorer, TagConfig(texts="all", deduplicate=False))
     assert sum(r.predicate == "riding" and r.subject == 0 for r in nodedup) == 2
+    with pytest.raises(ValueError, match="texts"):
+        TagConfig(texts="own")
+
+
+def test_synonyms_merge_into_one_tag_per_pair_at_their_max():
+    chunk = CandidateChunk([(0, 1), (2, 1)], ["riding", "sitting on top of", "next to"],
+                           [["riding", "sitting on top of", "next to"], ["sitting on top of"]])
+    scorer = TableScorer({(0, 1, "riding"): 0.4, (0, 1, "sitting on top of"): 0.7, (0, 1, "next to"): 0.5,
+                          (2, 1, "sitting on top of"): 0.3})
+    syn = {"riding": "riding", "sitting on top of": "riding", "next to": "next to"}
+    got = tag_image(_record(), [chunk], scorer, TagConfig(synonyms=syn))
+    assert [(r.subject, r.predicate, r.confidence) for r in got] == [
+        (0, "riding", 0.7), (0, "next to", 0.5), (2, "riding", 0.3)]
+    # top-k counts merged predicates, not wordings: top-1 keeps riding (0.7), not both riding wordings
+    top1 = tag_image(_record(), [chunk], scorer, TagConfig(synonyms=syn, top_k_per_pair=1))
+    assert [(r.subject, r.predicate) for r in top1] == [(0, "riding"), (2, "riding")]
+    unmerged = tag_image(_record(), [chunk], scorer, TagConfig(top_k_per_pair=2))
+    assert [r.predicate for r in unmerged if r.subject == 0] == ["sitting on top of", "next to"]
+
+
+def test_predicate_synonym_tables(tmp_path):
+    assert predicate_synonyms("none") is None
+    syn = predicate_synonyms("synthetic")
+    assert syn["sitting on top of"] == syn["riding"] == "riding" and syn["beside"] == "next to"
+    f = tmp_path / "syn.json"
+    f.write_text(json.dumps({"holding": ["carrying", "Holding  onto"]}))
+    assert predicate_synonyms(str(f)) == {"holding": "holding", "carrying": "holding", "holding onto": "holding"}
+    f.write_text(json.dumps(["holding"]))
+    with pytest.raises(UserError, match="must map each predicate"):
+        predicate_synonyms(str(f))
+    with pytest.raises(UserError, match="does not exist"):
+        predicate_synonyms(str(tmp_path / "missing.json"))
+
+
+def test_captions_pick_the_predicate_and_how_many_pairs():
+    # two people (0, 2) and a horse (1): both person → horse pairs are candidates, the captions
+    # relate one person to the horse, in 3 of 4 captions as "riding" (twice as "sitting on top of")
+    chunk = CandidateChunk([(0, 1), (2, 1)], ["riding", "sitting on top of", "next to"],
+                           [["riding", "sitting on top of", "next to"], ["riding", "sitting on top of", "next to"]])
+    evidence = CaptionEvidence([[("person", "riding", "horse")], [("person", "sitting on top of", "horse")],
+                                [("person", "sitting on top of", "horse")], [("person", "next to", "horse")]])
+    scorer = TableScorer({(0, 1, "riding"): 0.3, (0, 1, "sitting on top of"): 0.2, (0, 1, "next to"): 0.4,
+                          (2, 1, "riding"): 0.1, (2, 1, "next to"): 0.2})
+    syn = {"riding": "riding", "sitting on top of": "riding", "next to": "next to"}
+    got = tag_image(_record(), [chunk], scorer, TagConfig(synonyms=syn), evidence)
+    # riding: Tagger 0.3 (max of its wordings) × 3/4 beats next to: 0.4 × 1/4; person 2 is left out
+    assert [(r.subject, r.object, r.predicate) for r in got] == [(0, 1, "riding")]
+    # confidence: every caption relates person → horse, whatever the words
+    assert got[0].confidence == pytest.approx(np.sqrt(0.3 * 1.0))
+    # without merging, each wording has its own share: next to 0.4 × 1/4 beats riding 0.3 × 1/4
+    plain = tag_image(_record(), [chunk], scorer, TagConfig(), evidence)
+    assert [(r.subject, r.predicate) for r in plain] == [(0, "next to")]
+    # a caption relating two people to the horse keeps both pairs
+    two = CaptionEvidence(evidence.captions + [[("person", "riding", "horse"), ("person", "next to", "horse")]])
+    assert {r.subject for r in tag_image(_record(), [chunk], scorer, TagConfig(synonyms=syn), two)} == {0, 2}
+    # --no-use-captions: the Tagger alone
+    alone = tag_image(_record(), [chunk], scorer, TagConfig(use_captions=False, top_k_per_pair=1), evidence)
+    assert [(r.subject, r.predicate) for r in alone] == [(0, "next to"), (2, "next to")]
 
 
 def test_bad_scorer_shape_is_reported():
@@ -88,8 +157,8 @@ def test_tagger_scorer_scores_every_pair_and_text():
 
     from rlipv2_scale.data.pseudo.tagger_scorer import TaggerScorer
     from rlipv2_scale.errors import UserError
-    from rlipv2_scale.models.config import named_config
     from rlipv2_scale.models.build import build_model
+    from rlipv2_scale.models.config import named_config
 
     torch.manual_seed(0)
     tagger = build_model(named_config("tiny_tagger"), pretrained=False)
@@ -102,8 +171,9 @@ def test_tagger_scorer_scores_every_pair_and_text():
     scores = scorer.score(rec, chunk)
     assert scores.shape == (3, 2) and np.all((scores > 0) & (scores < 1))
     # boxes go in as cxcywh normalised by the original size, labels index the class list + "no objects"
-    from rlipv2_scale.data.transforms import decode, normalize
     import torch.nn.functional as F
+
+    from rlipv2_scale.data.transforms import decode, normalize
 
     image = F.interpolate(decode(rec.image_bytes, "k")[None].float(), size=(64, 80), mode="bilinear",
                           antialias=True, align_corners=False)[0].round().clamp(0, 255).to(torch.uint8)
@@ -118,22 +188,47 @@ def test_tagger_scorer_scores_every_pair_and_text():
         TaggerScorer(tagger, ["person"], eval_size=64).score(rec, chunk)
 
 
-def test_pseudo_label_quality_against_known_relations():
-    from rlipv2_scale.data.pseudo.quality import candidate_quality, tag_quality
-    from rlipv2_scale.data.pseudo.synthetic_captions import canonical_predicate
-    from rlipv2_scale.data.pseudo.tag import TaggedRelation as T
+def _proof_benchmark():
+    """benchmarks/pseudo_label_proof.py, whose scorer the README's pseudo-label figures come from."""
+    import importlib.util
+    from pathlib import Path
 
-    truth = {"1": [(0, 1, "holding"), (1, 2, "on")], "2": [(0, 1, "inside")]}
-    tags = [("1", [T(0, 1, "carrying", 0.6), T(0, 1, "holding", 0.3),    # two synonyms: one prediction at 0.6
-                   T(1, 2, "under", 0.25), T(2, 1, "gripping", 0.1)]),
-            ("2", [T(0, 1, "in", 0.07), T(0, 1, "floating", 0.9)])]       # "floating" is no predicate: wrong
-    q = tag_quality(tags, truth, canonical_predicate, thresholds=(0.05, 0.2, 0.5))
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "pseudo_label_proof.py"
+    spec = importlib.util.spec_from_file_location("pseudo_label_proof", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_proof_scorer_counts_the_wordings_of_one_pair_once():
+    bench = _proof_benchmark()
+
+    def ann(i, rels, names=("person", "cup", "table")):
+        return {"image": {"id": i}, "objects": [{"name": n} for n in names],
+                "relations": [{"subject": s, "object": o, "predicate": p, "confidence": c} for s, o, p, c in rels]}
+
+    truth = {"1": ann(1, [(0, 1, "holding", None), (1, 2, "on", None)]), "2": ann(2, [(0, 1, "inside", None)])}
+    pseudo = {"1": ann(1, [(0, 1, "carrying", 0.6), (0, 1, "holding", 0.3),    # two wordings: one prediction at 0.6
+                           (1, 2, "under", 0.25), (2, 1, "gripping", 0.1)]),
+              "2": ann(2, [(0, 1, "in", 0.07), (0, 1, "floating", 0.9)])}      # "floating" is no predicate: wrong
+    q = bench.score_shards(pseudo, truth, thresholds=(0.05, 0.2, 0.5))
     # 0.05: {1:(0,1,holding), (1,2,under), (2,1,holding), 2:(0,1,inside), (0,1,?floating)} → 2 of 5 right, 2 of 3 found
-    assert q["0.05"] == {"predicted": 5, "correct": 2, "true": 3, "precision": 0.4, "recall": 0.6667}
-    assert q["0.2"] == {"predicted": 3, "correct": 1, "true": 3, "precision": 0.3333, "recall": 0.3333}
+    assert {k: q["0.05"][k] for k in ("predicted", "correct", "true", "pairs", "precision", "recall")} == {
+        "predicted": 5, "correct": 2, "true": 3, "pairs": 4, "precision": 0.4, "recall": 0.6667}
+    assert (q["0.2"]["predicted"], q["0.2"]["correct"], q["0.2"]["precision"]) == (3, 1, 0.3333)
     assert q["0.5"]["predicted"] == 2 and q["0.5"]["correct"] == 1
-    assert tag_quality([], truth, canonical_predicate, (0.5,))["0.5"]["precision"] is None
+    assert bench.score_shards({}, truth, (0.5,))["0.5"]["precision"] is None
+    with pytest.raises(SystemExit, match="objects differ"):
+        bench.score_shards({"1": ann(1, [], names=("cup", "person", "table"))}, truth)
 
-    cands = {"1": [CandidateChunk([(0, 1), (1, 2)], ["carrying", "beneath"], [["carrying"], ["beneath", "carrying"]])]}
-    assert candidate_quality(cands, truth, canonical_predicate) == {
-        "predicted": 3, "correct": 1, "true": 3, "precision": 0.3333, "recall": 0.3333}
+
+def test_cli_tag_rejects_a_bad_synonym_file_in_one_line(tmp_path, capsys):
+    from rlipv2_scale.cli import main
+
+    bad = tmp_path / "syn.json"
+    bad.write_text("{not json")
+    argv = ["data", "tag", "--shards", str(tmp_path), "--candidates", str(tmp_path), "--checkpoint", str(tmp_path),
+            "--out", str(tmp_path / "tags"), "--synonyms", str(bad)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "syn.json" in err[0] and "not valid JSON" in err[0]

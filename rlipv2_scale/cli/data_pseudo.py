@@ -10,7 +10,7 @@ import argparse
 import os
 from pathlib import Path
 
-from rlipv2_scale.data.pseudo.paraphrases import load_table
+from rlipv2_scale.data.pseudo.paraphrases import load_table, predicate_synonyms
 from rlipv2_scale.errors import UserError
 
 
@@ -50,8 +50,8 @@ def _caption(args: argparse.Namespace) -> int:
 
 
 def _parse(args: argparse.Namespace) -> int:
-    from rlipv2_scale.data.pseudo.parse import make_parser
     from rlipv2_scale.data.pseudo.paraphrases import ParaphraseTable
+    from rlipv2_scale.data.pseudo.parse import make_parser
     from rlipv2_scale.data.pseudo.pipeline import parse_shards
 
     if args.paraphrases == "synthetic":
@@ -93,6 +93,7 @@ def _tag(args: argparse.Namespace) -> int:
     from rlipv2_scale.models.artifacts import config_of
     from rlipv2_scale.train.export import open_model
 
+    synonyms = predicate_synonyms(args.synonyms)      # a bad file fails before the model loads
     rank, world = _rank_world()
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
     tagger = open_model(args.checkpoint, device)
@@ -102,7 +103,8 @@ def _tag(args: argparse.Namespace) -> int:
                         "exported Tagger (`rlipv2 export TAGGER_RUN --out DIR`)")
     scorer = TaggerScorer(tagger, _class_names(args.classes), eval_size=args.eval_size,
                           max_size=args.max_size, device=device)
-    cfg = TagConfig(keep_threshold=args.keep_threshold, top_k_per_pair=args.top_k, deduplicate=not args.no_dedup)
+    cfg = TagConfig(keep_threshold=args.keep_threshold, top_k_per_pair=args.top_k or None, texts=args.texts,
+                    synonyms=synonyms, deduplicate=not args.no_dedup, use_captions=args.use_captions)
     summary = tag_shards(args.shards, args.candidates, scorer, args.out, cfg, rank=rank, world_size=world)
     print(f"tagged {summary.tagged} images ({summary.already_done} already done, {summary.without_candidates} "
           f"without candidates, {len(summary.failed_to_decode)} failed to decode"
@@ -158,7 +160,17 @@ def register(tree) -> None:
     p.add_argument("--classes", default="coco80", help="object class list: coco80 | o365 | synthetic | a file")
     p.add_argument("--out", required=True)
     p.add_argument("--keep-threshold", type=float, default=0.05, help="confidences kept in the output")
-    p.add_argument("--top-k", type=int, default=None, help="keep at most K texts per pair")
+    p.add_argument("--texts", choices=["candidates", "all"], default="candidates",
+                   help="texts a pair may take: its own candidate texts, or every text of the forward (the "
+                        "original; far less precise)")
+    p.add_argument("--synonyms", default="none", metavar="none|synthetic|FILE",
+                   help="merge synonymous wordings of one predicate per pair (a JSON file: predicate → wordings)")
+    p.add_argument("--use-captions", action=argparse.BooleanOptionalAction, default=True,
+                   help="weigh the Tagger with the captions: per pair the predicate of highest Tagger × caption "
+                        "share, per class pair as many pairs as one caption relates, confidence √(Tagger × share of "
+                        "captions relating the two classes)")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="with --no-use-captions: keep at most K texts per pair (0: no limit)")
     p.add_argument("--no-dedup", action="store_true", help="keep repeated (pair, text) entries")
     p.add_argument("--eval-size", type=int, default=800)
     p.add_argument("--max-size", type=int, default=1333)

@@ -92,3 +92,30 @@ def builtin_table(name: str) -> ParaphraseTable:
 
 def load_table(name_or_path: str) -> ParaphraseTable:
     return builtin_table(name_or_path) if name_or_path in ("coco80", "o365") else ParaphraseTable.from_file(name_or_path)
+
+
+def predicate_synonyms(name_or_path: str) -> dict[str, str] | None:
+    """Wording → the predicate it is listed under (its synonyms merge into that), from `synthetic` (the
+    synthetic world's predicate synonyms) or a JSON file mapping a predicate to its wordings; `none`:
+    no merging."""
+    if name_or_path == "none":
+        return None
+    if name_or_path == "synthetic":
+        from rlipv2_scale.data.pseudo.synthetic_captions import PREDICATE_SYNONYMS
+
+        groups = PREDICATE_SYNONYMS
+    else:
+        try:
+            groups = json.loads(Path(name_or_path).read_text())
+        except FileNotFoundError as exc:
+            raise UserError(f"predicate synonym file '{name_or_path}' does not exist; use none, synthetic or "
+                            "a JSON file mapping a predicate to its wordings") from exc
+        except json.JSONDecodeError as exc:
+            raise UserError(f"predicate synonym file '{name_or_path}' is not valid JSON: {exc}") from exc
+        if not isinstance(groups, dict) or not all(isinstance(v, list) for v in groups.values()):
+            raise UserError(f"predicate synonym file '{name_or_path}' must map each predicate to a list of wordings")
+    merged: dict[str, str] = {}
+    for pred, words in groups.items():
+        for w in [pred, *words]:
+            merged.setdefault(" ".join(str(w).lower().split()), pred)
+    return merged

@@ -179,11 +179,14 @@ class ParseStats:
 
 
 def image_triplets(captions: Iterable[str], classes: set[str], parser: CaptionParser,
-                   stats: ParseStats | None = None) -> list[Triplet]:
-    """Unique triplets of one image over all its captions, in first-seen order."""
+                   stats: ParseStats | None = None, per_caption: list | None = None) -> list[Triplet]:
+    """Unique triplets of one image over all its captions, in first-seen order; `per_caption`, when
+    given, receives each caption's triplets (how many captions say what, and how many times)."""
     seen: dict[Triplet, None] = {}
     for caption in captions:
         found = parser.parse(caption, classes)
+        if per_caption is not None:
+            per_caption.append(found)
         if stats is not None:
             stats.captions += 1
             stats.captions_without_triplet += not found

@@ -11,17 +11,27 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable, Iterator
 
-from rlipv2_scale.data.pseudo.caption import Captioner, CaptionRunSummary, ImageItem, read_captions, run_captioning
-from rlipv2_scale.data.pseudo.candidates import CandidateChunk, build_candidates
-from rlipv2_scale.data.pseudo.parse import CaptionParser, ParseStats, image_triplets
-from rlipv2_scale.data.pseudo.tag import (PairScorer, TagConfig, TagRunSummary, read_tags, report, run_tagging,
-                                          to_record, to_scene_graph)
 from rlipv2_scale.data.output import check_apart
+from rlipv2_scale.data.pseudo.candidates import CandidateChunk, build_candidates
+from rlipv2_scale.data.pseudo.caption import Captioner, CaptionRunSummary, ImageItem, read_captions, run_captioning
+from rlipv2_scale.data.pseudo.parse import CaptionParser, ParseStats, Triplet, image_triplets
+from rlipv2_scale.data.pseudo.tag import (
+    CaptionEvidence,
+    PairScorer,
+    TagConfig,
+    TagRunSummary,
+    read_tags,
+    report,
+    run_tagging,
+    to_record,
+    to_scene_graph,
+)
 from rlipv2_scale.data.schema import RelationalRecord
 from rlipv2_scale.data.shards import ConvertSummary, iter_records, write_shards
 from rlipv2_scale.errors import UserError
 
 CANDIDATES_FILE = "candidates.json"
+CAPTION_TRIPLETS_FILE = "caption_triplets.json"     # image id → each caption's triplets (`data tag`'s evidence)
 PARSE_STATS_FILE = "parse_stats.json"
 
 
@@ -44,6 +54,7 @@ def parse_shards(shards: str | Path, captions_dir: str | Path, parser: CaptionPa
         raise UserError(f"no captions found in {captions_dir}; run `rlipv2 data caption` first")
     stats = ParseStats()
     candidates: dict[str, list] = {}
+    caption_triplets: dict[str, list] = {}
     no_candidates = no_captions = 0
     unmatched: Counter = Counter()      # object instances whose class has no paraphrase list
     for rec in iter_records(shards):
@@ -53,15 +64,18 @@ def parse_shards(shards: str | Path, captions_dir: str | Path, parser: CaptionPa
             continue
         names = [o.name for o in rec.objects]
         unmatched.update(parser.table.missing(names))
-        triplets = image_triplets(caps, set(names), parser, stats)
+        per_caption: list[list[Triplet]] = []
+        triplets = image_triplets(caps, set(names), parser, stats, per_caption=per_caption)
         chunks = build_candidates(names, triplets, chunk_size)
         if chunks:
             candidates[str(rec.image.id)] = [c.as_original() + [c.pair_texts] for c in chunks]
+            caption_triplets[str(rec.image.id)] = [[[t.subject, t.phrase, t.object] for t in ts] for ts in per_caption]
         else:
             no_candidates += 1
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / CANDIDATES_FILE).write_text(json.dumps(candidates))
+    (out_dir / CAPTION_TRIPLETS_FILE).write_text(json.dumps(caption_triplets))
     summary = stats.as_dict()
     summary.update(images_with_candidates=len(candidates), images_without_candidates=no_candidates,
                    images_without_captions=no_captions,
@@ -80,13 +94,24 @@ def load_candidates(parse_dir: str | Path) -> dict[str, list[CandidateChunk]]:
             for k, chunks in raw.items()}
 
 
+def load_caption_evidence(parse_dir: str | Path) -> dict[str, CaptionEvidence]:
+    path = Path(parse_dir) / CAPTION_TRIPLETS_FILE
+    if not path.is_file():
+        raise UserError(f"{path} does not exist (written by `rlipv2 data parse` since captions guide tagging); "
+                        "rerun `rlipv2 data parse`, or tag with --no-use-captions")
+    raw = json.loads(path.read_text())
+    return {k: CaptionEvidence([[tuple(t) for t in ts] for ts in caps]) for k, caps in raw.items()}
+
+
 def tag_shards(shards: str | Path, parse_dir: str | Path, scorer: PairScorer, out_dir: str | Path,
                cfg: TagConfig | None = None, rank: int = 0, world_size: int = 1) -> TagRunSummary:
+    cfg = cfg or TagConfig()
     candidates = load_candidates(parse_dir)
+    evidence = load_caption_evidence(parse_dir) if cfg.use_captions else {}
 
-    def items() -> Iterator[tuple[RelationalRecord, list[CandidateChunk]]]:
+    def items() -> Iterator[tuple[RelationalRecord, list[CandidateChunk], CaptionEvidence | None]]:
         for rec in iter_records(shards):
-            yield rec, candidates.get(str(rec.image.id), [])
+            yield rec, candidates.get(str(rec.image.id), []), evidence.get(str(rec.image.id))
 
     return run_tagging(items(), scorer, out_dir, cfg, rank=rank, world_size=world_size)
 

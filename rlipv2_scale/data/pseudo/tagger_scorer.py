@@ -6,7 +6,6 @@ object texts are the dataset's class names (80 COCO / 365 Objects365 / the synth
 """
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 
