@@ -6,8 +6,8 @@ import pytest
 from PIL import Image
 
 from rlipv2_scale.data.pseudo.caption import read_captions
+from rlipv2_scale.data.pseudo.caption_parsing import RuleBasedParser
 from rlipv2_scale.data.pseudo.paraphrases import ParaphraseTable
-from rlipv2_scale.data.pseudo.parse import RuleBasedParser
 from rlipv2_scale.data.pseudo.pipeline import (
     caption_shards,
     export_pseudo_labels,

@@ -50,8 +50,8 @@ def _caption(args: argparse.Namespace) -> int:
 
 
 def _parse(args: argparse.Namespace) -> int:
+    from rlipv2_scale.data.pseudo.caption_parsing import make_parser
     from rlipv2_scale.data.pseudo.paraphrases import ParaphraseTable
-    from rlipv2_scale.data.pseudo.parse import make_parser
     from rlipv2_scale.data.pseudo.pipeline import parse_shards
 
     if args.paraphrases == "synthetic":

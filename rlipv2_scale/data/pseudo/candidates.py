@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rlipv2_scale.data.pseudo.parse import Triplet
+from rlipv2_scale.data.pseudo.caption_parsing import Triplet
 
 
 @dataclass

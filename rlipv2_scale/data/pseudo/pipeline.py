@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 from rlipv2_scale.data.output import check_apart
 from rlipv2_scale.data.pseudo.candidates import CandidateChunk, build_candidates
 from rlipv2_scale.data.pseudo.caption import Captioner, CaptionRunSummary, ImageItem, read_captions, run_captioning
-from rlipv2_scale.data.pseudo.parse import CaptionParser, ParseStats, Triplet, image_triplets
+from rlipv2_scale.data.pseudo.caption_parsing import CaptionParser, ParseStats, Triplet, image_triplets
 from rlipv2_scale.data.pseudo.tag import (
     CaptionEvidence,
     PairScorer,

@@ -3,8 +3,7 @@ import json
 import pytest
 
 from rlipv2_scale.data.pseudo.candidates import build_candidates
-from rlipv2_scale.data.pseudo.paraphrases import ParaphraseTable, builtin_table, load_table, plural_forms
-from rlipv2_scale.data.pseudo.parse import (
+from rlipv2_scale.data.pseudo.caption_parsing import (
     ParseStats,
     RuleBasedParser,
     Triplet,
@@ -13,6 +12,7 @@ from rlipv2_scale.data.pseudo.parse import (
     image_triplets,
     make_parser,
 )
+from rlipv2_scale.data.pseudo.paraphrases import ParaphraseTable, builtin_table, load_table, plural_forms
 from rlipv2_scale.data.pseudo.synthetic_captions import NAME_PARAPHRASES
 from rlipv2_scale.errors import UserError
 
@@ -165,6 +165,6 @@ PRESENT = {"person", "box", "cup", "table", "ball"}
       ("ball", "NOUN", "dobj", 2)], []),
 ])
 def test_spacy_parser_reads_the_dependency_tree(rows, expected):
-    from rlipv2_scale.data.pseudo.parse import SpacyParser
+    from rlipv2_scale.data.pseudo.caption_parsing import SpacyParser
 
     assert SpacyParser(SYNTH, nlp=None).parse_doc(_doc(rows), PRESENT) == expected
