@@ -48,7 +48,9 @@ def test_tiny_cpu_run_times_both_setups_and_writes_json_and_markdown(gpu_step, t
 @pytest.mark.slow
 def test_reference_setup_runs_the_pytorch_references_and_kernels_setup_does_not(gpu_step, monkeypatch):
     """The reference setup's step runs ALIF on the eager core and deformable attention on
-    grid_sample (the original's setup); the kernels setup, on CPU, ALIF on the SDPA core."""
+    grid_sample (the original's setup), forced through `dispatch.override`; the kernels setup
+    forces nothing: on CPU `auto` keeps the eager ALIF core too (kernels/alif.py: `_choose`), so
+    here the forced choices are checked through what each setup leaves in force."""
     from rlipv2_scale.kernels import alif, dispatch
     from rlipv2_scale.models.losses import SetCriterion
 
@@ -58,9 +60,15 @@ def test_reference_setup_runs_the_pytorch_references_and_kernels_setup_does_not(
                          (msda_module, "ms_deform_attn_reference")):
         monkeypatch.setattr(module, name, lambda *a, _f=getattr(module, name), _n=name: seen.append(_n) or _f(*a))
     model = gpu_step._model("tiny", torch.device("cpu"))
+    forced = {}
     for setup, want in (("reference", {"attention_core_reference", "ms_deform_attn_reference"}),
-                        ("kernels", {"attention_core_sdpa", "ms_deform_attn_reference"})):
+                        ("kernels", {"attention_core_reference", "ms_deform_attn_reference"})):
         seen.clear()
-        gpu_step._Setup(model, SetCriterion(), setup, torch.device("cpu"), (64, 64), (4, 3)).step_fn(1)()
+        step = gpu_step._Setup(model, SetCriterion(), setup, torch.device("cpu"), (64, 64), (4, 3)).step_fn(1)
+        monkeypatch.setattr(alif, "forced_choice", lambda op, _f=dispatch.forced_choice, _s=setup:
+                            forced.setdefault(_s, set()).add((op, _f(op))) or _f(op))
+        step()
         assert set(seen) == want, setup
+    assert ("alif_bi_attention", "eager") in forced["reference"]
+    assert all(choice is None for _, choice in forced["kernels"])
     assert dispatch._overrides == {}
