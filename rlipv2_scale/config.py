@@ -144,7 +144,11 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         key, raw = item.split("=", 1)
         if not key or any(not part for part in key.split(".")):
             raise ConfigError(f"override '{item}': empty key segment")
-        value = yaml.safe_load(raw) if raw != "" else ""
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override '{item}': the value is not valid YAML ({' '.join(str(exc).split())}); "
+                              "quote it, or close its brackets") from None
         node = out
         parts = key.split(".")
         for part in parts[:-1]:

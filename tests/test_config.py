@@ -95,3 +95,11 @@ def test_extends_several_parents_in_order_and_refuses_cycles(tmp_path):
     (tmp_path / "bad.yaml").write_text("extends: {a: 1}\n")
     with pytest.raises(ConfigError, match="'extends' must be a file name or a list"):
         read_yaml(tmp_path / "bad.yaml")
+
+
+def test_an_override_that_is_not_yaml_is_a_config_error():
+    from rlipv2_scale.config import parse_overrides
+    from rlipv2_scale.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"override 'optim.groups=\[\{name:': the value is not valid YAML"):
+        parse_overrides(["optim.groups=[{name:"])
