@@ -35,6 +35,7 @@ from rlipv2_scale.data.schema import RelationalRecord
 from rlipv2_scale.data.transforms import EvalTransform, decode, normalize
 from rlipv2_scale.errors import DataError, UserError
 from rlipv2_scale.labels.space import LabelSpace, hico_label_space
+from rlipv2_scale.models.artifacts import card_of
 from rlipv2_scale.models.outputs import RelationOutput
 from rlipv2_scale.models.postprocess import ImageTriplets, PostProcess, to_hico_json
 
@@ -308,14 +309,15 @@ def _load_model(checkpoint_dir: str | Path, device: str | None, space: LabelSpac
     if getattr(model.cfg, "tagger", False):
         raise UserError(f"'{checkpoint_dir}' is a Relation Tagger: it scores given pairs and cannot detect "
                         f"relations on the {space.name} test set; evaluate a detection model (r50, swin_t, swin_l)")
-    check_labels(model.card, space, str(checkpoint_dir))
+    check_labels(card_of(model), space, str(checkpoint_dir))
     return model, device
 
 
 def _sizes(model: torch.nn.Module, eval_size: int | None, max_size: int | None) -> tuple[int, int]:
     """(shorter side, longer-side cap) of evaluation: as given, else the model card's."""
-    eval_size = eval_size or model.card.eval_size
-    return eval_size, max_size or max(model.card.max_size, eval_size)
+    card = card_of(model)
+    eval_size = eval_size or card.eval_size
+    return eval_size, max_size or max(card.max_size, eval_size)
 
 
 def check_labels(card, space: LabelSpace, where: str) -> None:

@@ -241,7 +241,7 @@ class PretrainedMixin:
             kind = "a Relation Tagger" if md.config.tagger else "an RLIPv2 detector"
             raise UserError(f"'{name_or_path}' holds {kind}; load it with "
                             f"{'RelationTagger' if md.config.tagger else 'RLIPv2'}.from_pretrained or "
-                            "rlipv2_scale.models.load_pretrained")
+                            "rlipv2_scale.models.build.load_pretrained")
         model_class = cast("type[nn.Module]", cls)   # the mixin is only mixed into nn.Module subclasses
         return instantiate(model_class(md.config, pretrained=False, **kwargs), md, device)
 
