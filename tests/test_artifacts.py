@@ -97,3 +97,27 @@ def test_a_hub_id_that_cannot_be_reached_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(UserError, match="could not be fetched from the Hugging Face Hub.*--local-dir DIR"):
         resolve_pretrained("some-org/rlipv2-not-cached")
+
+
+def test_a_model_opened_from_a_temporary_export_keeps_its_tokenizer(saved, tmp_path, monkeypatch):
+    """`open_model(RUN)` exports to a temporary directory removed on return: the tokenizer must be
+    read from it before then (it was loaded lazily at the first label encoding, after removal)."""
+    import contextlib
+
+    from rlipv2_scale.train import export
+
+    model, out = saved
+
+    @contextlib.contextmanager
+    def temporary_export(source, trust_pickle=False):
+        tmp = shutil.copytree(out, tmp_path / "export" / "model")
+        try:
+            yield tmp
+        finally:
+            shutil.rmtree(tmp_path / "export")
+
+    monkeypatch.setattr(export, "as_model_dir", temporary_export)
+    opened = export.open_model(tmp_path / "run")
+    assert not (tmp_path / "export").exists()
+    with torch.no_grad():
+        assert torch.equal(opened.encode_labels(["a", "b"], ["x"]), model.encode_labels(["a", "b"], ["x"]))

@@ -9,6 +9,7 @@ import pytest
 
 from rlipv2_scale.data.synthetic import CLASS_NAMES, HELD_OUT, PREDICATE_NAMES, write_split
 from rlipv2_scale.demo import (
+    FULL,
     QUICK,
     RECIPES,
     DemoPlan,
@@ -174,3 +175,50 @@ def test_quick_demo_end_to_end(tmp_path):
     pics = sorted((out / "predictions").glob("*.png"))
     assert len(pics) == QUICK.draw
     assert sorted(res["artefacts"]["predictions"]) == [str(p.relative_to(out)) for p in pics]
+
+
+def test_cli_options_set_the_plan_and_bad_values_are_named(tmp_path, monkeypatch, capsys):
+    import rlipv2_scale.demo as demo
+    from rlipv2_scale.cli import main
+
+    got = {}
+    monkeypatch.setattr(demo, "run_compare", lambda out, plan: got.update(compare=plan))
+    assert main(["demo", "--compare", "--out", str(tmp_path), "--steps", "100", "--seed", "43",
+                 "--eval-every", "25"]) == 0
+    plan = got["compare"]
+    assert (plan.steps, plan.train_seed, plan.eval_every, plan.train_images) == (100, 43, 25, FULL.train_images)
+    assert main(["demo", "--compare", "--out", str(tmp_path), "--steps", "10"]) == 0
+    assert got["compare"].eval_every == 10                          # never more than the steps
+    assert main(["demo", "--out", str(tmp_path), "--eval-every", "0"]) == 2
+    assert "--eval-every must be positive" in capsys.readouterr().err
+
+
+def test_convergence_benchmark_finds_the_images_each_setting_needs():
+    """benchmarks/alif_convergence.py, whose figures the README quotes: mean ± std over seeds and the
+    images needed to reach fusion-off's final mean mAP (linear between scored checkpoints)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "alif_convergence.py"
+    spec = importlib.util.spec_from_file_location("alif_convergence", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    assert bench.images_to_reach([(100, 5.0), (200, 15.0)], 10.0) == 150.0
+    assert bench.images_to_reach([(100, 12.0)], 6.0) == 50.0          # from (0 images, 0 mAP)
+    assert bench.images_to_reach([(100, 5.0), (200, 9.0)], 10.0) is None
+
+    def curve(*maps):
+        return [{"step": 10 * (i + 1), "relation_map": m} for i, m in enumerate(maps)]
+
+    per_seed = {"1": {"fusion_none": curve(2.0, 10.0), "alif_last_level": curve(10.0, 20.0),
+                      "alif_all_levels": curve(0.0, 4.0)},
+                "2": {"fusion_none": curve(4.0, 14.0), "alif_last_level": curve(14.0, 30.0),
+                      "alif_all_levels": curve(0.0, 6.0)}}
+    s = bench.summarise(per_seed)
+    assert s["target"] == 12.0 and s["fusion_off_images"] == 160
+    assert s["curves"]["alif_last_level"][1] == {"step": 20, "images": 160, "mean": 25.0, "std": 7.07, "seeds": 2}
+    assert s["reach"]["alif_last_level"]["images"] == 80                # 12.0 at step 10 x 8 images
+    assert s["reach"]["alif_last_level"]["share_of_fusion_off"] == 0.5
+    assert s["reach"]["alif_last_level"]["per_seed_images"] == [80, 80]  # each seed's own fusion-off final
+    assert s["reach"]["fusion_none"]["images"] == 160
+    assert s["reach"]["alif_all_levels"]["images"] is None

@@ -149,6 +149,23 @@ def test_resumable_run_outputs_and_report(tmp_path):
     assert to_record(ann, rels, threshold=0.3) is None
 
 
+def test_a_rerun_with_other_options_does_not_mix_into_the_folder(tmp_path):
+    chunk = CandidateChunk([(0, 1)], ["riding"], [["riding"]])
+    items = [(_record(i), [chunk]) for i in range(3)]
+    scorer = TableScorer({(0, 1, "riding"): 0.25})
+    run_tagging(items[:2], scorer, tmp_path, TagConfig(use_captions=False))
+    assert json.loads((tmp_path / "tag_options.json").read_text())["use_captions"] is False
+    with pytest.raises(UserError, match=r"other settings \(texts, use_captions differ.*new --out"):
+        run_tagging(items, scorer, tmp_path, TagConfig(texts="all"))
+    assert len(list(read_tags(tmp_path))) == 2                      # nothing written by the refused rerun
+    s = run_tagging(items, scorer, tmp_path, TagConfig(use_captions=False))   # the same options resume
+    assert (s.already_done, s.tagged) == (2, 1)
+    # a folder emptied of tags may be reused with any options
+    for f in tmp_path.glob("tags.rank*.jsonl"):
+        f.unlink()
+    assert run_tagging(items, scorer, tmp_path, TagConfig(texts="all")).tagged == 3
+
+
 def test_tagger_scorer_scores_every_pair_and_text():
     import io
 

@@ -19,20 +19,24 @@ def register(tree) -> None:
     p.add_argument("--steps", type=int, help="optimizer steps (default: the plan's)")
     p.add_argument("--nproc", type=int, help="local ranks to train on (default 2: ZeRO-2 over two processes)")
     p.add_argument("--seed", type=int, help="training seed (weights, shuffling, negatives; default 42)")
+    p.add_argument("--eval-every", type=int,
+                   help="validate (with --compare: keep and score a checkpoint) every N steps (default 250)")
 
 
 def run(args: argparse.Namespace) -> int:
     from rlipv2_scale.demo import FULL, QUICK, run_compare, run_demo
 
     plan = QUICK if args.quick else FULL
-    changes = {k: v for k, v in (("steps", args.steps), ("nproc", args.nproc), ("train_seed", args.seed))
-               if v is not None}
+    changes = {k: v for k, v in (("steps", args.steps), ("nproc", args.nproc), ("train_seed", args.seed),
+                                 ("eval_every", args.eval_every)) if v is not None}
     if changes.get("steps", 1) <= 0:
         raise UserError(f"--steps must be positive, got {args.steps}")
+    if changes.get("eval_every", 1) <= 0:
+        raise UserError(f"--eval-every must be positive, got {args.eval_every}")
     if changes.get("nproc", 1) not in (1, 2, 4, 8):
         raise UserError(f"--nproc must divide the 8 images of a step (1, 2, 4 or 8), got {args.nproc}")
     plan = dataclasses.replace(plan, **changes)
-    if "steps" in changes:
+    if "steps" in changes or "eval_every" in changes:
         plan = dataclasses.replace(plan, eval_every=max(1, min(plan.eval_every, plan.steps)))
     (run_compare if args.compare else run_demo)(args.out, plan=plan)
     return 0

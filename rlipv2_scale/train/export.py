@@ -119,8 +119,16 @@ def as_model_dir(source: str | os.PathLike, trust_pickle: bool = False) -> Itera
 def open_model(source: str | os.PathLike, device: str | torch.device = "cpu",
                trust_pickle: bool = False) -> torch.nn.Module:
     """A model in eval mode from a model directory, a Hub id, a run directory or a checkpoint."""
+    from rlipv2_scale.models.text import LabelEncoder
+
     with as_model_dir(source, trust_pickle) as model_dir:
-        return load_pretrained(model_dir, device)
+        model = load_pretrained(model_dir, device)
+        # A run or checkpoint is exported to a temporary directory that is gone on return: load the
+        # (otherwise lazy) tokenizer from it now.
+        for module in model.modules():
+            if isinstance(module, LabelEncoder):
+                module.tokenizer
+        return model
 
 
 def init_weights(source: str | os.PathLike) -> dict[str, torch.Tensor]:

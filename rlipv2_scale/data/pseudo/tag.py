@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Protocol
 
@@ -31,7 +31,7 @@ import numpy as np
 from rlipv2_scale.data.pseudo.candidates import CandidateChunk
 from rlipv2_scale.data.pseudo.jsonl import done_ids, rank_file, read_rows
 from rlipv2_scale.data.schema import ImageInfo, Object, Relation, RelationalRecord
-from rlipv2_scale.errors import DataError
+from rlipv2_scale.errors import DataError, UserError
 
 OBJECT_ID_BASE = 10_000_000      # the original numbers objects and relationships from here
 
@@ -193,14 +193,34 @@ class TagRunSummary:
     failed_to_decode: list = field(default_factory=list)    # (image id, reason): not written, retried on a rerun
 
 
+OPTIONS_FILE = "tag_options.json"
+
+
+def check_options(out_dir: Path, options: dict, rank: int) -> None:
+    """A rerun resumes a folder (images already tagged are skipped) only with the options that wrote
+    it: otherwise its rows would mix two runs' labels with nothing to tell them apart."""
+    path = out_dir / OPTIONS_FILE
+    options = json.loads(json.dumps(options))        # as it reads back (tuples → lists)
+    if path.is_file():
+        before = json.loads(path.read_text())
+        if before != options and any(out_dir.glob("tags.rank*.jsonl")):
+            changed = sorted(k for k in before.keys() | options.keys() if before.get(k) != options.get(k))
+            raise UserError(f"{out_dir} holds tags written with other settings ({', '.join(changed)} differ; see "
+                            f"{path}): rerun with the same settings to resume it, or tag into a new --out")
+    if rank == 0:
+        path.write_text(json.dumps(options, indent=1, sort_keys=True) + "\n")
+
+
 def run_tagging(items: Iterable[tuple], scorer: PairScorer,
                 out_dir: str | Path, cfg: TagConfig | None = None, rank: int = 0,
                 world_size: int = 1) -> TagRunSummary:
     """Tag this rank's share (item k → rank k mod world_size); one JSON line per image. An item is
-    (record, chunks) or (record, chunks, caption evidence or None)."""
+    (record, chunks) or (record, chunks, caption evidence or None). The options are recorded in
+    the folder; a rerun into it must use the same."""
     cfg = cfg or TagConfig()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    check_options(out_dir, asdict(cfg), rank)
     path = output_path(out_dir, rank)
     done = done_ids(path)
     summary = TagRunSummary()
