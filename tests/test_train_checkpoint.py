@@ -81,5 +81,9 @@ def test_kill_during_save_leaves_the_previous_checkpoint_loadable(tmp_path):
     assert flag.exists() and m.tmp_dir(2).exists()           # it really died half-way
     assert resolve_resume("auto", tmp_path) == previous
     assert (previous / "weights.bin").read_bytes() == b"complete"
+    universal = m.root / ".tmp-universal-step_00000001" / "pytorch_model"   # a resharding cut short
+    universal.mkdir(parents=True)
+    (m.root / "mine").mkdir()                                # not the trainer's: kept
     m.clean_stale()                                          # what the next run does first
     assert not m.tmp_dir(2).exists() and m.steps() == [1]
+    assert not universal.parent.exists() and (m.root / "mine").is_dir()

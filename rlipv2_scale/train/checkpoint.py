@@ -176,9 +176,10 @@ class CheckpointManager:
             shutil.rmtree(self.final_dir(step), ignore_errors=True)
 
     def clean_stale(self) -> None:
-        """Remove temporary directories of saves that were interrupted."""
+        """Remove temporary directories of saves, and of resharding conversions (`engine.py:
+        Trainer._prepare_reshard`), that were interrupted: both are the trainer's own."""
         if self.root.is_dir():
-            for p in self.root.glob(".tmp-step_*"):
+            for p in [*self.root.glob(".tmp-step_*"), *self.root.glob(".tmp-universal-step_*")]:
                 shutil.rmtree(p, ignore_errors=True)
 
     def latest(self) -> Path | None:
