@@ -53,6 +53,7 @@ def _cache_dir(cfg: DataConfig, source: SourceConfig) -> str:
     collide."""
     if source.local:
         return source.local
+    assert source.remote is not None     # SourceConfig: local or remote
     root = cfg.cache_dir or os.path.join(tempfile.gettempdir(), "rlipv2-streaming")
     digest = hashlib.sha1(source.remote.encode()).hexdigest()[:12]
     return os.path.join(root, f"{source.name}-{digest}")
@@ -71,6 +72,8 @@ def make_streams(cfg: DataConfig) -> list[Stream]:
 def check_local_source(source: SourceConfig) -> None:
     """A local source's index is there and every shard file it lists is whole (a truncated file
     would otherwise fail as an IndexError on some sample mid-epoch)."""
+    if source.local is None:
+        raise ConfigError(f"data source '{source.name}' has neither local nor remote set")
     if not (Path(source.local) / "index.json").is_file():
         raise ConfigError(f"data source '{source.name}': '{source.local}' is not an MDS shard directory "
                           f"(no index.json); write shards with `rlipv2 data convert --out {source.local}`")
@@ -126,7 +129,7 @@ class RelationalLoader(StreamingDataLoader):
     def _get_batch_size(self, batch: Batch | PackedBatch) -> int:
         return batch.batch_size
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Iterator[Batch]:  # type: ignore[override]  # batches, not DataLoader's iterator
         pin = self.pin_float and torch.cuda.is_available()
         for batch in super().__iter__():
             yield batch.unpack(pin) if isinstance(batch, PackedBatch) else batch
@@ -142,7 +145,7 @@ def load_vocabulary(cfg: DataConfig) -> LabelVocabulary | None:
     if remote:
         raise ConfigError(f"data sources {remote} are remote: set data.vocabulary to a saved label vocabulary "
                           f"(LabelVocabulary.from_shards(...).save(path) on a local copy)")
-    return LabelVocabulary.from_shards([s.local for s in cfg.sources], cfg.relation_threshold)
+    return LabelVocabulary.from_shards([s.local for s in cfg.sources if s.local is not None], cfg.relation_threshold)
 
 
 def build_train_loader(cfg: DataConfig, rank: int | None = None, world_size: int | None = None,

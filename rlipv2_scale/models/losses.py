@@ -18,7 +18,7 @@ give NaN (probabilities are clamped before the log).
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 import torch.distributed as dist
@@ -220,7 +220,7 @@ class SetCriterion(nn.Module):
             losses.update({k + suffix: v for k, v in terms.items()})
 
         weights = self.weight_dict
-        total = sum(w * losses[k + s] for s, _ in layers for k, w in weights.items())
+        total = cast(torch.Tensor, sum(w * losses[k + s] for s, _ in layers for k, w in weights.items()))
         # A non-finite output that no loss term reads (an unmatched box) must still mark the step
         # non-finite for the trainer; torch.where keeps this free of a host sync.
         losses["loss"] = torch.where(torch.stack(finite).all(), total, torch.full_like(total, float("nan")))
@@ -258,7 +258,7 @@ class SetCriterion(nn.Module):
                 matched = logits[batch_idx, src_idx]
                 acc = (matched.argmax(-1) == labels).float().mean() if labels.numel() else torch.ones((), device=device)
                 terms[f"{side}_class_error"] = 100 * (1 - acc)
-        terms["loss_ce"] = sum(ce)
+        terms["loss_ce"] = cast(torch.Tensor, sum(ce))
 
         # Boxes (the original's `models/hoi.py: SetCriterionHOI.loss_sub_obj_boxes`).
         src_sub = out.pred_sub_boxes[batch_idx, src_idx]

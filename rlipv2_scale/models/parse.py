@@ -31,9 +31,10 @@ class MultiBranchFusion(nn.Module):
         self.fc_3 = nn.ModuleList(nn.Linear(width, d_model) for _ in range(branches))
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        out = 0
-        for f1, f2, f3 in zip(self.fc_1, self.fc_2, self.fc_3):
-            out = out + f3(F.relu(f1(a) * f2(b)))
+        branches = [f3(F.relu(f1(a) * f2(b))) for f1, f2, f3 in zip(self.fc_1, self.fc_2, self.fc_3)]
+        out = branches[0]
+        for branch in branches[1:]:      # summed in order, as the original
+            out = out + branch
         return F.relu(out)
 
 

@@ -288,8 +288,7 @@ def gathered_state_dict(ckpt: str | Path, trust_pickle: bool = False, hint: str 
         # DeepSpeed's gatherer calls `torch.load(..., weights_only=False)` on every shard: it gets
         # a `torch` whose `load` is the weights-only one above (the real torch is left alone).
         safe_torch = types.ModuleType("torch")
-        safe_torch.__getattr__ = lambda name: getattr(torch, name)
-        safe_torch.load = load
+        vars(safe_torch).update(__getattr__=lambda name: getattr(torch, name), load=load)
         real, zero_to_fp32.torch = zero_to_fp32.torch, safe_torch
         try:
             state = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="pytorch_model",

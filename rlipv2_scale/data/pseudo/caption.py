@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Protocol
 
@@ -98,10 +98,7 @@ class ImageItem:
 class CaptionRunSummary:
     captioned: int = 0
     already_done: int = 0
-    failed_to_decode: list = None
-
-    def __post_init__(self) -> None:
-        self.failed_to_decode = self.failed_to_decode or []
+    failed_to_decode: list = field(default_factory=list)
 
 
 def output_path(out_dir: Path, rank: int) -> Path:
@@ -143,8 +140,7 @@ def run_captioning(items: Iterable[ImageItem], captioner: Captioner, out_dir: st
 
         for item in mine():
             try:
-                image = Image.open(io.BytesIO(item.load()))
-                image = image.convert("RGB")
+                image = Image.open(io.BytesIO(item.load())).convert("RGB")
             except (UnidentifiedImageError, OSError, ValueError) as exc:
                 summary.failed_to_decode.append((item.image_id, str(exc)))
                 continue

@@ -35,12 +35,16 @@ CAPTION_TRIPLETS_FILE = "caption_triplets.json"     # image id → each caption'
 PARSE_STATS_FILE = "parse_stats.json"
 
 
+def _returning(value: bytes | None) -> Callable[[], bytes]:
+    return lambda: value or b""          # no bytes: an undecodable image, counted by the captioner
+
+
 def caption_shards(shards: str | Path, out_dir: str | Path, captioner: Captioner, rank: int = 0,
                    world_size: int = 1, batch_size: int = 32,
                    progress: Callable[[int], None] | None = None) -> CaptionRunSummary:
     def items() -> Iterator[ImageItem]:
         for rec in iter_records(shards):
-            yield ImageItem(rec.image.id, (lambda b=rec.image_bytes: b))
+            yield ImageItem(rec.image.id, _returning(rec.image_bytes))
 
     return run_captioning(items(), captioner, out_dir, rank=rank, world_size=world_size, batch_size=batch_size,
                           progress=progress)

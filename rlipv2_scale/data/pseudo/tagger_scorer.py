@@ -45,6 +45,7 @@ class TaggerScorer:
                               xyxy[:, 2] - xyxy[:, 0], xyxy[:, 3] - xyxy[:, 1]], dim=1).to(self.device)
         labels = torch.tensor([self.index[o.name] for o in record.objects], device=self.device)
         pairs = torch.tensor(chunk.pairs, dtype=torch.long).reshape(-1, 2)
-        scores = self.tagger.score_candidates(pixels, mask, self.obj_texts, list(chunk.texts), [pairs], [cxcywh],
-                                              [labels])
+        # The tagger is a RelationTagger, whose class data/ cannot import (models/ is above it).
+        scores = self.tagger.score_candidates(pixels, mask, self.obj_texts,  # type: ignore[operator]
+                                              list(chunk.texts), [pairs], [cxcywh], [labels])
         return scores.float().cpu().numpy()
