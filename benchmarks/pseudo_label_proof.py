@@ -242,6 +242,14 @@ def pretraining(out: Path, args: argparse.Namespace, res: dict[str, Any]) -> Non
     # (every pair a negative), i.e. what the extra images bring without any relation label.
     mixes = [[vg], [vg, ("pseudo", out / "pseudo" / "default" / "shards")],
              [vg, ("truth", out / "shards" / "detection_truth")], [vg, ("detection", out / "shards" / "detection")]]
+    # The same tags at other thresholds (`--pseudo-thresholds`): recall against precision in pre-training.
+    for t in args.pseudo_thresholds:
+        name = f"pseudo{round(100 * t):02d}"
+        shards = out / "pseudo" / f"default_{name}"
+        if not (args.resume and (shards / "shards" / "index.json").is_file()):
+            cli("data", "pseudo-label", "--shards", out / "shards" / "detection", "--tags", out / "tags" / "default",
+                "--out", shards, "--dataset", "synthetic", "--threshold", t)
+        mixes.append([vg, (name, shards / "shards")])
     done = {(p["sources"], p["seed"], p["steps"]): p for p in res.get("pretraining", [])} if args.resume else {}
     res["pretraining"] = []
     for seed in args.pretrain_seeds:
@@ -313,6 +321,12 @@ def pretraining_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
             got, ceil = (summary[n]["gain_over_vg"][k]["per_seed"] for n in ("vg+pseudo", "vg+truth"))
             summary["share_of_ceiling_gain"][k + "_per_seed"] = [round(g / c, 3) if c else None
                                                                  for g, c in zip(got, ceil)]
+        ceiling = summary["vg+truth"]["gain_over_vg"]
+        for name in sorted(n for n in summary if n.startswith("vg+pseudo") and n != "vg+pseudo"):
+            gain = summary[name]["gain_over_vg"]
+            summary[name]["share_of_ceiling_gain"] = {
+                k: round(gain[k]["mean"] / ceiling[k]["mean"], 3) if ceiling[k]["mean"] else None
+                for k in ("relation_map", "zero_shot_relation_map")}
     return summary
 
 
@@ -369,6 +383,11 @@ def markdown(res: dict[str, Any]) -> str:
             lines += ["", f"Share of the ceiling's gain (vg+pseudo − vg) / (vg+truth − vg), means over seeds: relation "
                       f"mAP {g['relation_map']}, zero-shot mAP {g['zero_shot_relation_map']}; seed by seed: relation "
                       f"mAP {g.get('relation_map_per_seed')}, zero-shot mAP {g.get('zero_shot_relation_map_per_seed')}."]
+        for name, v in summ.items():
+            if "share_of_ceiling_gain" in v:
+                lines.append(f"Share of the ceiling's gain with {name}: relation mAP "
+                             f"{v['share_of_ceiling_gain']['relation_map']}, zero-shot mAP "
+                             f"{v['share_of_ceiling_gain']['zero_shot_relation_map']}.")
         if res.get("pretraining_commands"):
             lines += ["", "Pre-training commands:", "", "```"] + res["pretraining_commands"] + ["```"]
     else:
@@ -408,6 +427,9 @@ def main() -> None:
     ap.add_argument("--pretrain-seeds", type=lambda v: [int(x) for x in v.split(",")], default=[0, 1, 2],
                     help="comma-separated; runs use train/data seed 42 + each")
     ap.add_argument("--nproc", type=int, default=1, help="ranks of each pre-training run")
+    ap.add_argument("--pseudo-thresholds", type=lambda v: [float(x) for x in v.split(",") if x], default=[],
+                    help="comma-separated: also pre-train on the default lever's tags pseudo-labelled at these "
+                         f"thresholds (besides {DEFAULT_THRESHOLD})")
     ap.add_argument("--only-pretrain", action="store_true",
                     help="reuse --out and the results JSON of an earlier run; run only the pre-training comparison")
     ap.add_argument("--resume", action="store_true", help="with --only-pretrain: keep the results JSON's finished runs")
@@ -420,7 +442,8 @@ def main() -> None:
             raise SystemExit("--only-pretrain needs --out of an earlier run (with pseudo/default/shards) and "
                              "--pretrain-steps")
         res = json.loads((args.results / "pseudo_label_proof.json").read_text())
-        res["plan"].update(pretrain_steps=args.pretrain_steps, pretrain_seeds=args.pretrain_seeds, nproc=args.nproc)
+        res["plan"].update(pretrain_steps=args.pretrain_steps, pretrain_seeds=args.pretrain_seeds, nproc=args.nproc,
+                           pseudo_thresholds=args.pseudo_thresholds)
         pretraining(out, args, res)
         write(res, args.results, out)
         return
@@ -440,7 +463,8 @@ def main() -> None:
                  "test_images": args.test_images, "captions_per_image": args.captions,
                  "tagger_steps": args.tagger_steps, "tagger_batch": args.tagger_batch, "seed": args.seed,
                  "image_size": IMAGE_SIZE, "default_threshold": DEFAULT_THRESHOLD,
-                 "pretrain_steps": args.pretrain_steps, "pretrain_seeds": args.pretrain_seeds, "nproc": args.nproc},
+                 "pretrain_steps": args.pretrain_steps, "pretrain_seeds": args.pretrain_seeds, "nproc": args.nproc,
+                 "pseudo_thresholds": args.pseudo_thresholds},
         **pipeline(out, args, detection, truth),
         "pretraining": [],
         "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
