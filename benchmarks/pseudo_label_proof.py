@@ -28,9 +28,9 @@
     # precision / recall of every lever (about 40 min on 2 busy CPU cores, half of it the Tagger's
     # training; --reuse-tagger skips that on a second run in the same folder)
     nice -n 19 python benchmarks/pseudo_label_proof.py --out runs/pseudo_proof
-    # + the pre-training comparison, reusing that work folder (12 runs; about an hour here)
+    # + the pre-training comparison, reusing that work folder (15 runs; about an hour here)
     nice -n 19 python benchmarks/pseudo_label_proof.py --out runs/pseudo_proof --only-pretrain \\
-        --pretrain-steps 1000 --pretrain-seeds 0,1,2 --nproc 2
+        --pretrain-steps 1000 --pretrain-seeds 0,1,2 --nproc 2 --pseudo-thresholds 0.05
 
 Writes `benchmarks/results/pseudo_label_proof.{json,md}` and prints the table.
 """
