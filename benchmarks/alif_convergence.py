@@ -84,15 +84,17 @@ def diagnose(checkpoint: Path, batches: list) -> dict[str, Any]:
     records: list[dict[str, list[float]]] = []
 
     def on_encoder(module, args, kwargs):
+        levels["tokens"] = args[0].shape[1]                     # src [B, S, d]
         levels["start"] = args[4].tolist()                      # level_start_index
-        levels["fused_from"] = args[8] if module.fusion == "last_level" else 0
 
     def on_round(k):
         def hook(block, args, output):
             v, v_out = args[0].detach(), output[0].detach()
-            ln = block.layer_norm_v(v)
+            with torch.no_grad():
+                ln = block.layer_norm_v(v)
             gate_v, gate_l = (float(g.detach().abs().mean()) for g in block.gates())
-            starts = [s - levels["fused_from"] for s in levels["start"]] + [None]
+            # A round fuses the last v.shape[1] tokens (AlifEncoder._fuse): the coarsest level or all.
+            starts = [s - (levels["tokens"] - v.shape[1]) for s in levels["start"]] + [None]
             row = {"gate_v": gate_v, "gate_l": gate_l, "rewrite": [], "update": []}
             for lo, hi in zip(starts[:-1], starts[1:]):
                 if hi is not None and hi <= 0:
@@ -134,7 +136,10 @@ def diagnose(checkpoint: Path, batches: list) -> dict[str, Any]:
         if not rs:
             continue
         n_levels = len(rs[0]["rewrite"])
-        mean = lambda key, j: (None if rs[0][key][j] is None else round(statistics.mean(r[key][j] for r in rs), 4))  # noqa: E731
+
+        def mean(key: str, j: int) -> float | None:
+            return None if rs[0][key][j] is None else round(statistics.mean(r[key][j] for r in rs), 4)
+
         rounds.append({"round": k, "gate_v": round(rs[0]["gate_v"], 4), "gate_l": round(rs[0]["gate_l"], 4),
                        "rewrite_per_level": [mean("rewrite", j) for j in range(n_levels)],
                        "update_per_level": [mean("update", j) for j in range(n_levels)]})
