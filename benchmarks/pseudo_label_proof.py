@@ -250,14 +250,20 @@ def pretraining(out: Path, args: argparse.Namespace, res: dict[str, Any]) -> Non
             cli("data", "pseudo-label", "--shards", out / "shards" / "detection", "--tags", out / "tags" / "default",
                 "--out", shards, "--dataset", "synthetic", "--threshold", t)
         mixes.append([vg, (name, shards / "shards")])
-    done = {(p["sources"], p["seed"], p["steps"]): p for p in res.get("pretraining", [])} if args.resume else {}
-    res["pretraining"] = []
+    order = ["+".join(n for n, _ in m) for m in mixes]
+    if args.mixes:
+        unknown = set(args.mixes) - set(order)
+        if unknown:
+            raise SystemExit(f"--mixes: no mix named {sorted(unknown)}; the mixes are {', '.join(order)}")
+        mixes = [m for m in mixes if "+".join(n for n, _ in m) in args.mixes]
+    # With --resume, finished runs stay in the results, also those outside this call's seeds or mixes.
+    runs = res.get("pretraining", []) if args.resume else []
+    done = {(p["sources"], p["seed"], p["steps"]) for p in runs}
+    res["pretraining"] = runs
     for seed in args.pretrain_seeds:
         for sources in mixes:
             name = "+".join(n for n, _ in sources)
-            key = (name, 42 + seed, args.pretrain_steps)
-            if key in done:
-                res["pretraining"].append(done[key])
+            if (name, 42 + seed, args.pretrain_steps) in done:
                 continue
             run_dir = out / "pretrain" / f"{name}_seed{42 + seed}"
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -270,11 +276,13 @@ def pretraining(out: Path, args: argparse.Namespace, res: dict[str, Any]) -> Non
                 f"optim.warmup_steps={max(1, min(50, args.pretrain_steps // 10))}", "eval.every_steps=0",
                 "logging.progress=false", "--nproc", args.nproc)
             train_s = time.perf_counter() - t
-            res["pretraining"].append({"sources": name, "seed": 42 + seed, "steps": args.pretrain_steps,
-                                       "train_seconds": round(train_s, 1), **test_scores(out, run_dir)})
+            runs.append({"sources": name, "seed": 42 + seed, "steps": args.pretrain_steps,
+                         "train_seconds": round(train_s, 1), **test_scores(out, run_dir)})
+            runs.sort(key=lambda r: (r["seed"], order.index(r["sources"]) if r["sources"] in order else len(order)))
             write(res, args.results, out, quiet=True)
     res["pretraining_summary"] = pretraining_summary(res["pretraining"])
-    res["pretraining_commands"] = portable(COMMANDS, out)
+    earlier = res.get("pretraining_commands", []) if args.resume else []
+    res["pretraining_commands"] = list(dict.fromkeys(earlier + portable(COMMANDS, out)))
 
 
 def test_scores(out: Path, run_dir: Path) -> dict[str, float]:
@@ -430,6 +438,8 @@ def main() -> None:
     ap.add_argument("--pseudo-thresholds", type=lambda v: [float(x) for x in v.split(",") if x], default=[],
                     help="comma-separated: also pre-train on the default lever's tags pseudo-labelled at these "
                          f"thresholds (besides {DEFAULT_THRESHOLD})")
+    ap.add_argument("--mixes", type=lambda v: [x for x in v.split(",") if x], default=None,
+                    help="comma-separated mix names to pre-train (default: all), e.g. vg,vg+pseudo,vg+truth")
     ap.add_argument("--only-pretrain", action="store_true",
                     help="reuse --out and the results JSON of an earlier run; run only the pre-training comparison")
     ap.add_argument("--resume", action="store_true", help="with --only-pretrain: keep the results JSON's finished runs")
@@ -442,8 +452,11 @@ def main() -> None:
             raise SystemExit("--only-pretrain needs --out of an earlier run (with pseudo/default/shards) and "
                              "--pretrain-steps")
         res = json.loads((args.results / "pseudo_label_proof.json").read_text())
-        res["plan"].update(pretrain_steps=args.pretrain_steps, pretrain_seeds=args.pretrain_seeds, nproc=args.nproc,
-                           pseudo_thresholds=args.pseudo_thresholds)
+        before = res["plan"] if args.resume else {}
+        res["plan"].update(
+            pretrain_steps=args.pretrain_steps, nproc=args.nproc,
+            pretrain_seeds=sorted(set(before.get("pretrain_seeds", [])) | set(args.pretrain_seeds)),
+            pseudo_thresholds=sorted(set(before.get("pseudo_thresholds", [])) | set(args.pseudo_thresholds)))
         pretraining(out, args, res)
         write(res, args.results, out)
         return
