@@ -94,6 +94,28 @@ def test_score_separates_seen_and_held_out(test_split):
                for t in seen_only["per_triplet"])
 
 
+def test_eval_synthetic_finds_the_split_and_names_a_wrong_folder(test_split, tmp_path, capsys):
+    from rlipv2_scale.cli import main
+    from rlipv2_scale.demo import split_of
+    from rlipv2_scale.errors import UserError
+
+    assert split_of(test_split) == "test" and split_of(test_split, "test") == "test"
+    with pytest.raises(UserError, match="has no val_hico.json"):
+        split_of(test_split, "val")
+    with pytest.raises(UserError, match="has no trainval_hico.json or val_hico.json or test_hico.json"):
+        split_of(tmp_path)
+    both = tmp_path / "both"
+    both.mkdir()
+    for name in ("val_hico.json", "test_hico.json"):
+        (both / name).write_text("[]")
+    with pytest.raises(UserError, match=r"several splits \(val, test\): choose one with --split"):
+        split_of(both)
+    assert main(["eval", "synthetic", "--checkpoint", str(tmp_path / "model"), "--data",
+                 str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert "missing' is not a folder" in err and "rlipv2 data synth --split test" in err
+
+
 def test_draw_examples_prefers_held_out_scenes(test_split, tmp_path):
     gt = json.loads((test_split / "test_hico.json").read_text())
     preds = [_pred_from_gt(e, lambda *t: True) for e in gt]
@@ -175,6 +197,14 @@ def test_quick_demo_end_to_end(tmp_path):
     pics = sorted((out / "predictions").glob("*.png"))
     assert len(pics) == QUICK.draw
     assert sorted(res["artefacts"]["predictions"]) == [str(p.relative_to(out)) for p in pics]
+    # `rlipv2 eval synthetic` gives the demo's test figures from its model directory (the same scoring)
+    got = tmp_path / "eval.json"
+    assert main(["eval", "synthetic", "--checkpoint", str(out / "model"), "--data", str(out / "data" / "test"),
+                 "--device", "cpu", "--no-progress", "--json", str(got)]) == 0
+    scored = json.loads(got.read_text())
+    assert scored["split"] == "test"
+    assert (scored["relation_map"], scored["zero_shot_relation_map"]) == (res["relation_map"],
+                                                                         res["zero_shot_relation_map"])
 
 
 def test_cli_options_set_the_plan_and_bad_values_are_named(tmp_path, monkeypatch, capsys):

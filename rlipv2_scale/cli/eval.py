@@ -1,5 +1,6 @@
 """`rlipv2 eval hico-det | vcoco | oi-sgg`: score prediction files with the published protocols, or run
 a model directory over a benchmark's test set and score it (`--checkpoint DIR --data ROOT`).
+`rlipv2 eval synthetic` scores a model on a split of the synthetic world as `rlipv2 demo` does.
 
 Each command prints a table and, with `--json OUT`, writes the numbers as fractions. The logic lives
 in `rlipv2_scale.eval` and `rlipv2_scale.inference`; the parsers are built by `add_*_arguments` so
@@ -91,6 +92,19 @@ def add_oi_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", type=Path, metavar="OUT", help="write the results as JSON (fractions)")
 
 
+def add_synthetic_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", type=Path, required=True, metavar="MODEL",
+                   help="model directory, training run or checkpoint (exported on the fly)")
+    p.add_argument("--data", type=Path, required=True, metavar="SPLIT",
+                   help="a split folder of the synthetic world: `rlipv2 demo`'s OUT/data/test, or `rlipv2 data "
+                        "synth --split test --out DIR`")
+    p.add_argument("--split", choices=("train", "val", "test"), help="default: the one the folder holds")
+    p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
+    p.add_argument("--eval-size", type=int, help="shorter image side (default: the model's, from its card)")
+    p.add_argument("--json", type=Path, metavar="OUT", help="write the results as JSON (percent, as the demo)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
 def register(tree) -> None:
     add_hico_arguments(tree.group_command("eval", "hico-det", "HICO-DET mAP (Default: full, rare, non-rare; "
                                           "zero-shot unseen / seen)", run_hico))
@@ -98,6 +112,9 @@ def register(tree) -> None:
                                            run_vcoco))
     add_oi_arguments(tree.group_command("eval", "oi-sgg", "Open Images v6 SGG: R@50, wmAP_rel, wmAP_phr, score_wtd",
                                         run_oi))
+    add_synthetic_arguments(tree.group_command(
+        "eval", "synthetic", "the synthetic world (the demo's scoring): relation mAP on seen and held-out triplets",
+        run_synthetic))
 
 
 def _report(title: str, rows: list[tuple[str, float | None]], results: dict, out: Path | None) -> int:
@@ -238,3 +255,17 @@ def _run_oi_checkpoint(args: argparse.Namespace) -> int:
     res["checkpoint"] = str(args.checkpoint)
     return _report(f"Open Images v6 SGG, {args.checkpoint}", [(name, res[key]) for name, key in OI_ROWS], res,
                    args.json)
+
+
+def run_synthetic(args: argparse.Namespace) -> int:
+    from rlipv2_scale.demo import evaluate_split
+
+    res = evaluate_split(args.checkpoint, args.data, args.split, eval_size=args.eval_size, device=args.device,
+                         progress=not args.no_progress)
+    res["checkpoint"] = str(args.checkpoint)
+    rows = [("relation mAP (seen triplets)", res["relation_map"]),
+            ("zero-shot mAP (held-out triplets)", res["zero_shot_relation_map"]),
+            ("mAP (all test triplets)", res["full_map"]), ("mean max recall", res["mean_max_recall"])]
+    # The demo's figures are percentages already; _report prints fractions × 100.
+    return _report(f"synthetic world, {res['split']} split, {args.checkpoint}",
+                   [(n, None if v is None else v / 100) for n, v in rows], res, args.json)
