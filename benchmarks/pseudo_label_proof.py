@@ -21,6 +21,8 @@
    `--pretrain-seeds`, then each run scored by `rlipv2 eval synthetic` on the demo's test scenes,
    the demo's own scoring (relation mAP on seen and held-out combinations; mean ± std over seeds;
    the share of the ceiling's gain the pseudo-labels reach, with a bootstrap interval over seeds).
+   `--mixes` adds or picks mixes: also `vg+pseudo-weighted` (the pseudo-labels' confidence as the
+   relation target, `data.confidence_weighted=true`), not run by default.
 
     # precision / recall of every lever (about 40 min on 2 busy CPU cores, half of it the Tagger's
     # training; --reuse-tagger skips that on a second run in the same folder)
@@ -238,10 +240,14 @@ def pretraining(out: Path, args: argparse.Namespace, res: dict[str, Any]) -> Non
     from rlipv2_scale.demo import recipe_path
 
     vg = ("vg", out / "shards" / "train")
-    # Last, the box-only control: the same detection scenes with their boxes and no relations
-    # (every pair a negative), i.e. what the extra images bring without any relation label.
-    mixes = [[vg], [vg, ("pseudo", out / "pseudo" / "default" / "shards")],
-             [vg, ("truth", out / "shards" / "detection_truth")], [vg, ("detection", out / "shards" / "detection")]]
+    pseudo = ("pseudo", out / "pseudo" / "default" / "shards")
+    # (name, sources, extra overrides). Last of the four, the box-only control: the same detection
+    # scenes with their boxes and no relations (every pair a negative), i.e. what the extra images
+    # bring without any relation label.
+    mixes: list[tuple[str, list[tuple[str, Path]], list[str]]] = [
+        ("vg", [vg], []), ("vg+pseudo", [vg, pseudo], []),
+        ("vg+truth", [vg, ("truth", out / "shards" / "detection_truth")], []),
+        ("vg+detection", [vg, ("detection", out / "shards" / "detection")], [])]
     # The same tags at other thresholds (`--pseudo-thresholds`): recall against precision in pre-training.
     for t in args.pseudo_thresholds:
         name = f"pseudo{round(100 * t):02d}"
@@ -249,13 +255,16 @@ def pretraining(out: Path, args: argparse.Namespace, res: dict[str, Any]) -> Non
         if not (args.resume and (shards / "shards" / "index.json").is_file()):
             cli("data", "pseudo-label", "--shards", out / "shards" / "detection", "--tags", out / "tags" / "default",
                 "--out", shards, "--dataset", "synthetic", "--threshold", t)
-        mixes.append([vg, (name, shards / "shards")])
-    order = ["+".join(n for n, _ in m) for m in mixes]
+        mixes.append((f"vg+{name}", [vg, (name, shards / "shards")], []))
+    # The default pseudo-labels with their confidence as the relation target instead of 1
+    # (`data.confidence_weighted`; the VG-format relations, without a confidence, stay 1).
+    mixes.append(("vg+pseudo-weighted", [vg, pseudo], ["data.confidence_weighted=true"]))
+    order = [name for name, _, _ in mixes]
     if args.mixes:
         unknown = set(args.mixes) - set(order)
         if unknown:
             raise SystemExit(f"--mixes: no mix named {sorted(unknown)}; the mixes are {', '.join(order)}")
-        mixes = [m for m in mixes if "+".join(n for n, _ in m) in args.mixes]
+    chosen = [m for m in mixes if m[0] in (args.mixes or order[:4 + len(args.pseudo_thresholds)])]
     # With --resume, finished runs stay in the results, also those outside this call's seeds or mixes.
     runs = res.get("pretraining", []) if args.resume else []
     done = {(p["sources"], p["seed"], p["steps"]) for p in runs}
@@ -265,8 +274,7 @@ def pretraining(out: Path, args: argparse.Namespace, res: dict[str, Any]) -> Non
             r.update(test_scores(out, out / "pretrain" / f"{r['sources']}_seed{r['seed']}"))
         write(res, args.results, out, quiet=True)
     for seed in args.pretrain_seeds:
-        for sources in mixes:
-            name = "+".join(n for n, _ in sources)
+        for name, sources, overrides in chosen:
             if (name, 42 + seed, args.pretrain_steps) in done:
                 continue
             run_dir = out / "pretrain" / f"{name}_seed{42 + seed}"
@@ -278,7 +286,7 @@ def pretraining(out: Path, args: argparse.Namespace, res: dict[str, Any]) -> Non
                 f"data.batch_size={8 // args.nproc}", f"train.max_steps={args.pretrain_steps}",
                 f"train.seed={42 + seed}", f"data.seed={42 + seed}",
                 f"optim.warmup_steps={max(1, min(50, args.pretrain_steps // 10))}", "eval.every_steps=0",
-                "logging.progress=false", "--nproc", args.nproc)
+                "logging.progress=false", *overrides, "--nproc", args.nproc)
             train_s = time.perf_counter() - t
             runs.append({"sources": name, "seed": 42 + seed, "steps": args.pretrain_steps,
                          "train_seconds": round(train_s, 1), **test_scores(out, run_dir)})
@@ -393,7 +401,9 @@ def markdown(res: dict[str, Any]) -> str:
                   "demo's test scenes. vg: the VG-format split alone; vg+pseudo: plus the detection scenes "
                   "with the default lever's pseudo-labels; vg+truth: plus the same scenes with their hidden true "
                   "relations (the ceiling); vg+detection: plus the same scenes' boxes and no relation (the "
-                  "box-only control: what the extra images bring without relation labels).", "",
+                  "box-only control: what the extra images bring without relation labels); vg+pseudoNN: the "
+                  "default tags pseudo-labelled at threshold 0.NN; vg+pseudo-weighted: the default pseudo-labels "
+                  "with their confidence as the relation target (`data.confidence_weighted=true`).", "",
                   "| pre-training data | seed | steps | relation mAP | zero-shot mAP | full mAP |",
                   "|---|---|---|---|---|---|"]
         for r in res["pretraining"]:

@@ -239,6 +239,24 @@ def test_proof_scorer_counts_the_wordings_of_one_pair_once():
         bench.score_shards({"1": ann(1, [], names=("cup", "person", "table"))}, truth)
 
 
+def test_proof_summary_pairs_gains_by_seed_and_bounds_the_share():
+    """The share of the ceiling's gain the README quotes: paired by seed, with a bootstrap interval."""
+    bench = _proof_benchmark()
+    maps = {"vg": (10, 20, 30), "vg+pseudo": (14, 24, 36), "vg+truth": (18, 28, 38), "vg+pseudo05": (11, 22, 33)}
+    runs = [{"sources": name, "seed": 42 + i, "relation_map": v[i], "zero_shot_relation_map": v[i] / 2}
+            for name, v in maps.items() for i in range(3)]
+    summary = bench.pretraining_summary(runs)
+    gain = summary["vg+pseudo"]["gain_over_vg"]["relation_map"]
+    assert gain["per_seed"] == [4, 4, 6] and gain["mean"] == 4.67
+    share = summary["share_of_ceiling_gain"]
+    assert share["relation_map"] == 0.584 and share["relation_map_per_seed"] == [0.5, 0.5, 0.75]
+    # resampling three seeds: two or more draws of the 0.75 seed are 7 in 27 (the 95th percentile is
+    # 16/24), none of it 8 in 27 (the 5th percentile is 0.5)
+    assert share["relation_map_interval_90"] == [0.5, 0.667]
+    assert summary["vg+pseudo05"]["share_of_ceiling_gain"]["relation_map"] == 0.25
+    assert bench.bootstrap_share([1.0, 2.0], [2.0, 2.0]) is None          # too few seeds to resample
+
+
 def test_cli_tag_rejects_a_bad_synonym_file_in_one_line(tmp_path, capsys):
     from rlipv2_scale.cli import main
 
