@@ -22,7 +22,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -56,21 +56,23 @@ class HicoFiles:
     train: Path | None  # training annotations, for the rare / non-rare split
 
 
-def _find(root: Path, explicit: str | Path | None, candidates: Sequence[str], what: str, flag: str,
-          required: bool = True) -> Path | None:
-    """`explicit` when given (it must exist), else the first candidate under `root` that exists."""
+def _locate(root: Path, explicit: str | Path | None, candidates: Sequence[str], what: str, flag: str) -> Path | None:
+    """`explicit` when given (it must exist), else the first candidate under `root` that exists, else None."""
     if explicit is not None:
         path = Path(explicit)
         if not path.exists():
             raise UserError(f"{what} '{path}' ({flag}) does not exist")
         return path
-    for c in candidates:
-        if (root / c).exists():
-            return root / c
-    if required:
+    return next((root / c for c in candidates if (root / c).exists()), None)
+
+
+def _find(root: Path, explicit: str | Path | None, candidates: Sequence[str], what: str, flag: str) -> Path:
+    """`_locate`, a file that must be there."""
+    path = _locate(root, explicit, candidates, what, flag)
+    if path is None:
         raise UserError(f"{what} not found under '{root}' (looked for {', '.join(candidates)}); "
                         f"pass its path with {flag}")
-    return None
+    return path
 
 
 def _root(root: str | Path, benchmark: str) -> Path:
@@ -88,8 +90,8 @@ def find_hico_files(root: str | Path, test: str | Path | None = None, images: st
     return HicoFiles(
         _find(root, test, ["annotations/test_hico.json", "test_hico.json"], "test annotations", "--gt"),
         _find(root, images, ["images/test2015", "test2015", "images"], "test image folder", "--images"),
-        _find(root, train, ["annotations/trainval_hico.json", "trainval_hico.json"], "training annotations",
-              "--train", required=False))
+        _locate(root, train, ["annotations/trainval_hico.json", "trainval_hico.json"], "training annotations",
+                "--train"))
 
 
 class RelationImages(Dataset):
@@ -206,7 +208,7 @@ Convert = Callable[[Sequence[ImageTriplets], Sequence[dict]], list]
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, dataset: RelationImages, space: LabelSpace, post: PostProcess, *,
+def predict(model: torch.nn.Module, dataset: RelationImages | ShardImages, space: LabelSpace, post: PostProcess, *,
             batch_size: int = 2, num_workers: int = 0, device: str | torch.device | None = None,
             progress: bool = True, relation_key: str = "hoi_prediction", convert: Convert | None = None,
             ) -> list | None:
@@ -215,7 +217,7 @@ def predict(model: torch.nn.Module, dataset: RelationImages, space: LabelSpace, 
     ("rel_predictions" for Open Images); `convert(triplets, entries)` makes any other form from a
     batch's post-processed triplets and annotation entries.
     Distributed: every rank runs its slice; rank 0 returns all, the others None."""
-    module = getattr(model, "module", model)   # a DeepSpeed engine wraps the model
+    module: Any = getattr(model, "module", model)   # a DeepSpeed engine wraps the model
     if getattr(module.cfg, "tagger", False):
         raise UserError("the Relation Tagger scores given pairs; it cannot detect relations on a test set")
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -245,7 +247,7 @@ def predict(model: torch.nn.Module, dataset: RelationImages, space: LabelSpace, 
     if world > 1:
         gathered: list | None = [None] * world if rank0 else None
         dist.gather_object(mine, gathered, dst=0)
-        if not rank0:
+        if gathered is None:      # not rank 0
             return None
         mine = [p for part in gathered for p in part]
     return [p for _, p in sorted(mine, key=lambda ip: ip[0])]
@@ -388,10 +390,12 @@ def evaluate_checkpoint(checkpoint_dir: str | Path, data_root: str | Path | None
     class), a split of the label space (UC-RF, UC-NF, UO) or a file of unseen triplets."""
     from rlipv2_scale.eval.files import read_json
 
-    if data_root is None and (test is None or images is None):
+    if data_root is not None:
+        files = find_hico_files(data_root, test, images, train)
+    elif test is not None and images is not None:
+        files = HicoFiles(Path(test), Path(images), Path(train) if train else None)
+    else:
         raise UserError("give the dataset root (--data) or both the test annotations and the image folder")
-    files = find_hico_files(data_root, test, images, train) if data_root is not None else \
-        HicoFiles(Path(test), Path(images), Path(train) if train else None)
     space = (label_space or data_label_space(files.test.parent, Path(data_root) if data_root else None)
              or hico_label_space())
     nf_filter, split = _zero_shot(zero_shot, space)
@@ -524,7 +528,7 @@ def evaluate_vcoco_checkpoint(checkpoint_dir: str | Path, data_root: str | Path 
         if missing:
             raise UserError("give the V-COCO root (--data) or every file: missing "
                             + ", ".join("--" + k.replace("_", "-") for k in missing))
-        files = VcocoFiles(*(Path(v) for v in given.values()))
+        files = VcocoFiles(*(Path(v) for v in given.values() if v is not None))   # none is, after the check
     else:
         files = find_vcoco_files(data_root, test=test, images=images, correct_mat=correct_mat, vcoco=vcoco,
                                  coco=coco, image_ids=image_ids)
@@ -547,10 +551,10 @@ def evaluate_vcoco_checkpoint(checkpoint_dir: str | Path, data_root: str | Path 
     model, device = _load_model(checkpoint_dir, device, space)
     dataset = RelationImages(entries, files.images, *_sizes(model, eval_size, max_size))
     post = PostProcess.for_label_space(space, top_k=None)   # every pair x verb, no NMS (the official export)
-    missing = space.objects.index("missing objects")
+    missing_object = space.objects.index("missing objects")
 
     def convert(results: Sequence[ImageTriplets], batch: Sequence[dict]) -> list:
-        return [vcoco_detections(r, vcoco_image_id(e), missing) for r, e in zip(results, batch)]
+        return [vcoco_detections(r, vcoco_image_id(e), missing_object) for r, e in zip(results, batch)]
 
     per_image = predict(model, dataset, space, post, batch_size=batch_size, num_workers=num_workers, device=device,
                         progress=progress, convert=convert)
@@ -586,8 +590,8 @@ def find_oi_files(root: str | Path, *, test: str | Path | None = None, images: s
         _find(root, test, ["annotations/OI_SGG_test.json", "OI_SGG_test.json"], "test annotations", "--gt"),
         _find(root, images, ["images"], "image folder", "--images"),
         _find(root, categories, [f"annotations/{CATEGORIES}", CATEGORIES], "category names", "--categories"),
-        _find(root, object_categories, [f"annotations/{ALL_OBJECT_CATEGORIES}", ALL_OBJECT_CATEGORIES],
-              "all object names", "--object-categories", required=False))
+        _locate(root, object_categories, [f"annotations/{ALL_OBJECT_CATEGORIES}", ALL_OBJECT_CATEGORIES],
+                "all object names", "--object-categories"))
 
 
 def oi_label_space_from_files(categories: str | Path, object_categories: str | Path | None = None) -> LabelSpace:

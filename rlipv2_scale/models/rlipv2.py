@@ -14,6 +14,7 @@ and relation content; 2-d reference points from `reference_points_sub/obj`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +26,7 @@ from rlipv2_scale.models.alif import AlifEncoder
 from rlipv2_scale.models.artifacts import PretrainedMixin
 from rlipv2_scale.models.backbone import Backbone
 from rlipv2_scale.models.config import ModelConfig
-from rlipv2_scale.models.heads import FeatureResizer, LabelSimilarity, box_mlp
+from rlipv2_scale.models.heads import MLP, FeatureResizer, LabelSimilarity, box_mlp
 from rlipv2_scale.models.outputs import RelationOutput, RelationPredictions
 from rlipv2_scale.models.parse import EntityDecoder, MultiBranchFusion, RelationDecoder
 from rlipv2_scale.models.position import SinePositionEncoding
@@ -76,8 +77,10 @@ class RLIPv2(PretrainedMixin, nn.Module):
             [nn.Sequential(nn.Conv2d(c, d, kernel_size=1), nn.GroupNorm(groups, d)) for c in channels]
             + [nn.Sequential(nn.Conv2d(channels[-1], d, kernel_size=3, stride=2, padding=1), nn.GroupNorm(groups, d))])
         for proj in self.input_proj:
-            nn.init.xavier_uniform_(proj[0].weight, gain=1)
-            nn.init.zeros_(proj[0].bias)
+            conv = cast(nn.Conv2d, cast(nn.Sequential, proj)[0])
+            assert conv.bias is not None
+            nn.init.xavier_uniform_(conv.weight, gain=1)
+            nn.init.zeros_(conv.bias)
         self.position = SinePositionEncoding(d // 2, offset=cfg.position_offset)
         self.level_embed = nn.Parameter(torch.randn(cfg.num_feature_levels, d))
         self.text_encoder = LabelEncoder.build(cfg.text, pretrained=pretrained)
@@ -95,7 +98,8 @@ class RLIPv2(PretrainedMixin, nn.Module):
         self.sub_bbox_embed = nn.ModuleList(box_mlp(d) for _ in range(2 * cfg.dec_layers))
         self.obj_bbox_embed = nn.ModuleList(box_mlp(d) for _ in range(2 * cfg.dec_layers))
         for mlps in (self.sub_bbox_embed, self.obj_bbox_embed):
-            nn.init.constant_(mlps[0].layers[-1].bias[2:], -2.0)
+            last = cast(nn.Linear, cast(MLP, mlps[0]).layers[-1])
+            nn.init.constant_(last.bias[2:], -2.0)
             for mlp in mlps[cfg.dec_layers:]:
                 mlp.requires_grad_(False)
         self.classifier = LabelSimilarity(d)
@@ -126,7 +130,7 @@ class RLIPv2(PretrainedMixin, nn.Module):
             raise UserError(f"the model needs at least one object text and one relation text, got {num_obj} "
                             f"and {num_rel}")
         self_encoded = label_embeds is None
-        if self_encoded:
+        if label_embeds is None:
             with record_function("text_encoder"):
                 label_embeds = self.encode_labels(obj_texts, rel_texts)
         elif label_embeds.shape[0] != num_obj + num_rel:
