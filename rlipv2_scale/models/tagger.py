@@ -161,19 +161,22 @@ class RelationTagger(RLIPv2):
         device, dtype = enc.memory.device, enc.memory.dtype
         num_obj = enc.num_obj
 
-        batch_idx, slot_idx, boxes, labels = [], [], [], []
+        batch_parts: list[torch.Tensor] = []
+        slot_parts: list[torch.Tensor] = []
+        box_parts: list[torch.Tensor] = []
+        label_parts: list[torch.Tensor] = []
         for i, p in enumerate(pairs):
             n = p.sub_boxes.shape[0]
             if n > slots_per_side:
                 raise UserError(f"image {i}: {n} pairs but the Tagger has {slots_per_side} pair slots; "
                                 f"split the candidates into groups of at most {slots_per_side}")
             slots = torch.arange(n, device=device)
-            batch_idx.append(torch.full((2 * n,), i, dtype=torch.long, device=device))
-            slot_idx.append(torch.cat([slots, slots + slots_per_side]))
-            boxes.append(torch.cat([p.sub_boxes, p.obj_boxes]).to(device, dtype))
-            labels.append(torch.cat([p.sub_labels, p.obj_labels]).to(device, torch.long))
-        batch_idx, slot_idx = torch.cat(batch_idx), torch.cat(slot_idx)
-        boxes, labels = torch.cat(boxes), torch.cat(labels)
+            batch_parts.append(torch.full((2 * n,), i, dtype=torch.long, device=device))
+            slot_parts.append(torch.cat([slots, slots + slots_per_side]))
+            box_parts.append(torch.cat([p.sub_boxes, p.obj_boxes]).to(device, dtype))
+            label_parts.append(torch.cat([p.sub_labels, p.obj_labels]).to(device, torch.long))
+        batch_idx, slot_idx = torch.cat(batch_parts), torch.cat(slot_parts)
+        boxes, labels = torch.cat(box_parts), torch.cat(label_parts)
         if labels.numel() and (labels.min() < 0 or labels.max() >= num_obj):
             raise UserError(f"pair labels must index the {num_obj} object texts, got values in "
                             f"[{labels.min().item()}, {labels.max().item()}]")
@@ -218,8 +221,10 @@ class RelationTagger(RLIPv2):
         return content.expand(h_sub.shape[0], -1, -1), h_sub + h_obj
 
     # ---------------------------------------------------------------- entry points
-    def forward(self, images: torch.Tensor, pixel_mask: torch.Tensor, obj_texts: list[str], rel_texts: list[str],
-                pairs: Sequence[GivenPairs], label_embeds: torch.Tensor | None = None) -> RelationOutput:
+    # The Tagger's forward also takes the given pairs: it is not a drop-in RLIPv2 detector (see `predict`).
+    def forward(self, images: torch.Tensor, pixel_mask: torch.Tensor,  # type: ignore[override]
+                obj_texts: list[str], rel_texts: list[str], pairs: Sequence[GivenPairs],
+                label_embeds: torch.Tensor | None = None) -> RelationOutput:
         enc = self.encode(images, pixel_mask, obj_texts, rel_texts, label_embeds)
         return self.decode(enc, self.pair_queries(enc, pairs))
 

@@ -92,7 +92,7 @@ class _StopSignal:
 
     def __init__(self) -> None:
         self.signum: int | None = None
-        self._previous = {}
+        self._previous: dict[int, Any] = {}
 
     def install(self) -> None:
         if not self._previous:
@@ -255,7 +255,9 @@ class Trainer:
         must stay the same (the schedule, the data position and the step count are counted in
         them). ZeRO partitions are converted (rank 0) into DeepSpeed's universal checkpoint in this
         run's checkpoints/, returned for `_load_resharded`; stage 0 stores the model whole (None)."""
-        ranks = ckpt_io.read_trainer_state(path)["world_size"] if path is not None else self.info.world_size
+        if path is None:
+            return None
+        ranks = ckpt_io.read_trainer_state(path)["world_size"]
         if ranks == self.info.world_size:
             return None
         old = load_run_config(path / "config.yaml")
@@ -423,7 +425,7 @@ class Trainer:
         """Save the diverging state aside; `latest` becomes the newest checkpoint whose weights gave a
         finite loss (later ones are set aside too), so that `--resume auto` continues from it."""
         aside = self.save(diverged_after=min(self.good_step, self.step - 1))
-        message = [None]
+        message: list[str | None] = [None]
         if self.is_main:
             good = self.manager.latest()
             resume = (f"`latest` stays '{good}', the newest checkpoint whose weights gave finite losses"
