@@ -253,6 +253,9 @@ def test_proof_summary_pairs_gains_by_seed_and_bounds_the_share():
     # resampling three seeds: two or more draws of the 0.75 seed are 7 in 27 (the 95th percentile is
     # 16/24), none of it 8 in 27 (the 5th percentile is 0.5)
     assert share["relation_map_interval_90"] == [0.5, 0.667]
+    # the target as a paired margin: 4 - 0.7 * 8, 4 - 5.6, 6 - 5.6
+    assert share["relation_map_margin"]["per_seed"] == [-1.6, -1.6, 0.4]
+    assert share["relation_map_margin"]["mean"] == -0.93 and share["relation_map_margin"]["sem"] == 0.67
     assert summary["vg+pseudo05"]["share_of_ceiling_gain"]["relation_map"] == 0.25
     assert bench.bootstrap_share([1.0, 2.0], [2.0, 2.0]) is None          # too few seeds to resample
 
