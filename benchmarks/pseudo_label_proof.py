@@ -276,6 +276,7 @@ def pretraining(out: Path, args: argparse.Namespace, res: dict[str, Any]) -> Non
     if args.rescore:
         for r in runs:
             r.update(test_scores(out, out / "pretrain" / f"{r['sources']}_seed{r['seed']}", large))
+        res["pretraining_summary"] = pretraining_summary(runs)
         write(res, args.results, out, quiet=True)
     for seed in args.pretrain_seeds:
         for name, sources, overrides in chosen:
@@ -297,10 +298,11 @@ def pretraining(out: Path, args: argparse.Namespace, res: dict[str, Any]) -> Non
             runs.append({"sources": name, "seed": 42 + seed, "steps": args.pretrain_steps,
                          "train_seconds": round(train_s, 1), **test_scores(out, run_dir, large)})
             runs.sort(key=lambda r: (r["seed"], order.index(r["sources"]) if r["sources"] in order else len(order)))
+            res["pretraining_summary"] = pretraining_summary(runs)
             write(res, args.results, out, quiet=True)
     res["pretraining_summary"] = pretraining_summary(res["pretraining"])
     earlier = res.get("pretraining_commands", []) if args.resume else []
-    res["pretraining_commands"] = list(dict.fromkeys(earlier + portable(COMMANDS, out)))
+    res["pretraining_commands"] = list(dict.fromkeys(portable(earlier + COMMANDS, out)))
 
 
 def test_scores(out: Path, run_dir: Path, large: Path | None = None) -> dict[str, float]:
@@ -480,8 +482,14 @@ def markdown(res: dict[str, Any]) -> str:
 
 
 def portable(commands: list[str], out: Path) -> list[str]:
-    """The commands with the work folder as OUT and paths relative to the repository."""
-    return [c.replace(str(out), "OUT").replace(str(ROOT) + "/", "") for c in commands]
+    """The commands with the work folder as OUT and paths relative to the repository (also the
+    recipes', which resolve through the installed package)."""
+    from rlipv2_scale.demo import recipe_path
+
+    roots = {str(ROOT) + "/", str(recipe_path("demo").parents[2]) + "/"}
+    for root in roots:
+        commands = [c.replace(root, "") for c in commands]
+    return [c.replace(str(out), "OUT") for c in commands]
 
 
 def write(res: dict[str, Any], results: Path, out: Path, quiet: bool = False) -> None:
