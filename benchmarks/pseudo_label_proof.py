@@ -80,6 +80,11 @@ def log(msg: str) -> None:
     print(msg, flush=True)
 
 
+def record(*args: str | Path) -> None:
+    """Lists `rlipv2 ARGS` with the commands run, for an output reused from an earlier call."""
+    COMMANDS.append("rlipv2 " + shlex.join(str(a) for a in args))
+
+
 def cli(*args: str | Path) -> str:
     """`rlipv2 ARGS` in a subprocess; returns its stdout."""
     argv = [str(a) for a in args]
@@ -159,6 +164,21 @@ def score_shards(pseudo: dict[str, dict], truth: dict[str, dict], thresholds=THR
                        "precision": round(hit / len(pred), 4) if pred else None,
                        "recall": round(hit / len(true), 4) if true else None}
     return out
+
+
+def confidence_by_correctness(pseudo: dict[str, dict], truth: dict[str, dict]) -> dict[str, dict]:
+    """Mean and quartiles of the written confidences of correct and of wrong pseudo-labels: whether
+    the confidence could weigh the labels in training (`data.confidence_weighted`)."""
+    wording = world_wordings()
+    true = {(i, r["subject"], r["object"], r["predicate"]) for i, ann in truth.items() for r in ann["relations"]}
+    groups: dict[str, list[float]] = {"correct": [], "wrong": []}
+    for i, ann in pseudo.items():
+        for r in ann["relations"]:
+            key = (i, r["subject"], r["object"], wording.get(r["predicate"], "?" + r["predicate"]))
+            groups["correct" if key in true else "wrong"].append(r["confidence"])
+    return {k: {"n": len(v), "mean": round(statistics.mean(v), 3),
+                "quartiles": [round(q, 3) for q in statistics.quantiles(v, n=4)]}
+            for k, v in groups.items() if len(v) > 1}
 
 
 def candidate_ceiling(parse_dir: Path, truth: dict[str, dict]) -> dict:
@@ -255,13 +275,15 @@ def pretraining(out: Path, args: argparse.Namespace, res: dict[str, Any]) -> Non
     for t in args.pseudo_thresholds:
         name = f"pseudo{round(100 * t):02d}"
         shards = out / "pseudo" / f"default_{name}"
-        if not (args.resume and (shards / "shards" / "index.json").is_file()):
-            cli("data", "pseudo-label", "--shards", out / "shards" / "detection", "--tags", out / "tags" / "default",
-                "--out", shards, "--dataset", "synthetic", "--threshold", t)
+        argv = ["data", "pseudo-label", "--shards", out / "shards" / "detection", "--tags", out / "tags" / "default",
+                "--out", shards, "--dataset", "synthetic", "--threshold", t]
+        (record if args.resume and (shards / "shards" / "index.json").is_file() else cli)(*argv)
         mixes.append((f"vg+{name}", [vg, (name, shards / "shards")], []))
     # The default pseudo-labels with their confidence as the relation target instead of 1
     # (`data.confidence_weighted`; the VG-format relations, without a confidence, stay 1).
     mixes.append(("vg+pseudo-weighted", [vg, pseudo], ["data.confidence_weighted=true"]))
+    res["default_label_confidence"] = confidence_by_correctness(read_shards(pseudo[1]),
+                                                                read_shards(out / "shards" / "detection_truth"))
     order = [name for name, _, _ in mixes]
     if args.mixes:
         unknown = set(args.mixes) - set(order)
@@ -288,8 +310,11 @@ def pretraining(out: Path, args: argparse.Namespace, res: dict[str, Any]) -> Non
                     f"train.seed={42 + seed}", f"data.seed={42 + seed}",
                     f"optim.warmup_steps={max(1, min(50, args.pretrain_steps // 10))}", "eval.every_steps=0",
                     "logging.progress=false", *overrides, "--nproc", args.nproc]
-            if (name, 42 + seed, args.pretrain_steps) in done:
-                COMMANDS.append("rlipv2 " + shlex.join(map(str, argv)))     # the record lists every run
+            if (name, 42 + seed, args.pretrain_steps) in done:   # the record lists every run
+                record(*argv)
+                if not args.rescore:
+                    for _, eval_argv, _ in eval_commands(out, run_dir, large):
+                        record(*eval_argv)
                 continue
             shutil.rmtree(run_dir, ignore_errors=True)
             t = time.perf_counter()
@@ -305,16 +330,23 @@ def pretraining(out: Path, args: argparse.Namespace, res: dict[str, Any]) -> Non
     res["pretraining_commands"] = list(dict.fromkeys(portable(earlier + COMMANDS, out)))
 
 
+def eval_commands(out: Path, run_dir: Path, large: Path | None = None) -> list[tuple[str, list, Path]]:
+    """(key prefix, `rlipv2 eval synthetic` arguments, JSON written) on the demo's test scenes and,
+    when given, on the larger test split `large`."""
+    splits = [("", out / "data" / "test", "test_scores.json")] + (
+        [("large_", large, "test_scores_large.json")] if large else [])
+    return [(prefix, ["eval", "synthetic", "--checkpoint", run_dir, "--data", split, "--eval-size", IMAGE_SIZE,
+                      "--device", "cpu", "--no-progress", "--json", run_dir / name], run_dir / name)
+            for prefix, split, name in splits]
+
+
 def test_scores(out: Path, run_dir: Path, large: Path | None = None) -> dict[str, float]:
-    """`rlipv2 eval synthetic` of a run on the demo's test scenes (the demo's own scoring: HICO-DET
-    protocol, any subject class, held-out combinations as zero-shot) and, when given, on the larger
-    test split `large` (keys prefixed `large_`)."""
+    """`rlipv2 eval synthetic` of a run (the demo's own scoring: HICO-DET protocol, any subject
+    class, held-out combinations as zero-shot); keys of the larger split prefixed `large_`."""
     got = {}
-    for prefix, split, name in [("", out / "data" / "test", "test_scores.json")] + (
-            [("large_", large, "test_scores_large.json")] if large else []):
-        cli("eval", "synthetic", "--checkpoint", run_dir, "--data", split, "--eval-size", IMAGE_SIZE,
-            "--device", "cpu", "--no-progress", "--json", run_dir / name)
-        res = json.loads((run_dir / name).read_text())
+    for prefix, argv, scores in eval_commands(out, run_dir, large):
+        cli(*argv)
+        res = json.loads(scores.read_text())
         got.update({prefix + k: res[k] for k in ("relation_map", "zero_shot_relation_map", "full_map",
                                                  "mean_max_recall")})
     return got
@@ -325,9 +357,9 @@ def large_test_split(out: Path, images: int) -> Path:
     scenes score one model 14.0 and another test split of the world 8.0, so the comparison is also
     scored on more scenes."""
     split = out / "data" / f"test{images}"
-    if not (split / "test_hico.json").is_file():
-        cli("data", "synth", "--out", split, "--images", images, "--seed", LARGE_TEST_SEED, "--split", "test",
-            "--size", IMAGE_SIZE, "--no-progress")
+    argv = ["data", "synth", "--out", split, "--images", images, "--seed", LARGE_TEST_SEED, "--split", "test",
+            "--size", IMAGE_SIZE, "--no-progress"]
+    (record if (split / "test_hico.json").is_file() else cli)(*argv)
     return split
 
 
@@ -427,6 +459,10 @@ def markdown(res: dict[str, Any]) -> str:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "Parsing: " + json.dumps({k: v for k, v in res["parse"].items() if k != "top_phrases"}), "",
               "Commands run (in order):", "", "```"] + res["commands"] + ["```", ""]
+    if res.get("default_label_confidence"):
+        c = res["default_label_confidence"]
+        lines += ["Confidence written with the default pseudo-labels, mean (quartiles): " + "; ".join(
+            f"{k} {v['mean']} ({', '.join(map(str, v['quartiles']))}; {v['n']} labels)" for k, v in c.items()), ""]
     if res.get("pretraining"):
         lines += ["Pre-training: the demo recipe, each mix with the same steps, batch and seeds, scored on the "
                   "demo's test scenes. vg: the VG-format split alone; vg+pseudo: plus the detection scenes "
