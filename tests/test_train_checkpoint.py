@@ -16,11 +16,11 @@ from rlipv2_scale.errors import UserError
 from rlipv2_scale.train.checkpoint import TRAINER_STATE, CheckpointManager, resolve_resume
 
 
-def fake_save(manager: CheckpointManager, step: int, payload: bytes = b"x") -> Path:
+def fake_save(manager: CheckpointManager, step: int, payload: bytes = b"x", known_good: int | None = None) -> Path:
     tmp = manager.begin(step)
     (tmp / "weights.bin").write_bytes(payload)
     (tmp / TRAINER_STATE).write_text(json.dumps({"step": step}))
-    return manager.commit(step)
+    return manager.commit(step, known_good)
 
 
 def test_commit_keeps_last_k_and_moves_latest(tmp_path):
@@ -36,6 +36,26 @@ def test_commit_keeps_last_k_and_moves_latest(tmp_path):
     assert resolve_resume(str(tmp_path), tmp_path / "elsewhere") == m.final_dir(30)
     with pytest.raises(UserError, match="no complete checkpoint"):
         resolve_resume(str(tmp_path / "nothing"), tmp_path)
+
+
+def test_pruning_keeps_the_newest_checkpoint_known_to_give_a_finite_loss(tmp_path):
+    """keep_last=1: a save's weights are untried until the next step, so the one before it stays
+    until a later save is known good; a diverging run then still has a checkpoint to resume."""
+    m = CheckpointManager(tmp_path, keep_last=1)
+    fake_save(m, 2, known_good=1)
+    fake_save(m, 4, known_good=3)
+    assert m.steps() == [2, 4] and m.latest() == m.final_dir(4)
+    fake_save(m, 6, known_good=5)
+    assert m.steps() == [4, 6]                       # 4 is now known good: 2 goes
+    fake_save(m, 8, known_good=8)                    # a finished run's last save
+    assert m.steps() == [8]
+    m2 = CheckpointManager(tmp_path / "b", keep_last=1)
+    fake_save(m2, 2, known_good=1)
+    fake_save(m2, 4, known_good=3)
+    m2.begin(5)
+    (m2.tmp_dir(5) / TRAINER_STATE).write_text(json.dumps({"step": 5}))
+    m2.commit_diverged(5, good_step=3)               # step 4's weights gave no finite loss
+    assert m2.steps() == [2] and m2.latest() == m2.final_dir(2)
 
 
 def test_saving_a_step_again_keeps_the_complete_one(tmp_path):

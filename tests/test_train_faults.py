@@ -109,13 +109,15 @@ def test_a_lock_holder_is_named_and_a_dead_ones_lock_taken_over(tmp_path, capsys
 
 # ---------------------------------------------------------------------------------------- item 4
 @pytest.mark.slow
-def test_a_diverging_run_keeps_its_last_good_checkpoint_as_latest(tmp_path):
+@pytest.mark.parametrize("keep_last", [3, 1])
+def test_a_diverging_run_keeps_its_last_good_checkpoint_as_latest(tmp_path, keep_last):
     """lr ×1e30 after step 3: step 4's loss is still finite but its update blows the weights up, so
     every later loss is non-finite. The state of step 4 (and the periodic checkpoint of step 4) is
-    set aside; `latest` stays step 2, the newest whose weights gave a finite loss."""
+    set aside; `latest` stays step 2, the newest whose weights gave a finite loss (also when only
+    one checkpoint is kept: step 2 is not pruned while step 4's weights are untried)."""
     proc = _toy(tmp_path, "train.max_steps=20", "train.steps_per_epoch=3", "optim.lr_drop_epochs=[1]",
                 "optim.lr_drop_factor=1e30", "train.max_nonfinite_in_row=2", "checkpoint.every_steps=2",
-                expect=2)
+                f"checkpoint.keep_last={keep_last}", expect=2)
     root = tmp_path / "checkpoints"
     lines = _error_lines(proc.stderr)
     assert len(lines) == 1 and "2 non-finite losses in a row at step 4" in lines[0], proc.stderr[-3000:]

@@ -70,8 +70,9 @@ class CheckpointManager:
         tmp.mkdir(parents=True)
         return tmp
 
-    def commit(self, step: int) -> Path:
-        """Rank 0, after every rank has written: rename into place, move `latest`, prune."""
+    def commit(self, step: int, known_good: int | None = None) -> Path:
+        """Rank 0, after every rank has written: rename into place, move `latest`, prune (keeping the
+        newest checkpoint at or before `known_good`, see `prune`)."""
         final = self.final_dir(step)
         if final.exists() and self.damage(final) is not None:
             self._set_aside(final, DAMAGED)
@@ -84,7 +85,7 @@ class CheckpointManager:
             os.replace(self.tmp_dir(step), final)
             _fsync(self.root)
         self._point_latest(final)
-        self.prune()
+        self.prune(known_good)
         return final
 
     def commit_diverged(self, step: int, good_step: int) -> Path:
@@ -171,9 +172,15 @@ class CheckpointManager:
             return []
         return sorted(int(m.group(1)) for p in self.root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir())
 
-    def prune(self) -> None:
-        for step in self.steps()[:-self.keep_last]:
-            shutil.rmtree(self.final_dir(step), ignore_errors=True)
+    def prune(self, known_good: int | None = None) -> None:
+        """Delete all but the newest `keep_last` checkpoints, and never the newest one at or before
+        `known_good` (the last step whose weights gave a finite loss): a save's own weights are
+        untried until the next step, and if they diverge `commit_diverged` falls back to that one."""
+        steps = self.steps()
+        good = [s for s in steps if known_good is not None and s <= known_good]
+        for step in steps[:-self.keep_last]:
+            if not (good and step == good[-1]):
+                shutil.rmtree(self.final_dir(step), ignore_errors=True)
 
     def clean_stale(self) -> None:
         """Remove temporary directories of saves, and of resharding conversions (`engine.py:

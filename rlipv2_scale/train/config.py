@@ -130,7 +130,7 @@ def _check_range(key: str, value: float, want: str, *, low_open: bool = False, h
 @dataclass
 class CheckpointConfig:
     every_steps: int = 1000
-    keep_last: int = 3
+    keep_last: int = 3            # plus, while the newest is untried, the newest known good (checkpoint.py: prune)
     at_end: bool = True
 
     def __post_init__(self) -> None:

@@ -228,7 +228,8 @@ class Trainer:
         final = self.manager.final_dir(self.step)
         if self.is_main:
             if diverged_after is None:
-                self.manager.commit(self.step)
+                # A finished run's last weights are final; any other save's are untried until the next step.
+                self.manager.commit(self.step, self.step if self.step >= self.total_steps else self.good_step)
             else:
                 final = self.manager.commit_diverged(self.step, diverged_after)
         dist.barrier()
