@@ -196,11 +196,14 @@ def score(preds: list[dict], split_dir: Path, split: str) -> dict[str, Any]:
                              "n_gt": t["n_gt"], "ap": round(100.0 * t["ap"], 2)} for t in res["per_triplet"]]}
 
 
+SPLIT_HINT = "give a split folder of the synthetic world (`rlipv2 demo`'s OUT/data/test, or `rlipv2 data synth " \
+             "--split test --out DIR`)"
+
+
 def split_of(split_dir: Path, split: str | None = None) -> str:
     """The split a synthesised folder holds (its `*_hico.json`), or `split` checked against it."""
     if not split_dir.is_dir():
-        raise UserError(f"'{split_dir}' is not a folder; give a split of the synthetic world (`rlipv2 demo`'s "
-                        "OUT/data/test, or `rlipv2 data synth --split test --out DIR`)")
+        raise UserError(f"'{split_dir}' is not a folder; {SPLIT_HINT}")
     present = [s for s, name in HICO_FILE.items() if (split_dir / name).is_file()]
     if split is None and len(present) == 1:
         return present[0]
@@ -209,22 +212,23 @@ def split_of(split_dir: Path, split: str | None = None) -> str:
     if split is None and present:
         raise UserError(f"'{split_dir}' holds several splits ({', '.join(present)}): choose one with --split")
     wanted = HICO_FILE[split] if split else " or ".join(HICO_FILE.values())
-    raise UserError(f"'{split_dir}' has no {wanted}: give a split folder of the synthetic world (`rlipv2 demo`'s "
-                    "OUT/data/test, or `rlipv2 data synth --split test --out DIR`)")
+    raise UserError(f"'{split_dir}' has no {wanted}: {SPLIT_HINT}")
 
 
 def evaluate_split(source: str | os.PathLike, split_dir: Path, split: str | None = None,
                    eval_size: int | None = None, device: str | None = None, progress: bool = True) -> dict[str, Any]:
     """`rlipv2 eval synthetic`: a model directory, run or checkpoint scored on a synthesised split
-    exactly as `rlipv2 demo` scores its test scenes (the same two functions)."""
-    from rlipv2_scale.inference import check_labels
+    exactly as `rlipv2 demo` scores its test scenes (the same two functions), loaded as every
+    `rlipv2 eval` loads a model (device, Tagger refused, label space checked)."""
+    from rlipv2_scale.inference import load_for_scoring
     from rlipv2_scale.models.artifacts import card_of
+    from rlipv2_scale.train.export import as_model_dir
 
     split = split_of(split_dir, split)
-    model = open_model(source, device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    check_labels(card_of(model), demo_label_space(), str(source))
-    size = eval_size or card_of(model).eval_size
-    res = score(predict_split(model, split_dir, split, size, progress=progress), split_dir, split)
+    with as_model_dir(source) as model_dir:      # a run or checkpoint is exported for as long as it is used
+        model, _ = load_for_scoring(model_dir, device, demo_label_space())
+        size = eval_size or card_of(model).eval_size
+        res = score(predict_split(model, split_dir, split, size, progress=progress), split_dir, split)
     return {"split": split, "eval_size": size, **res}
 
 

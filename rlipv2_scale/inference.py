@@ -299,7 +299,7 @@ def _zero_shot(setting: str | None, space: LabelSpace) -> tuple[bool, str | list
                     "and not a file of unseen triplets")
 
 
-def _load_model(checkpoint_dir: str | Path, device: str | None, space: LabelSpace) -> tuple[torch.nn.Module, str]:
+def load_for_scoring(checkpoint_dir: str | Path, device: str | None, space: LabelSpace) -> tuple[torch.nn.Module, str]:
     """The model of a model directory on `device` (default: this rank's GPU when there is one), checked
     against the label space it is about to be scored in."""
     from rlipv2_scale.models.build import load_pretrained
@@ -399,7 +399,7 @@ def evaluate_checkpoint(checkpoint_dir: str | Path, data_root: str | Path | None
     space = (label_space or data_label_space(files.test.parent, Path(data_root) if data_root else None)
              or hico_label_space())
     nf_filter, split = _zero_shot(zero_shot, space)
-    model, device = _load_model(checkpoint_dir, device, space)
+    model, device = load_for_scoring(checkpoint_dir, device, space)
     gt = read_json(files.test, "test annotations")
     dataset = RelationImages(gt, files.images, *_sizes(model, eval_size, max_size))
     train_entries = read_json(files.train, "training annotations") if files.train else None
@@ -548,7 +548,7 @@ def evaluate_vcoco_checkpoint(checkpoint_dir: str | Path, data_root: str | Path 
     if outside:
         raise UserError(f"{len(outside)} image(s) of '{files.test}' are not in the split '{files.image_ids}' "
                         f"(e.g. {outside[:3]}): the test list and the official files are of different splits")
-    model, device = _load_model(checkpoint_dir, device, space)
+    model, device = load_for_scoring(checkpoint_dir, device, space)
     dataset = RelationImages(entries, files.images, *_sizes(model, eval_size, max_size))
     post = PostProcess.for_label_space(space, top_k=None)   # every pair x verb, no NMS (the official export)
     missing_object = space.objects.index("missing objects")
@@ -645,7 +645,7 @@ def evaluate_oi_checkpoint(checkpoint_dir: str | Path, data_root: str | Path | N
         assert files.categories is not None
         label_space = oi_label_space_from_files(files.categories, files.object_categories)
     space = label_space
-    model, device = _load_model(checkpoint_dir, device, space)
+    model, device = load_for_scoring(checkpoint_dir, device, space)
     gt = read_json(files.test, "test annotations")
     if not isinstance(gt, list):
         raise UserError(f"Open Images test annotations '{files.test}' should be a JSON list of images")
