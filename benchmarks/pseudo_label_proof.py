@@ -27,12 +27,12 @@
     # precision / recall of every lever (about 40 min on 2 busy CPU cores, half of it the Tagger's
     # training; --reuse-tagger skips that on a second run in the same folder)
     nice -n 19 python benchmarks/pseudo_label_proof.py --out runs/pseudo_proof
-    # + the pre-training comparison, reusing that work folder (15 runs; about an hour here)
-    nice -n 19 python benchmarks/pseudo_label_proof.py --out runs/pseudo_proof --only-pretrain \\
-        --pretrain-steps 1000 --pretrain-seeds 0,1,2 --nproc 2 --pseudo-thresholds 0.05
-    # two more seeds of the three mixes the share is computed from (6 runs)
+    # + the pre-training comparison, reusing that work folder (26 runs of 4-6 min here), as the README
     nice -n 19 python benchmarks/pseudo_label_proof.py --out runs/pseudo_proof --only-pretrain --resume \\
-        --pretrain-steps 1000 --pretrain-seeds 3,4 --nproc 2 --pseudo-thresholds 0.05 --mixes vg,vg+pseudo,vg+truth
+        --pretrain-steps 1000 --pretrain-seeds 0,1,2 --nproc 2 --pseudo-thresholds 0.05 --large-test 512
+    nice -n 19 python benchmarks/pseudo_label_proof.py --out runs/pseudo_proof --only-pretrain --resume \\
+        --pretrain-steps 1000 --pretrain-seeds 0,1,2,3,4 --nproc 2 --pseudo-thresholds 0.05 --large-test 512 \\
+        --mixes vg,vg+pseudo,vg+truth,vg+pseudo-weighted
 
 Writes `benchmarks/results/pseudo_label_proof.{json,md}` and prints the table.
 """
@@ -143,16 +143,27 @@ def world_wordings() -> dict[str, str]:
     return {w: pred for pred, words in PREDICATE_SYNONYMS.items() for w in words}
 
 
+def true_relations(truth: dict[str, dict]) -> set[tuple]:
+    """(image, subject, object, predicate) of every hidden true relation."""
+    return {(i, r["subject"], r["object"], r["predicate"]) for i, ann in truth.items() for r in ann["relations"]}
+
+
+def world_key(image: str, subject: int, obj: int, phrase: str, wording: dict[str, str]) -> tuple:
+    """A predicted relation as `true_relations` names it: its phrase read as the world's predicate
+    (a phrase of no predicate can match nothing)."""
+    return image, subject, obj, wording.get(phrase, "?" + phrase)
+
+
 def score_shards(pseudo: dict[str, dict], truth: dict[str, dict], thresholds=THRESHOLDS) -> dict[str, dict]:
     wording = world_wordings()
-    true = {(i, r["subject"], r["object"], r["predicate"]) for i, ann in truth.items() for r in ann["relations"]}
+    true = true_relations(truth)
     best: dict[tuple, float] = {}
     for i, ann in pseudo.items():
         names = [o["name"] for o in truth[i]["objects"]]
         if [o["name"] for o in ann["objects"]] != names:
             raise SystemExit(f"image {i}: the pseudo-labelled objects differ from the truth's")
         for r in ann["relations"]:
-            key = (i, r["subject"], r["object"], wording.get(r["predicate"], "?" + r["predicate"]))
+            key = world_key(i, r["subject"], r["object"], r["predicate"], wording)
             best[key] = max(best.get(key, 0.0), r["confidence"] if r["confidence"] is not None else 1.0)
     out = {}
     for t in thresholds:
@@ -169,12 +180,11 @@ def score_shards(pseudo: dict[str, dict], truth: dict[str, dict], thresholds=THR
 def confidence_by_correctness(pseudo: dict[str, dict], truth: dict[str, dict]) -> dict[str, dict]:
     """Mean and quartiles of the written confidences of correct and of wrong pseudo-labels: whether
     the confidence could weigh the labels in training (`data.confidence_weighted`)."""
-    wording = world_wordings()
-    true = {(i, r["subject"], r["object"], r["predicate"]) for i, ann in truth.items() for r in ann["relations"]}
+    wording, true = world_wordings(), true_relations(truth)
     groups: dict[str, list[float]] = {"correct": [], "wrong": []}
     for i, ann in pseudo.items():
         for r in ann["relations"]:
-            key = (i, r["subject"], r["object"], wording.get(r["predicate"], "?" + r["predicate"]))
+            key = world_key(i, r["subject"], r["object"], r["predicate"], wording)
             groups["correct" if key in true else "wrong"].append(r["confidence"])
     return {k: {"n": len(v), "mean": round(statistics.mean(v), 3),
                 "quartiles": [round(q, 3) for q in statistics.quantiles(v, n=4)]}
@@ -185,8 +195,8 @@ def candidate_ceiling(parse_dir: Path, truth: dict[str, dict]) -> dict:
     """Every (pair, own candidate text) accepted: the recall no tagging can exceed."""
     wording = world_wordings()
     cands = json.loads((parse_dir / "candidates.json").read_text())
-    true = {(i, r["subject"], r["object"], r["predicate"]) for i, ann in truth.items() for r in ann["relations"]}
-    pred = {(i, s, o, wording.get(t, "?" + t)) for i, chunks in cands.items() for pairs, _, pair_texts in chunks
+    true = true_relations(truth)
+    pred = {world_key(i, s, o, t, wording) for i, chunks in cands.items() for pairs, _, pair_texts in chunks
             for (s, o), texts in zip(pairs, pair_texts) for t in texts}
     hit = len(pred & true)
     return {"predicted": len(pred), "correct": hit, "true": len(true), "precision": round(hit / len(pred), 4),
@@ -298,7 +308,6 @@ def pretraining(out: Path, args: argparse.Namespace, res: dict[str, Any]) -> Non
     if args.rescore:
         for r in runs:
             r.update(test_scores(out, out / "pretrain" / f"{r['sources']}_seed{r['seed']}", large))
-        res["pretraining_summary"] = pretraining_summary(runs)
         write(res, args.results, out, quiet=True)
     for seed in args.pretrain_seeds:
         for name, sources, overrides in chosen:
@@ -323,9 +332,7 @@ def pretraining(out: Path, args: argparse.Namespace, res: dict[str, Any]) -> Non
             runs.append({"sources": name, "seed": 42 + seed, "steps": args.pretrain_steps,
                          "train_seconds": round(train_s, 1), **test_scores(out, run_dir, large)})
             runs.sort(key=lambda r: (r["seed"], order.index(r["sources"]) if r["sources"] in order else len(order)))
-            res["pretraining_summary"] = pretraining_summary(runs)
             write(res, args.results, out, quiet=True)
-    res["pretraining_summary"] = pretraining_summary(res["pretraining"])
     earlier = res.get("pretraining_commands", []) if args.resume else []
     res["pretraining_commands"] = list(dict.fromkeys(portable(earlier + COMMANDS, out)))
 
@@ -529,6 +536,8 @@ def portable(commands: list[str], out: Path) -> list[str]:
 
 
 def write(res: dict[str, Any], results: Path, out: Path, quiet: bool = False) -> None:
+    if res.get("pretraining"):
+        res["pretraining_summary"] = pretraining_summary(res["pretraining"])
     results.mkdir(parents=True, exist_ok=True)
     (results / "pseudo_label_proof.json").write_text(json.dumps(res, indent=1) + "\n")
     text = markdown(res)
@@ -558,7 +567,8 @@ def main() -> None:
                     help="comma-separated: also pre-train on the default lever's tags pseudo-labelled at these "
                          f"thresholds (besides {DEFAULT_THRESHOLD})")
     ap.add_argument("--mixes", type=lambda v: [x for x in v.split(",") if x], default=None,
-                    help="comma-separated mix names to pre-train (default: all), e.g. vg,vg+pseudo,vg+truth")
+                    help="comma-separated mix names to pre-train, e.g. vg,vg+pseudo,vg+truth,vg+pseudo-weighted "
+                         "(default: the four of point 4 and those of --pseudo-thresholds)")
     ap.add_argument("--only-pretrain", action="store_true",
                     help="reuse --out and the results JSON of an earlier run; run only the pre-training comparison")
     ap.add_argument("--resume", action="store_true", help="with --only-pretrain: keep the results JSON's finished runs")
