@@ -5,8 +5,10 @@ from __future__ import annotations
 import errno
 import json
 import os
+import subprocess
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -163,15 +165,31 @@ def test_unwritable_summary_json_is_one_line_and_keeps_the_shards(tmp_path, rlip
     assert "wrote 2 images" in rlipv2.stdout and len(list(iter_records(tmp_path / "shards"))) == 2
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
-def test_read_only_out_folder(tmp_path, rlipv2):
-    fx = vg_raw(tmp_path / "src")
+@pytest.fixture
+def read_only_folder(tmp_path) -> Iterator[Path]:
+    """A folder nobody may write into: mode 555, or for root (whom modes do not stop) a read-only
+    tmpfs mounted there."""
     out = tmp_path / "ro"
     out.mkdir()
-    out.chmod(0o555)
+    if os.geteuid() != 0:
+        out.chmod(0o555)
+        yield out
+        out.chmod(0o755)
+        return
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "none", str(out)], capture_output=True,
+                           text=True)
+    if mount.returncode != 0:
+        pytest.skip(f"root cannot mount a read-only tmpfs here ({mount.stderr.strip()})")
+    try:
+        yield out
+    finally:
+        subprocess.run(["umount", str(out)], check=True)
+
+
+def test_read_only_out_folder(tmp_path, rlipv2, read_only_folder):
+    fx = vg_raw(tmp_path / "src")
     code, err = rlipv2("data", "convert", "--format", "vg", "--annotations", fx["annotations"], "--images",
-                       fx["images"], "--out", out, "--no-progress", "--workers", 1)
-    out.chmod(0o755)
+                       fx["images"], "--out", read_only_folder, "--no-progress", "--workers", 1)
     assert_one_line_error(code, err, "cannot write")
 
 
