@@ -23,6 +23,7 @@ then falls back to the newest intact checkpoint.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -298,8 +299,11 @@ def gathered_state_dict(ckpt: str | Path, trust_pickle: bool = False, hint: str 
         vars(safe_torch).update(__getattr__=lambda name: getattr(torch, name), load=load)
         real, zero_to_fp32.torch = zero_to_fp32.torch, safe_torch
         try:
-            state = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="pytorch_model",
-                                                                          exclude_frozen_parameters=False)
+            # Its progress lines ("Processing zero checkpoint ...") are printed: sent to stderr, so
+            # the stdout of the command that loads a run (a table, JSON lines) stays its own.
+            with contextlib.redirect_stdout(sys.stderr):
+                state = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(
+                    str(ckpt), tag="pytorch_model", exclude_frozen_parameters=False)
         except (KeyError, ValueError, IndexError, TypeError) as exc:   # shards missing or not DeepSpeed's
             raise UserError(f"'{ds_dir}' is not a complete DeepSpeed checkpoint ({exc!r})") from None
         finally:
