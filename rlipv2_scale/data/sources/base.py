@@ -16,7 +16,7 @@ from typing import Any
 
 from PIL import Image
 
-from rlipv2_scale.data.schema import RelationalRecord
+from rlipv2_scale.data.schema import Object, RelationalRecord
 from rlipv2_scale.errors import DataError, UserError
 
 # VG boxes often overshoot the image border by one pixel (x + w == width + 1); such boxes are
@@ -115,6 +115,23 @@ def as_id(value: Any, sample_id: str, what: str) -> int:
     if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
         raise DataError(f"image {sample_id!r}: {what} {value!r} is not an integer id", sample_id, "non_integer_id")
     return int(value)   # a wrong type or a non-numeric string is a malformed entry (see `guarded`)
+
+
+def qpic_objects(entry: dict, width: int, height: int, sample_id: str, name_of: Callable[[int], str | None],
+                 unknown: str) -> list[Object]:
+    """The boxes of a QPIC-form entry (HICO-DET, V-COCO, Open Images SGG): `annotations` of an xyxy
+    `bbox` and a `category_id` that `name_of` names; an id it does not name (None) skips the sample
+    as `unknown_category`, `unknown` saying which ids there are."""
+    objects = []
+    for i, ann in enumerate(entry.get("annotations") or []):
+        cat = as_id(ann["category_id"], sample_id, f"box {i} category_id")
+        name = name_of(cat)
+        if name is None:
+            raise DataError(f"image {sample_id!r}: box {i} has object category id {cat}, {unknown}", sample_id,
+                            "unknown_category")
+        objects.append(Object(box=fit_box(ann["bbox"], width, height, sample_id, f"box {i}"), name=name,
+                              category_id=cat))
+    return objects
 
 
 def xywh_to_xyxy(x: Any, y: Any, w: Any, h: Any) -> tuple[float, float, float, float]:

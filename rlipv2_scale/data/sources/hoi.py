@@ -20,8 +20,17 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from rlipv2_scale.data.schema import ImageInfo, Object, Relation, RelationalRecord
-from rlipv2_scale.data.sources.base import Dropped, Item, as_id, expect_list, fit_box, guarded, load_json, read_image
+from rlipv2_scale.data.schema import ImageInfo, Relation, RelationalRecord
+from rlipv2_scale.data.sources.base import (
+    Dropped,
+    Item,
+    as_id,
+    expect_list,
+    guarded,
+    load_json,
+    qpic_objects,
+    read_image,
+)
 from rlipv2_scale.errors import DataError, UserError
 from rlipv2_scale.labels import metadata
 
@@ -55,14 +64,8 @@ def _read_hoi(annotations: Path, images: Path, split: str, *, source: str, objec
         def build(entry: dict = entry, sid: str = sid) -> Iterator[Item]:
             file_name = str(entry["file_name"])
             image_bytes, width, height = read_image(images / file_name, sid)
-            objects = []
-            for i, ann in enumerate(entry.get("annotations") or []):
-                cat = as_id(ann["category_id"], sid, f"box {i} category_id")
-                if cat not in object_names:
-                    raise DataError(f"image {sid!r}: box {i} has object category id {cat}, which is not one of "
-                                    f"the {len(object_names)} {source} objects", sid, "unknown_category")
-                objects.append(Object(box=fit_box(ann["bbox"], width, height, sid, f"box {i}"),
-                                      name=object_names[cat], category_id=cat))
+            objects = qpic_objects(entry, width, height, sid, object_names.get,
+                                   f"which is not one of the {len(object_names)} {source} objects")
             relations, no_object = [], 0
             for j, hoi in enumerate(entry.get("hoi_annotation") or []):
                 sub, obj, verb = (as_id(hoi[k], sid, f"interaction {j} {k}")

@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from rlipv2_scale.data.schema import ImageInfo, Object, Relation, RelationalRecord
-from rlipv2_scale.data.sources.base import Item, as_id, expect_list, fit_box, guarded, load_json, read_image
+from rlipv2_scale.data.schema import ImageInfo, Relation, RelationalRecord
+from rlipv2_scale.data.sources.base import Item, as_id, expect_list, guarded, load_json, qpic_objects, read_image
 from rlipv2_scale.errors import DataError, UserError
 
 CATEGORIES = "OI_SGG_trainval_test_categories_dict.json"
@@ -43,14 +43,9 @@ def read_oi_sgg(annotations: Path, images: Path, split: str = "train", *, catego
         def build(entry: dict = entry, sid: str = sid) -> Iterator[Item]:
             file_name = str(entry["file_name"])
             image_bytes, width, height = read_image(images / file_name, sid)
-            objects = []
-            for i, ann in enumerate(entry.get("annotations") or []):
-                cat = as_id(ann["category_id"], sid, f"box {i} category_id")
-                if not 0 <= cat < len(object_names):
-                    raise DataError(f"image {sid!r}: box {i} has object category id {cat}; the categories list "
-                                    f"has {len(object_names)}", sid, "unknown_category")
-                objects.append(Object(box=fit_box(ann["bbox"], width, height, sid, f"box {i}"),
-                                      name=object_names[cat], category_id=cat))
+            objects = qpic_objects(entry, width, height, sid,
+                                   lambda c: object_names[c] if 0 <= c < len(object_names) else None,
+                                   f"but the categories list has {len(object_names)}")
             relations = []
             for j, rel in enumerate(entry.get("rel_annotations") or []):
                 sub, obj, cat = (as_id(rel[k], sid, f"relation {j} {k}")
