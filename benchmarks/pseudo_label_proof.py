@@ -307,11 +307,11 @@ def pretraining(out: Path, args: argparse.Namespace, res: dict[str, Any]) -> Non
     large = large_test_split(out, args.large_test) if args.large_test else None
     if args.rescore:
         for r in runs:
-            r.update(test_scores(out, out / "pretrain" / f"{r['sources']}_seed{r['seed']}", large))
+            r.update(test_scores(out, run_dir_of(out, r["sources"], r["seed"], r["steps"]), large))
         write(res, args.results, out, quiet=True)
     for seed in args.pretrain_seeds:
         for name, sources, overrides in chosen:
-            run_dir = out / "pretrain" / f"{name}_seed{42 + seed}"
+            run_dir = run_dir_of(out, name, 42 + seed, args.pretrain_steps)
             src = ", ".join(f"{{name: {n}, local: '{p}'}}" for n, p in sources)
             argv = ["train", recipe_path("demo"), f"run.dir={run_dir}", f"model.text.tokenizer={out / 'tokenizer'}",
                     f"data.sources=[{src}]", f"eval.data.sources=[{{name: val, local: '{out / 'shards' / 'val'}'}}]",
@@ -335,6 +335,10 @@ def pretraining(out: Path, args: argparse.Namespace, res: dict[str, Any]) -> Non
             write(res, args.results, out, quiet=True)
     earlier = res.get("pretraining_commands", []) if args.resume else []
     res["pretraining_commands"] = list(dict.fromkeys(portable(earlier + COMMANDS, out)))
+
+
+def run_dir_of(out: Path, mix: str, seed: int, steps: int) -> Path:
+    return out / "pretrain" / f"{mix}_seed{seed}_{steps}steps"
 
 
 def eval_commands(out: Path, run_dir: Path, large: Path | None = None) -> list[tuple[str, list, Path]]:
@@ -439,6 +443,12 @@ def pretraining_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
+def summaries_by_steps(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """One comparison per training length ("1000": summary, ...): runs pair by seed only within one."""
+    return {str(n): pretraining_summary([r for r in runs if r["steps"] == n])
+            for n in sorted({r["steps"] for r in runs})}
+
+
 # ------------------------------------------------------------------------------------------- report
 def markdown(res: dict[str, Any]) -> str:
     p = res["plan"]
@@ -486,36 +496,37 @@ def markdown(res: dict[str, Any]) -> str:
             extra = f" {r.get('large_relation_map')} | {r.get('large_zero_shot_relation_map')} |" if large else ""
             lines.append(f"| {r['sources']} | {r['seed']} | {r['steps']} | {r['relation_map']} | "
                          f"{r['zero_shot_relation_map']} | {r['full_map']} |" + extra)
-        summ = res.get("pretraining_summary", {})
-        for prefix, scenes in [("", f"the demo's {p['test_images']} test scenes")] + (
-                [("large_", f"{large} other test scenes (`rlipv2 data synth --split test --seed {LARGE_TEST_SEED}`)")]
-                if large else []):
-            keys = (prefix + "relation_map", prefix + "zero_shot_relation_map")
-            if not all(k in v for v in summ.values() if isinstance(v, dict) and "seeds" in v for k in keys):
-                continue
-            lines += ["", f"Scored on {scenes}:", "",
-                      "| pre-training data | seeds | relation mAP, mean ± std | zero-shot mAP, mean ± std | "
-                      "gain over vg, same seed (relation / zero-shot), mean ± std | share of the ceiling's gain |",
-                      "|---|---|---|---|---|---|"]
-            for name, v in summ.items():
-                if name == "share_of_ceiling_gain":
+        for n, summ in res.get("pretraining_summary", {}).items():
+            lines += ["", f"### {n} steps × 8 images"]
+            for prefix, scenes in [("", f"the demo's {p['test_images']} test scenes")] + (
+                    [("large_", f"{large} other test scenes (`rlipv2 data synth --split test --seed {LARGE_TEST_SEED}`)")]
+                    if large else []):
+                keys = (prefix + "relation_map", prefix + "zero_shot_relation_map")
+                if not all(k in v for v in summ.values() if isinstance(v, dict) and "seeds" in v for k in keys):
                     continue
-                gain = " / ".join(f"{v['gain_over_vg'][k]['mean']:+.2f} ± {v['gain_over_vg'][k]['std']}"
-                                  for k in keys) if "gain_over_vg" in v else "–"
-                share = " / ".join(str(v["share_of_ceiling_gain"][k]) for k in keys) \
-                    if "share_of_ceiling_gain" in v else ""
-                lines.append(f"| {name} | {v['seeds']} | " + " | ".join(
-                    f"{v[k]['mean']} ± {v[k]['std']}" for k in keys) + f" | {gain} | {share} |")
-            g = summ.get("share_of_ceiling_gain", {})
-            if keys[0] in g:
-                lines += ["", f"Share of the ceiling's gain (vg+pseudo − vg) / (vg+truth − vg), means over seeds: "
-                          f"relation mAP {g[keys[0]]}, zero-shot mAP {g[keys[1]]}; seed by seed: relation mAP "
-                          f"{g[keys[0] + '_per_seed']}, zero-shot mAP {g[keys[1] + '_per_seed']}; 90 % bootstrap "
-                          f"interval over seeds: relation mAP {g[keys[0] + '_interval_90']}, zero-shot mAP "
-                          f"{g[keys[1] + '_interval_90']}. Against the target ({SHARE_TARGET}): pseudo gain − "
-                          f"{SHARE_TARGET} × ceiling gain, mean ± standard error over seeds: relation mAP "
-                          f"{g[keys[0] + '_margin']['mean']:+.2f} ± {g[keys[0] + '_margin']['sem']}, zero-shot mAP "
-                          f"{g[keys[1] + '_margin']['mean']:+.2f} ± {g[keys[1] + '_margin']['sem']} (≥ 0 meets it)."]
+                lines += ["", f"Scored on {scenes}:", "",
+                          "| pre-training data | seeds | relation mAP, mean ± std | zero-shot mAP, mean ± std | "
+                          "gain over vg, same seed (relation / zero-shot), mean ± std | share of the ceiling's gain |",
+                          "|---|---|---|---|---|---|"]
+                for name, v in summ.items():
+                    if name == "share_of_ceiling_gain":
+                        continue
+                    gain = " / ".join(f"{v['gain_over_vg'][k]['mean']:+.2f} ± {v['gain_over_vg'][k]['std']}"
+                                      for k in keys) if "gain_over_vg" in v else "–"
+                    share = " / ".join(str(v["share_of_ceiling_gain"][k]) for k in keys) \
+                        if "share_of_ceiling_gain" in v else ""
+                    lines.append(f"| {name} | {v['seeds']} | " + " | ".join(
+                        f"{v[k]['mean']} ± {v[k]['std']}" for k in keys) + f" | {gain} | {share} |")
+                g = summ.get("share_of_ceiling_gain", {})
+                if keys[0] in g:
+                    lines += ["", f"Share of the ceiling's gain (vg+pseudo − vg) / (vg+truth − vg), means over seeds: "
+                              f"relation mAP {g[keys[0]]}, zero-shot mAP {g[keys[1]]}; seed by seed: relation mAP "
+                              f"{g[keys[0] + '_per_seed']}, zero-shot mAP {g[keys[1] + '_per_seed']}; 90 % bootstrap "
+                              f"interval over seeds: relation mAP {g[keys[0] + '_interval_90']}, zero-shot mAP "
+                              f"{g[keys[1] + '_interval_90']}. Against the target ({SHARE_TARGET}): pseudo gain − "
+                              f"{SHARE_TARGET} × ceiling gain, mean ± standard error over seeds: relation mAP "
+                              f"{g[keys[0] + '_margin']['mean']:+.2f} ± {g[keys[0] + '_margin']['sem']}, zero-shot mAP "
+                              f"{g[keys[1] + '_margin']['mean']:+.2f} ± {g[keys[1] + '_margin']['sem']} (≥ 0 meets it)."]
         if res.get("pretraining_commands"):
             lines += ["", "Pre-training commands:", "", "```"] + res["pretraining_commands"] + ["```"]
     else:
@@ -537,7 +548,7 @@ def portable(commands: list[str], out: Path) -> list[str]:
 
 def write(res: dict[str, Any], results: Path, out: Path, quiet: bool = False) -> None:
     if res.get("pretraining"):
-        res["pretraining_summary"] = pretraining_summary(res["pretraining"])
+        res["pretraining_summary"] = summaries_by_steps(res["pretraining"])
     results.mkdir(parents=True, exist_ok=True)
     (results / "pseudo_label_proof.json").write_text(json.dumps(res, indent=1) + "\n")
     text = markdown(res)
@@ -587,7 +598,8 @@ def main() -> None:
         res = json.loads((args.results / "pseudo_label_proof.json").read_text())
         before = res["plan"] if args.resume else {}
         res["plan"].update(
-            pretrain_steps=args.pretrain_steps, nproc=args.nproc, large_test_images=args.large_test or None,
+            pretrain_steps=sorted(set(before.get("pretrain_steps", [])) | {args.pretrain_steps}), nproc=args.nproc,
+            large_test_images=args.large_test or None,
             pretrain_seeds=sorted(set(before.get("pretrain_seeds", [])) | set(args.pretrain_seeds)),
             pseudo_thresholds=sorted(set(before.get("pseudo_thresholds", [])) | set(args.pseudo_thresholds)))
         pretraining(out, args, res)
@@ -609,7 +621,7 @@ def main() -> None:
                  "test_images": args.test_images, "captions_per_image": args.captions,
                  "tagger_steps": args.tagger_steps, "tagger_batch": args.tagger_batch, "seed": args.seed,
                  "image_size": IMAGE_SIZE, "default_threshold": DEFAULT_THRESHOLD,
-                 "pretrain_steps": args.pretrain_steps, "pretrain_seeds": args.pretrain_seeds, "nproc": args.nproc,
+                 "pretrain_steps": [args.pretrain_steps] if args.pretrain_steps else [], "pretrain_seeds": args.pretrain_seeds, "nproc": args.nproc,
                  "pseudo_thresholds": args.pseudo_thresholds},
         **pipeline(out, args, detection, truth),
         "pretraining": [],

@@ -258,6 +258,13 @@ def test_proof_summary_pairs_gains_by_seed_and_bounds_the_share():
     assert share["relation_map_margin"]["mean"] == -0.93 and share["relation_map_margin"]["sem"] == 0.67
     assert summary["vg+pseudo05"]["share_of_ceiling_gain"]["relation_map"] == 0.25
     assert bench.bootstrap_share([1.0, 2.0], [2.0, 2.0]) is None          # too few seeds to resample
+    # runs of another length are a comparison of their own: seed 42 of 2000 steps pairs with its own vg
+    longer = [{"sources": name, "seed": 42, "steps": 2000, "relation_map": m, "zero_shot_relation_map": m}
+              for name, m in (("vg", 40), ("vg+pseudo", 41), ("vg+truth", 43))]
+    by_steps = bench.summaries_by_steps([dict(r, steps=1000) for r in runs] + longer)
+    assert list(by_steps) == ["1000", "2000"] and by_steps["1000"] == summary
+    assert by_steps["2000"]["vg+pseudo"]["gain_over_vg"]["relation_map"]["per_seed"] == [1]
+    assert by_steps["2000"]["share_of_ceiling_gain"]["relation_map"] == 0.333
 
 
 def test_cli_tag_rejects_a_bad_synonym_file_in_one_line(tmp_path, capsys):
