@@ -423,8 +423,12 @@ def pretraining_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
                     "per_seed": [round(g, 2) for g in gains], "mean": round(statistics.mean(gains), 2),
                     "std": round(statistics.stdev(gains), 2) if len(gains) > 1 else None}
     if "share_of_ceiling_gain" in summary:
+        # Paired over the seeds that both mixes (and vg) have finished, also while a study is under way.
+        seeds = sorted({p["seed"] for p in by_mix["vg+pseudo"]} & {p["seed"] for p in by_mix["vg+truth"]}
+                       & base_of.keys())
         for k in keys:
-            got, ceil = (summary[n]["gain_over_vg"][k]["per_seed"] for n in ("vg+pseudo", "vg+truth"))
+            got, ceil = ([p[k] - base_of[p["seed"]][k] for s in seeds for p in by_mix[n] if p["seed"] == s]
+                         for n in ("vg+pseudo", "vg+truth"))
             summary["share_of_ceiling_gain"][k + "_per_seed"] = [round(g / c, 3) if c else None
                                                                  for g, c in zip(got, ceil)]
             summary["share_of_ceiling_gain"][k + "_interval_90"] = bootstrap_share(got, ceil)
