@@ -177,6 +177,26 @@ def score_shards(pseudo: dict[str, dict], truth: dict[str, dict], thresholds=THR
     return out
 
 
+def label_errors(pseudo: dict[str, dict], truth: dict[str, dict]) -> dict[str, Any]:
+    """What the pseudo-labels get wrong, by the world's predicate: true relations found and missed
+    (a missed one trains as a negative), wrong labels on a pair that holds another predicate and
+    on a pair that holds none (a wrong box of the right classes)."""
+    wording, true = world_wordings(), true_relations(truth)
+    holds = {key[:3] for key in true}
+    predicted = {world_key(i, r["subject"], r["object"], r["predicate"], wording)
+                 for i, ann in pseudo.items() for r in ann["relations"]}
+    rows: dict[str, dict[str, int]] = {}
+    for key in true | predicted:
+        row = rows.setdefault(key[3], {"true": 0, "found": 0, "wrong_predicate": 0, "no_relation": 0})
+        if key in true:
+            row["true"] += 1
+            row["found"] += key in predicted
+        else:
+            row["wrong_predicate" if key[:3] in holds else "no_relation"] += 1
+    total = {k: sum(r[k] for r in rows.values()) for k in ("true", "found", "wrong_predicate", "no_relation")}
+    return {"by_predicate": dict(sorted(rows.items())), "total": total}
+
+
 def confidence_by_correctness(pseudo: dict[str, dict], truth: dict[str, dict]) -> dict[str, dict]:
     """Mean and quartiles of the written confidences of correct and of wrong pseudo-labels: whether
     the confidence could weigh the labels in training (`data.confidence_weighted`)."""
@@ -292,8 +312,9 @@ def pretraining(out: Path, args: argparse.Namespace, res: dict[str, Any]) -> Non
     # The default pseudo-labels with their confidence as the relation target instead of 1
     # (`data.confidence_weighted`; the VG-format relations, without a confidence, stay 1).
     mixes.append(("vg+pseudo-weighted", [vg, pseudo], ["data.confidence_weighted=true"]))
-    res["default_label_confidence"] = confidence_by_correctness(read_shards(pseudo[1]),
-                                                                read_shards(out / "shards" / "detection_truth"))
+    labels, truth = read_shards(pseudo[1]), read_shards(out / "shards" / "detection_truth")
+    res["default_label_confidence"] = confidence_by_correctness(labels, truth)
+    res["default_label_errors"] = label_errors(labels, truth)
     order = [name for name, _, _ in mixes]
     if args.mixes:
         unknown = set(args.mixes) - set(order)
@@ -484,6 +505,17 @@ def markdown(res: dict[str, Any]) -> str:
         c = res["default_label_confidence"]
         lines += ["Confidence written with the default pseudo-labels, mean (quartiles): " + "; ".join(
             f"{k} {v['mean']} ({', '.join(map(str, v['quartiles']))}; {v['n']} labels)" for k, v in c.items()), ""]
+    if res.get("default_label_errors"):
+        e = res["default_label_errors"]
+        lines += ["The default pseudo-labels by the world's predicate (found: true relations labelled; missed ones "
+                  "train as negatives; wrong: a label on a pair that holds another predicate, or none):", "",
+                  "| predicate | true | found | recall | wrong, other predicate | wrong, pair holds none |",
+                  "|---|---|---|---|---|---|"]
+        for name, r in [*e["by_predicate"].items(), ("all", e["total"])]:
+            recall = round(r["found"] / r["true"], 2) if r["true"] else "–"
+            lines.append(f"| {name} | {r['true']} | {r['found']} | {recall} | {r['wrong_predicate']} | "
+                         f"{r['no_relation']} |")
+        lines.append("")
     if res.get("pretraining"):
         lines += ["Pre-training: the demo recipe, each mix with the same steps, batch and seeds, scored on the "
                   "demo's test scenes. vg: the VG-format split alone; vg+pseudo: plus the detection scenes "

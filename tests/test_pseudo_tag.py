@@ -235,6 +235,12 @@ def test_proof_scorer_counts_the_wordings_of_one_pair_once():
     assert (q["0.2"]["predicted"], q["0.2"]["correct"], q["0.2"]["precision"]) == (3, 1, 0.3333)
     assert q["0.5"]["predicted"] == 2 and q["0.5"]["correct"] == 1
     assert bench.score_shards({}, truth, (0.5,))["0.5"]["precision"] is None
+    errors = bench.label_errors(pseudo, truth)     # every label kept, whatever its confidence
+    assert errors["total"] == {"true": 3, "found": 2, "wrong_predicate": 2, "no_relation": 1}
+    assert errors["by_predicate"]["on"] == {"true": 1, "found": 0, "wrong_predicate": 0, "no_relation": 0}
+    assert errors["by_predicate"]["under"]["wrong_predicate"] == 1       # (1, 2) holds "on"
+    assert errors["by_predicate"]["holding"] == {"true": 1, "found": 1, "wrong_predicate": 0, "no_relation": 1}
+    assert errors["by_predicate"]["?floating"]["wrong_predicate"] == 1   # no predicate's wording
     with pytest.raises(SystemExit, match="objects differ"):
         bench.score_shards({"1": ann(1, [], names=("cup", "person", "table"))}, truth)
 
