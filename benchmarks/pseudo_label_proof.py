@@ -343,8 +343,12 @@ def pretraining(out: Path, args: argparse.Namespace, res: dict[str, Any]) -> Non
             if (name, 42 + seed, args.pretrain_steps) in done:   # the record lists every run
                 record(*argv)
                 if not args.rescore:
-                    for _, eval_argv, _ in eval_commands(out, run_dir, large):
+                    kept = next(r for r in runs if (r["sources"], r["seed"], r["steps"]) ==
+                                (name, 42 + seed, args.pretrain_steps))
+                    for prefix, eval_argv, scores in eval_commands(out, run_dir, large):
                         record(*eval_argv)
+                        if prefix + "held_out_ap" not in kept and scores.is_file():  # a record older than the key
+                            kept.update({k: v for k, v in read_scores(prefix, scores).items() if k not in kept})
                 continue
             shutil.rmtree(run_dir, ignore_errors=True)
             t = time.perf_counter()
@@ -378,9 +382,17 @@ def test_scores(out: Path, run_dir: Path, large: Path | None = None) -> dict[str
     got = {}
     for prefix, argv, scores in eval_commands(out, run_dir, large):
         cli(*argv)
-        res = json.loads(scores.read_text())
-        got.update({prefix + k: res[k] for k in ("relation_map", "zero_shot_relation_map", "full_map",
-                                                 "mean_max_recall")})
+        got.update(read_scores(prefix, scores))
+    return got
+
+
+def read_scores(prefix: str, scores: Path) -> dict[str, Any]:
+    """The record's figures from an `rlipv2 eval synthetic --json` file: the mAPs, and the AP of each
+    held-out combination (zero-shot mAP is their mean, over a handful of combinations)."""
+    res = json.loads(scores.read_text())
+    got: dict[str, Any] = {prefix + k: res[k] for k in ("relation_map", "zero_shot_relation_map", "full_map",
+                                                        "mean_max_recall")}
+    got[prefix + "held_out_ap"] = {t["triplet"]: t["ap"] for t in res["per_triplet"] if t["held_out"]}
     return got
 
 
@@ -426,6 +438,11 @@ def pretraining_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
             v = [p[k] for p in ps]
             summary[name][k] = {"mean": round(statistics.mean(v), 2),
                                 "std": round(statistics.stdev(v), 2) if len(v) > 1 else None}
+    for name, ps in by_mix.items():
+        for prefix in ("", "large_"):
+            k = prefix + "held_out_ap"
+            if all(k in p for p in ps):
+                summary[name][k] = {t: round(statistics.mean(p[k][t] for p in ps), 2) for t in ps[0][k]}
     if {"vg", "vg+pseudo", "vg+truth"} <= summary.keys():
         for k in keys:
             base, got, ceil = (summary[n][k]["mean"] for n in ("vg", "vg+pseudo", "vg+truth"))
@@ -563,12 +580,33 @@ def markdown(res: dict[str, Any]) -> str:
                               f"{SHARE_TARGET} × ceiling gain, mean ± standard error over seeds: relation mAP "
                               f"{g[keys[0] + '_margin']['mean']:+.2f} ± {g[keys[0] + '_margin']['sem']}, zero-shot mAP "
                               f"{g[keys[1] + '_margin']['mean']:+.2f} ± {g[keys[1] + '_margin']['sem']} (≥ 0 meets it)."]
+                lines += held_out_table(summ, prefix, res.get("default_label_errors"))
         if res.get("pretraining_commands"):
             lines += ["", "Pre-training commands:", "", "```"] + res["pretraining_commands"] + ["```"]
     else:
         lines.append("Pre-training comparison with these labels: pending (`--pretrain-steps N`).")
     lines += ["", f"Machine: {res['machine']}", ""]
     return "\n".join(lines)
+
+
+def held_out_table(summ: dict[str, Any], prefix: str, errors: dict[str, Any] | None) -> list[str]:
+    """Zero-shot mAP combination by combination (mean AP over seeds per mix), beside the default
+    pseudo-labels' recall of the combination's predicate: where the pseudo-labels fall short."""
+    mixes = [n for n, v in summ.items() if isinstance(v, dict) and prefix + "held_out_ap" in v]
+    if not mixes:
+        return []
+    recall = {name: r["found"] / r["true"] for name, r in (errors or {}).get("by_predicate", {}).items() if r["true"]}
+    lines = ["", "Zero-shot mAP is the mean AP of these held-out combinations (mean over each mix's seeds):", "",
+             "| combination | " + " | ".join(f"{m} ({summ[m]['seeds']} seeds)" for m in mixes)
+             + " | default pseudo-labels' recall of the predicate |",
+             "|---|" + "---|" * (len(mixes) + 1)]
+    for triplet in sorted(summ[mixes[0]][prefix + "held_out_ap"]):
+        # The predicate is the world's predicate name inside "subject predicate object" (longest first).
+        predicate = max((n for n in recall if f" {n} " in f" {triplet} "), key=len, default=None)
+        lines.append(f"| {triplet} | " + " | ".join(str(summ[m][prefix + "held_out_ap"].get(triplet, "–"))
+                                                   for m in mixes)
+                     + f" | {round(recall[predicate], 2) if predicate else '–'} |")
+    return lines
 
 
 def portable(commands: list[str], out: Path) -> list[str]:

@@ -277,6 +277,33 @@ def test_proof_summary_pairs_gains_by_seed_and_bounds_the_share():
     assert partial["share_of_ceiling_gain"]["relation_map_margin"]["per_seed"] == [-1.6, -1.6]
 
 
+def test_proof_breaks_zero_shot_map_into_its_held_out_combinations(tmp_path):
+    """Zero-shot mAP averages a handful of held-out combinations: each one's AP comes from the
+    eval's JSON, is averaged over seeds per mix and sits beside its predicate's label recall."""
+    bench = _proof_benchmark()
+    scores = tmp_path / "test_scores.json"
+    per_triplet = [{"triplet": "lamp next to car", "held_out": True, "n_gt": 3, "ap": 40.0},
+                   {"triplet": "cup on box", "held_out": True, "n_gt": 2, "ap": 10.0},
+                   {"triplet": "person on horse", "held_out": False, "n_gt": 9, "ap": 70.0}]
+    scores.write_text(json.dumps({"relation_map": 70.0, "zero_shot_relation_map": 25.0, "full_map": 60.0,
+                                  "mean_max_recall": 80.0, "per_triplet": per_triplet}))
+    got = bench.read_scores("large_", scores)
+    assert got["large_zero_shot_relation_map"] == 25.0
+    assert got["large_held_out_ap"] == {"lamp next to car": 40.0, "cup on box": 10.0}
+    runs = [{"sources": name, "seed": 42 + i, "relation_map": 1.0 + i + k, "zero_shot_relation_map": 1.0 + i,
+             "held_out_ap": {"lamp next to car": 10.0 * k + i, "cup on box": 5.0}}
+            for k, name in enumerate(("vg", "vg+pseudo", "vg+truth")) for i in range(2)]
+    summary = bench.pretraining_summary(runs)
+    assert summary["vg+pseudo"]["held_out_ap"] == {"lamp next to car": 10.5, "cup on box": 5.0}
+    errors = {"by_predicate": {"next to": {"true": 4, "found": 3}, "on": {"true": 2, "found": 2},
+                               "to": {"true": 1, "found": 0}}}
+    table = bench.held_out_table(summary, "", errors)
+    assert table[3].startswith("| combination | vg (2 seeds) | vg+pseudo (2 seeds) | vg+truth (2 seeds) |")
+    assert table[5:] == ["| cup on box | 5.0 | 5.0 | 5.0 | 1.0 |",
+                         "| lamp next to car | 0.5 | 10.5 | 20.5 | 0.75 |"]     # "next to", not "to"
+    assert bench.held_out_table(summary, "large_", errors) == []           # no such split scored
+
+
 def test_cli_tag_rejects_a_bad_synonym_file_in_one_line(tmp_path, capsys):
     from rlipv2_scale.cli import main
 
