@@ -107,3 +107,29 @@ def test_kill_during_save_leaves_the_previous_checkpoint_loadable(tmp_path):
     m.clean_stale()                                          # what the next run does first
     assert not m.tmp_dir(2).exists() and m.steps() == [1]
     assert not universal.parent.exists() and (m.root / "mine").is_dir()
+
+
+def test_deepspeed_reads_resumed_files_weights_only(tmp_path):
+    """DeepSpeed's own readers (`torch.load(..., weights_only=False)`) get the weights-only load
+    while a run resumes: a file pickling anything beyond tensors and DeepSpeed's classes is
+    refused with the fix, and the readers see the real torch again afterwards."""
+    import argparse
+
+    import torch
+    from deepspeed.runtime.checkpoint_engine import torch_checkpoint_engine
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+
+    from rlipv2_scale.train.checkpoint import NOT_OURS, deepspeed_reads_weights_only
+
+    ours, foreign = tmp_path / "ours.pt", tmp_path / "foreign.pt"
+    torch.save({"module": {"w": torch.ones(2)}, "loss_scaler": LossScaler(1.0)}, ours)
+    torch.save({"module": {"w": torch.ones(2)}, "args": argparse.Namespace(lr=1.0)}, foreign)
+    engine = TorchCheckpointEngine()
+    with deepspeed_reads_weights_only(hint=NOT_OURS):
+        state = engine.load(str(ours), map_location="cpu")
+        assert torch.equal(state["module"]["w"], torch.ones(2))
+        with pytest.raises(UserError, match=r"argparse\.Namespace.*not written by `rlipv2 train`"):
+            engine.load(str(foreign), map_location="cpu")
+    assert torch_checkpoint_engine.torch is torch
+    assert engine.load(str(foreign), map_location="cpu")["args"].lr == 1.0    # DeepSpeed's own load, outside

@@ -32,7 +32,7 @@ import shutil
 import sys
 import types
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -275,6 +275,41 @@ def _deepspeed_globals() -> list[Any]:
     return [ZeroStageEnum, LossScaler, fragment_address]
 
 
+# The fix named when a checkpoint being resumed pickles more than the trainer writes.
+NOT_OURS = "it was not written by `rlipv2 train`; resume from a checkpoint the trainer wrote"
+
+# The DeepSpeed modules that read checkpoint files with `torch.load(..., weights_only=False)`: the
+# engine's checkpoint engine (model and ZeRO optimizer states), the universal-checkpoint converter
+# and loaders, and the ZeRO gatherer.
+_DEEPSPEED_READERS = ("deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine", "deepspeed.runtime.base_optimizer",
+                      "deepspeed.runtime.zero.stage3", "deepspeed.checkpoint.universal_checkpoint",
+                      "deepspeed.checkpoint.ds_to_universal", "deepspeed.utils.zero_to_fp32")
+
+
+@contextlib.contextmanager
+def deepspeed_reads_weights_only(trust_pickle: bool = False, hint: str = TRUST_HINT) -> Iterator[None]:
+    """While open, DeepSpeed's readers see a `torch` whose `load` is the project's weights-only one
+    (`rlipv2_scale/safe_load.py`), allowing DeepSpeed's own classes: a checkpoint file pickling
+    anything else is refused with `hint` as the fix, unless `trust_pickle`. The real torch, and
+    every other attribute, are left alone."""
+    import importlib
+
+    def load(path: str | Path, *args: Any, **kwargs: Any) -> Any:
+        return torch_load(path, allow=_deepspeed_globals(), trust_pickle=trust_pickle, hint=hint)
+
+    safe_torch = types.ModuleType("torch")
+    vars(safe_torch).update(__getattr__=lambda name: getattr(torch, name), load=load)
+    modules = [importlib.import_module(name) for name in _DEEPSPEED_READERS]
+    real = [m.torch for m in modules]
+    for m in modules:
+        m.torch = safe_torch
+    try:
+        yield
+    finally:
+        for m, t in zip(modules, real):
+            m.torch = t
+
+
 def gathered_state_dict(ckpt: str | Path, trust_pickle: bool = False, hint: str = TRUST_HINT) -> dict[str, torch.Tensor]:
     """The full fp32 model state dict of a checkpoint, ZeRO partitions gathered, frozen
     parameters and buffers included. Runs in one process, no distributed setup.
@@ -287,29 +322,20 @@ def gathered_state_dict(ckpt: str | Path, trust_pickle: bool = False, hint: str 
         raise UserError(f"'{ckpt}' is not a training checkpoint (no pytorch_model/ inside); pass a "
                         f"checkpoints/step_XXXXXXXX directory")
 
-    def load(path: str | Path, *args: Any, **kwargs: Any) -> Any:
-        return torch_load(path, allow=_deepspeed_globals(), trust_pickle=trust_pickle, hint=hint)
-
     if is_zero_partitioned(ckpt):
         from deepspeed.utils import zero_to_fp32
 
-        # DeepSpeed's gatherer calls `torch.load(..., weights_only=False)` on every shard: it gets
-        # a `torch` whose `load` is the weights-only one above (the real torch is left alone).
-        safe_torch = types.ModuleType("torch")
-        vars(safe_torch).update(__getattr__=lambda name: getattr(torch, name), load=load)
-        real, zero_to_fp32.torch = zero_to_fp32.torch, safe_torch
         try:
             # Its progress lines ("Processing zero checkpoint ...") are printed: sent to stderr, so
             # the stdout of the command that loads a run (a table, JSON lines) stays its own.
-            with contextlib.redirect_stdout(sys.stderr):
+            with deepspeed_reads_weights_only(trust_pickle, hint), contextlib.redirect_stdout(sys.stderr):
                 state = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(
                     str(ckpt), tag="pytorch_model", exclude_frozen_parameters=False)
         except (KeyError, ValueError, IndexError, TypeError) as exc:   # shards missing or not DeepSpeed's
             raise UserError(f"'{ds_dir}' is not a complete DeepSpeed checkpoint ({exc!r})") from None
-        finally:
-            zero_to_fp32.torch = real
     else:   # ZeRO stage 0: the module state is stored whole
-        state = load(ds_dir / "mp_rank_00_model_states.pt")
+        state = torch_load(ds_dir / "mp_rank_00_model_states.pt", allow=_deepspeed_globals(),
+                           trust_pickle=trust_pickle, hint=hint)
         if not isinstance(state, dict) or not isinstance(state.get("module"), dict):
             raise UserError(f"'{ds_dir / 'mp_rank_00_model_states.pt'}' holds no module state dict; pass a "
                             f"checkpoint written by `rlipv2 train`")
@@ -334,7 +360,8 @@ def to_universal(ckpt: Path, out: Path) -> Path:
     if out.exists():
         shutil.rmtree(out)
     # One worker: the converter forks worker processes otherwise, unsafe beside the process group's threads.
-    main(argparse.Namespace(input_folder=str(ckpt / "pytorch_model"), output_folder=str(out / "pytorch_model"),
-                            num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
-                            inject_missing_state=True))
+    with deepspeed_reads_weights_only(hint=NOT_OURS):
+        main(argparse.Namespace(input_folder=str(ckpt / "pytorch_model"), output_folder=str(out / "pytorch_model"),
+                                num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                inject_missing_state=True))
     return out

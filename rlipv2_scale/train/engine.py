@@ -242,11 +242,11 @@ class Trainer:
         loader_file = path / f"loader_rank{self.info.rank}.pt"
         if not loader_file.is_file():
             raise UserError(f"checkpoint '{path}' has no loader state for rank {self.info.rank}")
-        self.accelerator.load_state(str(path))      # restores the RNG of this rank last
-        # Plain data only (no code from the file): what the trainer wrote there holds nothing else.
-        not_ours = "it was not written by `rlipv2 train`; resume from a checkpoint the trainer wrote"
-        self.scheduler.load_state_dict(torch_load(path / "scheduler.pt", hint=not_ours))
-        self.loader.load_state_dict(torch_load(loader_file, hint=not_ours))
+        # Plain data only (no code from the files): what the trainer wrote there holds nothing else.
+        with ckpt_io.deepspeed_reads_weights_only(hint=ckpt_io.NOT_OURS):
+            self.accelerator.load_state(str(path))      # restores the RNG of this rank last
+        self.scheduler.load_state_dict(torch_load(path / "scheduler.pt", hint=ckpt_io.NOT_OURS))
+        self.loader.load_state_dict(torch_load(loader_file, hint=ckpt_io.NOT_OURS))
         self.step, self.epoch, self.samples = state["step"], state["epoch"], state["samples"]
         self.skipped = state["skipped_steps"]
         self.overflows = state.get("overflow_steps", 0)
@@ -289,7 +289,9 @@ class Trainer:
 
         groups = self.scheduler.optimizer.param_groups
         own = [{k: v for k, v in group.items() if k != "params"} for group in groups]
-        self.engine.load_checkpoint(str(self.universal or path), tag="pytorch_model", load_lr_scheduler_states=False)
+        with ckpt_io.deepspeed_reads_weights_only(hint=ckpt_io.NOT_OURS):
+            self.engine.load_checkpoint(str(self.universal or path), tag="pytorch_model",
+                                        load_lr_scheduler_states=False)
         dist.barrier()
         if self.is_main and self.universal is not None:
             shutil.rmtree(self.universal)
@@ -301,11 +303,10 @@ class Trainer:
         for moments in self.scheduler.optimizer.state.values():
             if isinstance(moments.get("step"), torch.Tensor):
                 moments["step"] = moments["step"].clone()
-        not_ours = "it was not written by `rlipv2 train`; resume from a checkpoint the trainer wrote"
-        self.scheduler.load_state_dict(torch_load(path / "scheduler.pt", hint=not_ours))
+        self.scheduler.load_state_dict(torch_load(path / "scheduler.pt", hint=ckpt_io.NOT_OURS))
         for group, lr in zip(groups, self.scheduler.get_last_lr()):
             group["lr"] = lr
-        self.loader.load_state_dict(torch_load(path / "loader_rank0.pt", hint=not_ours))
+        self.loader.load_state_dict(torch_load(path / "loader_rank0.pt", hint=ckpt_io.NOT_OURS))
         self.step, self.epoch, self.samples = state["step"], state["epoch"], state["samples"]
         self.skipped, self.overflows = state["skipped_steps"], state.get("overflow_steps", 0)
         set_seed(zlib.crc32(f"{self.cfg.train.seed}/{self.info.rank}/{self.step}".encode()))
