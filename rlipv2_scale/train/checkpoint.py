@@ -300,14 +300,14 @@ def deepspeed_reads_weights_only(trust_pickle: bool = False, hint: str = TRUST_H
     safe_torch = types.ModuleType("torch")
     vars(safe_torch).update(__getattr__=lambda name: getattr(torch, name), load=load)
     modules = [importlib.import_module(name) for name in _DEEPSPEED_READERS]
-    real = [m.torch for m in modules]
+    real = [vars(m)["torch"] for m in modules]
     for m in modules:
-        m.torch = safe_torch
+        vars(m)["torch"] = safe_torch
     try:
         yield
     finally:
         for m, t in zip(modules, real):
-            m.torch = t
+            vars(m)["torch"] = t
 
 
 def gathered_state_dict(ckpt: str | Path, trust_pickle: bool = False, hint: str = TRUST_HINT) -> dict[str, torch.Tensor]:
