@@ -460,29 +460,31 @@ def pretraining_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
                 summary[name].setdefault("gain_over_vg", {})[k] = {
                     "per_seed": [round(g, 2) for g in gains], "mean": round(statistics.mean(gains), 2),
                     "std": round(statistics.stdev(gains), 2) if len(gains) > 1 else None}
+    truth_of = {p["seed"]: p for p in by_mix.get("vg+truth", [])}
+
+    def paired(name: str, k: str) -> tuple[list[float], list[float]]:
+        """The gains over vg of `name` and of the ceiling, seed by seed, over the seeds all three have
+        finished (also while a study is under way)."""
+        ps = sorted((p for p in by_mix[name] if p["seed"] in truth_of and p["seed"] in base_of),
+                    key=lambda p: p["seed"])
+        return ([p[k] - base_of[p["seed"]][k] for p in ps],
+                [truth_of[p["seed"]][k] - base_of[p["seed"]][k] for p in ps])
+
     if "share_of_ceiling_gain" in summary:
-        # Paired over the seeds that both mixes (and vg) have finished, also while a study is under way.
-        seeds = sorted({p["seed"] for p in by_mix["vg+pseudo"]} & {p["seed"] for p in by_mix["vg+truth"]}
-                       & base_of.keys())
         for k in keys:
-            got, ceil = ([p[k] - base_of[p["seed"]][k] for s in seeds for p in by_mix[n] if p["seed"] == s]
-                         for n in ("vg+pseudo", "vg+truth"))
+            got, ceil = paired("vg+pseudo", k)
             summary["share_of_ceiling_gain"][k + "_per_seed"] = [round(g / c, 3) if c else None
                                                                  for g, c in zip(got, ceil)]
             summary["share_of_ceiling_gain"][k + "_interval_90"] = bootstrap_share(got, ceil)
             summary["share_of_ceiling_gain"][k + "_margin"] = paired_margin(got, ceil)
         ceiling = summary["vg+truth"]["gain_over_vg"]
-        truth_of = {p["seed"]: p for p in by_mix["vg+truth"]}
         for name in sorted(n for n in summary if n.startswith("vg+pseudo") and n != "vg+pseudo"):
             gain = summary[name]["gain_over_vg"]
             summary[name]["share_of_ceiling_gain"] = {
                 k: round(gain[k]["mean"] / ceiling[k]["mean"], 3) if ceiling[k]["mean"] else None
                 for k in keys}
-            paired = [p for p in by_mix[name] if p["seed"] in truth_of and p["seed"] in base_of]
             for k in keys:
-                summary[name]["share_of_ceiling_gain"][k + "_margin"] = paired_margin(
-                    [p[k] - base_of[p["seed"]][k] for p in paired],
-                    [truth_of[p["seed"]][k] - base_of[p["seed"]][k] for p in paired])
+                summary[name]["share_of_ceiling_gain"][k + "_margin"] = paired_margin(*paired(name, k))
     return summary
 
 
@@ -492,6 +494,10 @@ def paired_margin(got: list[float], ceil: list[float]) -> dict[str, Any]:
     margin = [g - SHARE_TARGET * c for g, c in zip(got, ceil)]
     return {"per_seed": [round(m, 2) for m in margin], "mean": round(statistics.mean(margin), 2) if margin else None,
             "sem": round(statistics.stdev(margin) / len(margin) ** 0.5, 2) if len(margin) > 1 else None}
+
+
+def margin_text(margin: dict[str, Any]) -> str:
+    return f"{margin['mean']:+.2f} ± {margin['sem']}"
 
 
 def summaries_by_steps(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -587,14 +593,15 @@ def markdown(res: dict[str, Any]) -> str:
                               f"interval over seeds: relation mAP {g[keys[0] + '_interval_90']}, zero-shot mAP "
                               f"{g[keys[1] + '_interval_90']}. Against the target ({SHARE_TARGET}): pseudo gain − "
                               f"{SHARE_TARGET} × ceiling gain, mean ± standard error over seeds: relation mAP "
-                              f"{g[keys[0] + '_margin']['mean']:+.2f} ± {g[keys[0] + '_margin']['sem']}, zero-shot mAP "
-                              f"{g[keys[1] + '_margin']['mean']:+.2f} ± {g[keys[1] + '_margin']['sem']} (≥ 0 meets it)."]
-                for name, v in summ.items():
-                    m = v.get("share_of_ceiling_gain", {}) if name != "share_of_ceiling_gain" else {}
+                              f"{margin_text(g[keys[0] + '_margin'])}, zero-shot mAP "
+                              f"{margin_text(g[keys[1] + '_margin'])} (≥ 0 meets it)."]
+                for name in (n for n in summ if n.startswith("vg+pseudo") and n != "vg+pseudo"):
+                    m = summ[name].get("share_of_ceiling_gain", {})
                     if keys[0] + "_margin" in m and m[keys[0] + "_margin"]["sem"] is not None:
-                        lines += ["", f"{name} against the target, the same margin over {len(m[keys[0] + '_margin']['per_seed'])} "
-                                  f"seeds: relation mAP {m[keys[0] + '_margin']['mean']:+.2f} ± {m[keys[0] + '_margin']['sem']}, "
-                                  f"zero-shot mAP {m[keys[1] + '_margin']['mean']:+.2f} ± {m[keys[1] + '_margin']['sem']}."]
+                        lines += ["", f"{name} against the target, the same margin over "
+                                  f"{len(m[keys[0] + '_margin']['per_seed'])} seeds: relation mAP "
+                                  f"{margin_text(m[keys[0] + '_margin'])}, zero-shot mAP "
+                                  f"{margin_text(m[keys[1] + '_margin'])}."]
                 lines += held_out_table(summ, prefix, res.get("default_label_errors"))
         if res.get("pretraining_commands"):
             lines += ["", "Pre-training commands:", "", "```"] + res["pretraining_commands"] + ["```"]

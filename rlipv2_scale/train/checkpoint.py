@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import json
 import os
 import re
@@ -292,8 +293,6 @@ def deepspeed_reads_weights_only(trust_pickle: bool = False, hint: str = TRUST_H
     (`rlipv2_scale/safe_load.py`), allowing DeepSpeed's own classes: a checkpoint file pickling
     anything else is refused with `hint` as the fix, unless `trust_pickle`. The real torch, and
     every other attribute, are left alone."""
-    import importlib
-
     def load(path: str | Path, *args: Any, **kwargs: Any) -> Any:
         return torch_load(path, allow=_deepspeed_globals(), trust_pickle=trust_pickle, hint=hint)
 
