@@ -23,6 +23,10 @@
    the share of the ceiling's gain the pseudo-labels reach, with a bootstrap interval over seeds).
    `--mixes` adds or picks mixes: also `vg+pseudo-weighted` (the pseudo-labels' confidence as the
    relation target, `data.confidence_weighted=true`), not run by default.
+5. `--tagger-lengths 800,1600,2400`: the Tagger's training length as a lever: one longer Tagger run
+   keeping a checkpoint every `--tagger-steps`, each length exported and run through `data tag` /
+   `data pseudo-label` with the default options, scored as above (also by predicate); the mix
+   `vg+pseudo-taggerN` pre-trains on its labels.
 
     # precision / recall of every lever (about 40 min on 2 busy CPU cores, half of it the Tagger's
     # training; --reuse-tagger skips that on a second run in the same folder)
@@ -33,6 +37,12 @@
     nice -n 19 python benchmarks/pseudo_label_proof.py --out runs/pseudo_proof --only-pretrain --resume \\
         --pretrain-steps 1000 --pretrain-seeds 0,1,2,3,4 --nproc 2 --pseudo-thresholds 0.05 --large-test 512 \\
         --mixes vg,vg+pseudo,vg+truth,vg+pseudo-weighted
+    # the Tagger's training length: labels alone (--pretrain-steps 0), then pre-training on one
+    nice -n 19 python benchmarks/pseudo_label_proof.py --out runs/pseudo_proof --only-pretrain --resume \\
+        --pretrain-steps 0 --tagger-lengths 800,1600,2400
+    nice -n 19 python benchmarks/pseudo_label_proof.py --out runs/pseudo_proof --only-pretrain --resume \\
+        --pretrain-steps 2000 --pretrain-seeds 0,1,2,3,4 --nproc 2 --large-test 512 --pseudo-thresholds 0.05 \\
+        --tagger-lengths 800,1600,2400 --mixes vg+pseudo-tagger1600
 
 Writes `benchmarks/results/pseudo_label_proof.{json,md}` and prints the table.
 """
@@ -237,11 +247,7 @@ def pipeline(out: Path, args: argparse.Namespace, detection: Path, truth_shards:
 
     t = time.perf_counter()
     tagger, run_dir, steps = out / "tagger", out / "tagger_run", args.tagger_steps
-    train = ("data", "train-tagger", ROOT / "recipes" / "tagger" / "tiny.yaml", f"run.dir={run_dir}",
-             f"data.sources=[{{name: vg, local: '{out / 'shards' / 'train'}'}}]",
-             f"model.text.tokenizer={out / 'tokenizer'}", f"train.max_steps={steps}",
-             f"data.batch_size={args.tagger_batch}", f"train.seed={42 + args.seed}", f"data.seed={42 + args.seed}",
-             f"checkpoint.every_steps={steps}", "logging.every_steps=50")
+    train = tagger_training(out, args, run_dir, steps)
     if args.reuse_tagger and (tagger / "model.safetensors").is_file():
         if f"max_steps: {steps}\n" not in (run_dir / "config.yaml").read_text():
             raise SystemExit(f"--reuse-tagger: {run_dir} was not trained for {steps} steps")
@@ -261,21 +267,7 @@ def pipeline(out: Path, args: argparse.Namespace, detection: Path, truth_shards:
         if args.levers and name not in args.levers:
             continue
         slug = "default" if name.startswith("default") else name.split(" (")[0].replace(", ", "_").replace(" ", "-")
-        tags, pseudo, curve = out / "tags" / slug, out / "pseudo" / slug, out / "pseudo_curve" / slug
-        for d in (tags, pseudo, curve):
-            shutil.rmtree(d, ignore_errors=True)
-        t = time.perf_counter()
-        cli("data", "tag", "--shards", detection, "--candidates", out / "parse", "--checkpoint", tagger,
-            "--classes", "synthetic", "--eval-size", IMAGE_SIZE, "--max-size", IMAGE_SIZE, "--out", tags, *options)
-        tag_s = time.perf_counter() - t
-        cli("data", "pseudo-label", "--shards", detection, "--tags", tags, "--out", pseudo, "--dataset", "synthetic")
-        cli("data", "pseudo-label", "--shards", detection, "--tags", tags, "--out", curve, "--dataset", "synthetic",
-            "--threshold", min(THRESHOLDS))
-        truth = read_shards(truth_shards)
-        at_default = score_shards(read_shards(pseudo / "shards"), truth, (DEFAULT_THRESHOLD,))
-        levers[name] = {"tag_options": options, "tag_seconds": round(tag_s, 1),
-                        "shards_at_default": at_default[str(DEFAULT_THRESHOLD)],
-                        "curve": score_shards(read_shards(curve / "shards"), truth)}
+        levers[name] = label_lever(out, detection, truth_shards, tagger, slug, options)
         s = levers[name]["shards_at_default"]
         log(f"{name}: precision {s['precision']} recall {s['recall']} at {DEFAULT_THRESHOLD}")
     truth = read_shards(truth_shards)
@@ -283,6 +275,90 @@ def pipeline(out: Path, args: argparse.Namespace, detection: Path, truth_shards:
             "truth_relations": sum(len(a["relations"]) for a in truth.values()),
             "parse": json.loads((out / "parse" / "parse_stats.json").read_text()),
             "candidates_all_accepted": candidate_ceiling(out / "parse", truth)}
+
+
+def tagger_training(out: Path, args: argparse.Namespace, run_dir: Path, steps: int,
+                    every: int | None = None) -> tuple[str | Path, ...]:
+    """`rlipv2 data train-tagger` with the tiny recipe on the VG-format split, as the README runs it;
+    `every`: also keep a checkpoint every that many steps (else only the last)."""
+    keep = (f"checkpoint.keep_last={steps // every}",) if every else ()
+    return ("data", "train-tagger", ROOT / "recipes" / "tagger" / "tiny.yaml", f"run.dir={run_dir}",
+            f"data.sources=[{{name: vg, local: '{out / 'shards' / 'train'}'}}]",
+            f"model.text.tokenizer={out / 'tokenizer'}", f"train.max_steps={steps}",
+            f"data.batch_size={args.tagger_batch}", f"train.seed={42 + args.seed}", f"data.seed={42 + args.seed}",
+            f"checkpoint.every_steps={every or steps}", *keep, "logging.every_steps=50")
+
+
+def label_lever(out: Path, detection: Path, truth_shards: Path, tagger: Path, slug: str, options: list[str],
+                reuse: bool = False) -> dict[str, Any]:
+    """`rlipv2 data tag` with `options`, then `rlipv2 data pseudo-label` at the default threshold
+    (the shards a user trains on) and at the curve's lowest, both scored against the hidden truth.
+    `reuse`: shards already written by these commands in this work folder are scored, not rewritten."""
+    tags, pseudo, curve = out / "tags" / slug, out / "pseudo" / slug, out / "pseudo_curve" / slug
+    tag = ("data", "tag", "--shards", detection, "--candidates", out / "parse", "--checkpoint", tagger,
+           "--classes", "synthetic", "--eval-size", IMAGE_SIZE, "--max-size", IMAGE_SIZE, "--out", tags, *options)
+    label = ("data", "pseudo-label", "--shards", detection, "--tags", tags, "--dataset", "synthetic")
+    commands = [tag, (*label, "--out", pseudo), (*label, "--out", curve, "--threshold", min(THRESHOLDS))]
+    tag_s = None
+    if reuse and all((d / "shards" / "index.json").is_file() for d in (pseudo, curve)):
+        for argv in commands:
+            record(*argv)
+    else:
+        for d in (tags, pseudo, curve):
+            shutil.rmtree(d, ignore_errors=True)
+        t = time.perf_counter()
+        cli(*tag)
+        tag_s = round(time.perf_counter() - t, 1)
+        cli(*commands[1])
+        cli(*commands[2])
+    truth = read_shards(truth_shards)
+    at_default = score_shards(read_shards(pseudo / "shards"), truth, (DEFAULT_THRESHOLD,))
+    return {"tag_options": options, "tag_seconds": tag_s, "shards_at_default": at_default[str(DEFAULT_THRESHOLD)],
+            "curve": score_shards(read_shards(curve / "shards"), truth)}
+
+
+def tagger_length_lever(n: int) -> str:
+    return f"default, Tagger trained {n} steps"
+
+
+def longer_taggers(out: Path, args: argparse.Namespace, res: dict[str, Any]) -> None:
+    """The Tagger's training length as a lever (`--tagger-lengths`): one Tagger run as long as the
+    longest, with a checkpoint every `--tagger-steps`; each length's checkpoint exported (`rlipv2 data
+    export-tagger RUN/checkpoints/step_N`), tagged with the default options and pseudo-labelled like a
+    lever (slug `default_taggerN`); the mix `vg+pseudo-taggerN` pre-trains on its labels."""
+    if not args.tagger_lengths:
+        return
+    if any(n <= 0 or n % args.tagger_steps for n in args.tagger_lengths):
+        raise SystemExit(f"--tagger-lengths: each must be a multiple of --tagger-steps ({args.tagger_steps}), "
+                         f"the interval the run keeps checkpoints at; got {args.tagger_lengths}")
+    longest, first = max(args.tagger_lengths), len(COMMANDS)
+    run_dir = out / f"tagger_run_{longest}steps"
+    train = tagger_training(out, args, run_dir, longest, every=args.tagger_steps)
+    if args.resume and (run_dir / "COMPLETED").is_file():
+        record(*train)
+    else:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        cli(*train)
+    detection, truth_shards = out / "shards" / "detection", out / "shards" / "detection_truth"
+    truth = read_shards(truth_shards)
+    res.setdefault("tagger_length_label_errors", {})
+    for n in sorted(args.tagger_lengths):
+        tagger = out / f"tagger_{n}steps"
+        export = ("data", "export-tagger", run_dir / "checkpoints" / f"step_{n:08d}", tagger)
+        done = args.resume and (tagger / "model.safetensors").is_file()
+        if done:
+            record(*export)
+        else:
+            shutil.rmtree(tagger, ignore_errors=True)
+            cli(*export)
+        lever = label_lever(out, detection, truth_shards, tagger, f"default_tagger{n}", [], reuse=done)
+        res["levers"][tagger_length_lever(n)] = {**lever, "tagger_steps": n}
+        res["tagger_length_label_errors"][str(n)] = label_errors(
+            read_shards(out / "pseudo" / f"default_tagger{n}" / "shards"), truth)
+        s = lever["shards_at_default"]
+        log(f"{tagger_length_lever(n)}: precision {s['precision']} recall {s['recall']} at {DEFAULT_THRESHOLD}")
+    res["commands"] = list(dict.fromkeys(res.get("commands", []) + portable(COMMANDS[first:], out)))
+    del COMMANDS[first:]
 
 
 # ------------------------------------------------------------------------------------------- pre-training
@@ -309,6 +385,9 @@ def pretraining(out: Path, args: argparse.Namespace, res: dict[str, Any]) -> Non
                 "--out", shards, "--dataset", "synthetic", "--threshold", t]
         (record if args.resume and (shards / "shards" / "index.json").is_file() else cli)(*argv)
         mixes.append((f"vg+{name}", [vg, (name, shards / "shards")], []))
+    # The default options' pseudo-labels from a Tagger trained longer (`--tagger-lengths`, `longer_taggers`).
+    for n in args.tagger_lengths:
+        mixes.append((f"vg+pseudo-tagger{n}", [vg, (f"tagger{n}", out / "pseudo" / f"default_tagger{n}" / "shards")], []))
     # The default pseudo-labels with their confidence as the relation target instead of 1
     # (`data.confidence_weighted`; the VG-format relations, without a confidence, stay 1).
     mixes.append(("vg+pseudo-weighted", [vg, pseudo], ["data.confidence_weighted=true"]))
@@ -320,7 +399,7 @@ def pretraining(out: Path, args: argparse.Namespace, res: dict[str, Any]) -> Non
         unknown = set(args.mixes) - set(order)
         if unknown:
             raise SystemExit(f"--mixes: no mix named {sorted(unknown)}; the mixes are {', '.join(order)}")
-    chosen = [m for m in mixes if m[0] in (args.mixes or order[:4 + len(args.pseudo_thresholds)])]
+    chosen = [m for m in mixes if m[0] in (args.mixes or order[:-1])]
     # With --resume, finished runs stay in the results, also those outside this call's seeds or mixes.
     runs = res.get("pretraining", []) if args.resume else []
     done = {(p["sources"], p["seed"], p["steps"]) for p in runs}
@@ -513,7 +592,7 @@ def markdown(res: dict[str, Any]) -> str:
              f"VG-format split (the Tagger's training data): {p['vg_images']} scenes; detection split (relations "
              f"hidden): {p['detection_images']} scenes, {res['truth_relations']} true relations; "
              f"{p['captions_per_image']} synthetic captions per image; tiny Tagger trained {p['tagger_steps']} "
-             f"steps × {p['tagger_batch']} images. Scored from the pseudo-labelled shards against the hidden truth; "
+             f"steps × {p['tagger_batch']} images" + longer_tagger_text(res) + ". Scored from the pseudo-labelled shards against the hidden truth; "
              "the wordings of one predicate on one pair count once.", "",
              f"At the default threshold ({DEFAULT_THRESHOLD}), from the shards `rlipv2 data pseudo-label` writes:", "",
              "| lever (`rlipv2 data tag` options) | predicted | pairs | per pair | correct | precision | recall |",
@@ -548,13 +627,31 @@ def markdown(res: dict[str, Any]) -> str:
             lines.append(f"| {name} | {r['true']} | {r['found']} | {recall} | {r['wrong_predicate']} | "
                          f"{r['no_relation']} |")
         lines.append("")
+    if res.get("tagger_length_label_errors"):
+        by_n = {str(p["tagger_steps"]): res["default_label_errors"], **res["tagger_length_label_errors"]} \
+            if res.get("default_label_errors") else res["tagger_length_label_errors"]
+        lines += ["Recall of the default pseudo-labels by the world's predicate, against the Tagger's training "
+                  "length (wrong labels in brackets):", "",
+                  "| predicate | true | " + " | ".join(f"{n} steps" for n in by_n) + " |",
+                  "|---|---|" + "---|" * len(by_n)]
+        first = next(iter(by_n.values()))
+        for name in [*first["by_predicate"], "all"]:
+            cells = []
+            for e in by_n.values():
+                r = e["total"] if name == "all" else e["by_predicate"].get(name)
+                cells.append(f"{r['found'] / r['true']:.2f} ({r['wrong_predicate'] + r['no_relation']})"
+                             if r and r["true"] else "–")
+            true = (first["total"] if name == "all" else first["by_predicate"][name])["true"]
+            lines.append(f"| {name} | {true} | " + " | ".join(cells) + " |")
+        lines.append("")
     if res.get("pretraining"):
         lines += ["Pre-training: the demo recipe, each mix with the same steps, batch and seeds, scored on the "
                   "demo's test scenes. vg: the VG-format split alone; vg+pseudo: plus the detection scenes "
                   "with the default lever's pseudo-labels; vg+truth: plus the same scenes with their hidden true "
                   "relations (the ceiling); vg+detection: plus the same scenes' boxes and no relation (the "
                   "box-only control: what the extra images bring without relation labels); vg+pseudoNN: the "
-                  "default tags pseudo-labelled at threshold 0.NN; vg+pseudo-weighted: the default pseudo-labels "
+                  "default tags pseudo-labelled at threshold 0.NN; vg+pseudo-taggerN: the default options' pseudo-labels "
+                  "from a Tagger trained N steps; vg+pseudo-weighted: the default pseudo-labels "
                   "with their confidence as the relation target (`data.confidence_weighted=true`).", ""]
         large = p.get("large_test_images")
         more = f" relation mAP, {large} test scenes | zero-shot mAP, {large} test scenes |" if large else ""
@@ -611,6 +708,22 @@ def markdown(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def longer_tagger_text(res: dict[str, Any]) -> str:
+    """The plan's words for `--tagger-lengths`; the checkpoint as long as the default Tagger's
+    training must reproduce its labels (same seed, constant learning rate), which is checked here."""
+    p = res["plan"]
+    if not p.get("tagger_lengths"):
+        return ""
+    text = f" (and, as levers of their own, {', '.join(map(str, p['tagger_lengths']))} steps: checkpoints of one longer run"
+    same = res["levers"].get(tagger_length_lever(p["tagger_steps"]))
+    default = next((v for k, v in res["levers"].items() if k.startswith("default (")), None)
+    if same and default:
+        agree = same["shards_at_default"] == default["shards_at_default"] and same["curve"] == default["curve"]
+        text += (f"; its {p['tagger_steps']}-step checkpoint gives " +
+                 ("the same labels as the default's Tagger" if agree else "OTHER labels than the default's Tagger"))
+    return text + ")"
+
+
 def held_out_table(summ: dict[str, Any], prefix: str, errors: dict[str, Any] | None) -> list[str]:
     """Zero-shot mAP combination by combination (mean AP over seeds per mix), beside the default
     pseudo-labels' recall of the combination's predicate: where the pseudo-labels fall short."""
@@ -663,6 +776,9 @@ def main() -> None:
     ap.add_argument("--captions", type=int, default=10, help="synthetic captions per image")
     ap.add_argument("--tagger-steps", type=int, default=800)
     ap.add_argument("--tagger-batch", type=int, default=4)
+    ap.add_argument("--tagger-lengths", type=lambda v: [int(x) for x in v.split(",") if x], default=[],
+                    help="comma-separated multiples of --tagger-steps: also label with a Tagger trained this "
+                         "long (one run, a checkpoint every --tagger-steps), lever and mix of its own")
     ap.add_argument("--seed", type=int, default=0, help="the synthetic world's seed")
     ap.add_argument("--levers", nargs="*", default=None, help="names of LEVERS to run (default: all)")
     ap.add_argument("--reuse-tagger", action="store_true", help="use --out's trained tagger if there is one")
@@ -677,7 +793,8 @@ def main() -> None:
                     help="comma-separated mix names to pre-train, e.g. vg,vg+pseudo,vg+truth,vg+pseudo-weighted "
                          "(default: the four of point 4 and those of --pseudo-thresholds)")
     ap.add_argument("--only-pretrain", action="store_true",
-                    help="reuse --out and the results JSON of an earlier run; run only the pre-training comparison")
+                    help="reuse --out and the results JSON of an earlier run; run only the pre-training comparison "
+                         "(and --tagger-lengths; --pretrain-steps 0 with them: the labels alone)")
     ap.add_argument("--resume", action="store_true", help="with --only-pretrain: keep the results JSON's finished runs")
     ap.add_argument("--large-test", type=int, default=0, metavar="N",
                     help="also score every pre-training run on a test split of N other scenes")
@@ -688,17 +805,21 @@ def main() -> None:
 
     out = (args.out or Path(tempfile.mkdtemp(prefix="pseudo_label_proof_"))).resolve()
     if args.only_pretrain:
-        if args.out is None or not (out / "pseudo" / "default" / "shards").is_dir() or args.pretrain_steps <= 0:
+        if args.out is None or not (out / "pseudo" / "default" / "shards").is_dir() or (
+                args.pretrain_steps <= 0 and not args.tagger_lengths):
             raise SystemExit("--only-pretrain needs --out of an earlier run (with pseudo/default/shards) and "
-                             "--pretrain-steps")
+                             "--pretrain-steps or --tagger-lengths")
         res = json.loads((args.results / "pseudo_label_proof.json").read_text())
         before = res["plan"] if args.resume else {}
         res["plan"].update(
-            pretrain_steps=sorted(set(before.get("pretrain_steps", [])) | {args.pretrain_steps}), nproc=args.nproc,
+            pretrain_steps=sorted(set(before.get("pretrain_steps", [])) | ({args.pretrain_steps} - {0})),
+            nproc=args.nproc, tagger_lengths=sorted(set(before.get("tagger_lengths", [])) | set(args.tagger_lengths)),
             large_test_images=args.large_test or None,
             pretrain_seeds=sorted(set(before.get("pretrain_seeds", [])) | set(args.pretrain_seeds)),
             pseudo_thresholds=sorted(set(before.get("pseudo_thresholds", [])) | set(args.pseudo_thresholds)))
-        pretraining(out, args, res)
+        longer_taggers(out, args, res)
+        if args.pretrain_steps > 0:
+            pretraining(out, args, res)
         write(res, args.results, out)
         return
 
@@ -718,7 +839,7 @@ def main() -> None:
                  "tagger_steps": args.tagger_steps, "tagger_batch": args.tagger_batch, "seed": args.seed,
                  "image_size": IMAGE_SIZE, "default_threshold": DEFAULT_THRESHOLD,
                  "pretrain_steps": [args.pretrain_steps] if args.pretrain_steps else [], "pretrain_seeds": args.pretrain_seeds, "nproc": args.nproc,
-                 "pseudo_thresholds": args.pseudo_thresholds},
+                 "pseudo_thresholds": args.pseudo_thresholds, "tagger_lengths": args.tagger_lengths},
         **pipeline(out, args, detection, truth),
         "pretraining": [],
         "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
@@ -726,6 +847,8 @@ def main() -> None:
     }
     res["seconds"]["world"] = round(world_s, 1)
     res["commands"] = portable(COMMANDS, out)
+    COMMANDS.clear()
+    longer_taggers(out, args, res)
     write(res, args.results, out)
     if args.pretrain_steps > 0:
         pretraining(out, args, res)

@@ -307,6 +307,48 @@ def test_proof_breaks_zero_shot_map_into_its_held_out_combinations(tmp_path):
     assert bench.held_out_table(summary, "large_", errors) == []           # no such split scored
 
 
+def test_proof_reports_the_taggers_training_length_as_a_lever(tmp_path):
+    """`--tagger-lengths`: checkpoints of one longer Tagger run, each a lever with its label errors
+    by predicate beside the default Tagger's; lengths the run keeps no checkpoint at are refused."""
+    import argparse
+
+    bench = _proof_benchmark()
+    args = argparse.Namespace(tagger_lengths=[1600, 2000], tagger_steps=800, resume=False)
+    with pytest.raises(SystemExit, match="multiple of --tagger-steps \\(800\\)"):
+        bench.longer_taggers(tmp_path, args, {})
+    argv = bench.tagger_training(tmp_path, argparse.Namespace(tagger_batch=4, seed=0), tmp_path / "run", 2400, every=800)
+    assert argv[-3:] == ("checkpoint.every_steps=800", "checkpoint.keep_last=3", "logging.every_steps=50")
+
+    def errors(found_under, wrong):
+        return {"by_predicate": {"under": {"true": 4, "found": found_under, "wrong_predicate": wrong, "no_relation": 1},
+                                 "on": {"true": 2, "found": 2, "wrong_predicate": 0, "no_relation": 0}},
+                "total": {"true": 6, "found": 2 + found_under, "wrong_predicate": wrong, "no_relation": 1}}
+
+    curve = {str(t): {"precision": 0.9, "recall": 0.5} for t in bench.THRESHOLDS}
+    at = {"predicted": 4, "pairs": 4, "relations_per_pair": 1.0, "correct": 3, "precision": 0.75, "recall": 0.5}
+    res = {"plan": {"vg_images": 8, "detection_images": 4, "captions_per_image": 2, "tagger_steps": 800,
+                    "tagger_batch": 4, "tagger_lengths": [2400]},
+           "truth_relations": 6, "candidates_all_accepted": {"predicted": 9, "correct": 6, "precision": 0.67,
+                                                             "recall": 1.0},
+           "levers": {"default (captions weigh the Tagger)": {"tag_options": [], "shards_at_default": at,
+                                                              "curve": curve},
+                      bench.tagger_length_lever(2400): {"tag_options": [], "shards_at_default": at, "curve": curve}},
+           "parse": {}, "commands": [], "machine": {}, "default_label_errors": errors(1, 0),
+           "tagger_length_label_errors": {"2400": errors(3, 2)}}
+    text = bench.markdown(res)
+    assert "| default, Tagger trained 2400 steps (`no option`) | 4 | 4 | 1.0 | 3 | 0.75 | 0.5 |" in text
+    assert "| predicate | true | 800 steps | 2400 steps |" in text
+    assert "| under | 4 | 0.25 (1) | 0.75 (3) |" in text and "| all | 6 | 0.50 (1) | 0.83 (3) |" in text
+    assert "(and, as levers of their own, 2400 steps: checkpoints of one longer run)." in text
+    # the checkpoint as long as the default Tagger's training must give its labels, and is checked
+    res["plan"]["tagger_lengths"] = [800, 2400]
+    res["levers"][bench.tagger_length_lever(800)] = {"tag_options": [], "shards_at_default": at, "curve": curve}
+    assert "its 800-step checkpoint gives the same labels as the default's Tagger)" in bench.markdown(res)
+    res["levers"][bench.tagger_length_lever(800)] = {"tag_options": [], "shards_at_default": dict(at, correct=2),
+                                                     "curve": curve}
+    assert "its 800-step checkpoint gives OTHER labels than the default's Tagger)" in bench.markdown(res)
+
+
 def test_cli_tag_rejects_a_bad_synonym_file_in_one_line(tmp_path, capsys):
     from rlipv2_scale.cli import main
 
