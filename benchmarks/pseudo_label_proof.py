@@ -399,7 +399,7 @@ def pretraining(out: Path, args: argparse.Namespace, res: dict[str, Any]) -> Non
         unknown = set(args.mixes) - set(order)
         if unknown:
             raise SystemExit(f"--mixes: no mix named {sorted(unknown)}; the mixes are {', '.join(order)}")
-    chosen = [m for m in mixes if m[0] in (args.mixes or order[:-1])]
+    chosen = [m for m in mixes if m[0] in (args.mixes or [n for n in order if n != "vg+pseudo-weighted"])]
     # With --resume, finished runs stay in the results, also those outside this call's seeds or mixes.
     runs = res.get("pretraining", []) if args.resume else []
     done = {(p["sources"], p["seed"], p["steps"]) for p in runs}
@@ -791,7 +791,7 @@ def main() -> None:
                          f"thresholds (besides {DEFAULT_THRESHOLD})")
     ap.add_argument("--mixes", type=lambda v: [x for x in v.split(",") if x], default=None,
                     help="comma-separated mix names to pre-train, e.g. vg,vg+pseudo,vg+truth,vg+pseudo-weighted "
-                         "(default: the four of point 4 and those of --pseudo-thresholds)")
+                         "(default: the four of point 4 and those of --pseudo-thresholds and --tagger-lengths)")
     ap.add_argument("--only-pretrain", action="store_true",
                     help="reuse --out and the results JSON of an earlier run; run only the pre-training comparison "
                          "(and --tagger-lengths; --pretrain-steps 0 with them: the labels alone)")
