@@ -352,6 +352,8 @@ def longer_taggers(out: Path, args: argparse.Namespace, res: dict[str, Any]) -> 
             shutil.rmtree(tagger, ignore_errors=True)
             cli(*export)
         lever = label_lever(out, detection, truth_shards, tagger, f"default_tagger{n}", [], reuse=done)
+        if lever["tag_seconds"] is None:         # reused: keep the time the tagging took when it ran
+            lever["tag_seconds"] = res["levers"].get(tagger_length_lever(n), {}).get("tag_seconds")
         res["levers"][tagger_length_lever(n)] = {**lever, "tagger_steps": n}
         res["tagger_length_label_errors"][str(n)] = label_errors(
             read_shards(out / "pseudo" / f"default_tagger{n}" / "shards"), truth)
