@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shlex
@@ -573,12 +574,20 @@ def paired_margin(got: list[float], ceil: list[float]) -> dict[str, Any]:
     """The target as a paired difference, which stays finite when a seed's ceiling gain is ~0:
     pseudo gain − SHARE_TARGET × ceiling gain, seed by seed; ≥ 0 on average meets the target."""
     margin = [g - SHARE_TARGET * c for g, c in zip(got, ceil)]
-    return {"per_seed": [round(m, 2) for m in margin], "mean": round(statistics.mean(margin), 2) if margin else None,
-            "sem": round(statistics.stdev(margin) / len(margin) ** 0.5, 2) if len(margin) > 1 else None}
+    out: dict[str, Any] = {"per_seed": [round(m, 2) for m in margin],
+                           "mean": round(statistics.mean(margin), 2) if margin else None, "sem": None}
+    if len(margin) > 1:
+        sd, mean = statistics.stdev(margin), statistics.mean(margin)
+        out["sem"] = round(sd / len(margin) ** 0.5, 2)
+        # How many seeds would put this mean two standard errors from zero at this spread: whether
+        # more seeds could settle the target at all (a mean near zero needs hundreds).
+        out["seeds_for_two_se"] = max(2, math.ceil((2 * sd / abs(mean)) ** 2)) if mean else None
+    return out
 
 
 def margin_text(margin: dict[str, Any]) -> str:
-    return f"{margin['mean']:+.2f} ± {margin['sem']}"
+    n = margin.get("seeds_for_two_se")
+    return f"{margin['mean']:+.2f} ± {margin['sem']}" + (f" (2 s.e. from 0 at ~{n} seeds)" if n else "")
 
 
 def summaries_by_steps(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

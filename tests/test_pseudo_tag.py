@@ -262,10 +262,13 @@ def test_proof_summary_pairs_gains_by_seed_and_bounds_the_share():
     # the target as a paired margin: 4 - 0.7 * 8, 4 - 5.6, 6 - 5.6
     assert share["relation_map_margin"]["per_seed"] == [-1.6, -1.6, 0.4]
     assert share["relation_map_margin"]["mean"] == -0.93 and share["relation_map_margin"]["sem"] == 0.67
+    # std 1.155 over a mean of 0.933: 2 s.e. = |mean| once (2 × 1.155 / 0.933)² = 6.1 → 7 seeds
+    assert share["relation_map_margin"]["seeds_for_two_se"] == 7
+    assert bench.margin_text(share["relation_map_margin"]) == "-0.93 ± 0.67 (2 s.e. from 0 at ~7 seeds)"
     assert summary["vg+pseudo05"]["share_of_ceiling_gain"]["relation_map"] == 0.25
     # another labelling gets the same paired margin: gains 1, 2, 3 against 0.7 × 8
     assert summary["vg+pseudo05"]["share_of_ceiling_gain"]["relation_map_margin"] == {
-        "per_seed": [-4.6, -3.6, -2.6], "mean": -3.6, "sem": 0.58}
+        "per_seed": [-4.6, -3.6, -2.6], "mean": -3.6, "sem": 0.58, "seeds_for_two_se": 2}
     assert bench.bootstrap_share([1.0, 2.0], [2.0, 2.0]) is None          # too few seeds to resample
     # runs of another length are a comparison of their own: seed 42 of 2000 steps pairs with its own vg
     longer = [{"sources": name, "seed": 42, "steps": 2000, "relation_map": m, "zero_shot_relation_map": m}
