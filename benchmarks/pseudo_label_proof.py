@@ -264,14 +264,14 @@ def pipeline(out: Path, args: argparse.Namespace, detection: Path, truth_shards:
         seconds["tagger_training"] = time.perf_counter() - t
 
     levers: dict[str, Any] = {}
+    truth = read_shards(truth_shards)
     for name, options in LEVERS.items():
         if args.levers and name not in args.levers:
             continue
         slug = "default" if name.startswith("default") else name.split(" (")[0].replace(", ", "_").replace(" ", "-")
-        levers[name] = label_lever(out, detection, truth_shards, tagger, slug, options)
+        levers[name] = label_lever(out, detection, truth, tagger, slug, options)
         s = levers[name]["shards_at_default"]
         log(f"{name}: precision {s['precision']} recall {s['recall']} at {DEFAULT_THRESHOLD}")
-    truth = read_shards(truth_shards)
     return {"levers": levers, "seconds": {k: round(v, 1) for k, v in seconds.items()},
             "truth_relations": sum(len(a["relations"]) for a in truth.values()),
             "parse": json.loads((out / "parse" / "parse_stats.json").read_text()),
@@ -290,17 +290,18 @@ def tagger_training(out: Path, args: argparse.Namespace, run_dir: Path, steps: i
             f"checkpoint.every_steps={every or steps}", *keep, "logging.every_steps=50")
 
 
-def label_lever(out: Path, detection: Path, truth_shards: Path, tagger: Path, slug: str, options: list[str],
+def label_lever(out: Path, detection: Path, truth: dict[str, dict], tagger: Path, slug: str, options: list[str],
                 reuse: bool = False) -> dict[str, Any]:
     """`rlipv2 data tag` with `options`, then `rlipv2 data pseudo-label` at the default threshold
-    (the shards a user trains on) and at the curve's lowest, both scored against the hidden truth.
-    `reuse`: shards already written by these commands in this work folder are scored, not rewritten."""
+    (the shards a user trains on) and at the curve's lowest, both scored against the hidden truth
+    (`read_shards` of the truth shards). `reuse`: shards already written by these commands in this
+    work folder are scored, not rewritten, and the result has no tagging time."""
     tags, pseudo, curve = out / "tags" / slug, out / "pseudo" / slug, out / "pseudo_curve" / slug
     tag = ("data", "tag", "--shards", detection, "--candidates", out / "parse", "--checkpoint", tagger,
            "--classes", "synthetic", "--eval-size", IMAGE_SIZE, "--max-size", IMAGE_SIZE, "--out", tags, *options)
     label = ("data", "pseudo-label", "--shards", detection, "--tags", tags, "--dataset", "synthetic")
     commands = [tag, (*label, "--out", pseudo), (*label, "--out", curve, "--threshold", min(THRESHOLDS))]
-    tag_s = None
+    timed: dict[str, float] = {}
     if reuse and all((d / "shards" / "index.json").is_file() for d in (pseudo, curve)):
         for argv in commands:
             record(*argv)
@@ -309,12 +310,11 @@ def label_lever(out: Path, detection: Path, truth_shards: Path, tagger: Path, sl
             shutil.rmtree(d, ignore_errors=True)
         t = time.perf_counter()
         cli(*tag)
-        tag_s = round(time.perf_counter() - t, 1)
+        timed["tag_seconds"] = round(time.perf_counter() - t, 1)
         cli(*commands[1])
         cli(*commands[2])
-    truth = read_shards(truth_shards)
     at_default = score_shards(read_shards(pseudo / "shards"), truth, (DEFAULT_THRESHOLD,))
-    return {"tag_options": options, "tag_seconds": tag_s, "shards_at_default": at_default[str(DEFAULT_THRESHOLD)],
+    return {"tag_options": options, **timed, "shards_at_default": at_default[str(DEFAULT_THRESHOLD)],
             "curve": score_shards(read_shards(curve / "shards"), truth)}
 
 
@@ -340,8 +340,7 @@ def longer_taggers(out: Path, args: argparse.Namespace, res: dict[str, Any]) -> 
     else:
         shutil.rmtree(run_dir, ignore_errors=True)
         cli(*train)
-    detection, truth_shards = out / "shards" / "detection", out / "shards" / "detection_truth"
-    truth = read_shards(truth_shards)
+    detection, truth = out / "shards" / "detection", read_shards(out / "shards" / "detection_truth")
     res.setdefault("tagger_length_label_errors", {})
     for n in sorted(args.tagger_lengths):
         tagger = out / f"tagger_{n}steps"
@@ -352,10 +351,10 @@ def longer_taggers(out: Path, args: argparse.Namespace, res: dict[str, Any]) -> 
         else:
             shutil.rmtree(tagger, ignore_errors=True)
             cli(*export)
-        lever = label_lever(out, detection, truth_shards, tagger, f"default_tagger{n}", [], reuse=done)
-        if lever["tag_seconds"] is None:         # reused: keep the time the tagging took when it ran
-            lever["tag_seconds"] = res["levers"].get(tagger_length_lever(n), {}).get("tag_seconds")
-        res["levers"][tagger_length_lever(n)] = {**lever, "tagger_steps": n}
+        lever = label_lever(out, detection, truth, tagger, f"default_tagger{n}", [], reuse=done)
+        # Over the earlier record: a reused lever keeps the tagging time measured when it ran.
+        res["levers"][tagger_length_lever(n)] = {**res["levers"].get(tagger_length_lever(n), {}), **lever,
+                                                 "tagger_steps": n}
         res["tagger_length_label_errors"][str(n)] = label_errors(
             read_shards(out / "pseudo" / f"default_tagger{n}" / "shards"), truth)
         s = lever["shards_at_default"]
