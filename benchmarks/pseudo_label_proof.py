@@ -821,12 +821,13 @@ def main() -> None:
                              "--pretrain-steps or --tagger-lengths")
         res = json.loads((args.results / "pseudo_label_proof.json").read_text())
         before = res["plan"] if args.resume else {}
-        res["plan"].update(
-            pretrain_steps=sorted(set(before.get("pretrain_steps", [])) | ({args.pretrain_steps} - {0})),
-            nproc=args.nproc, tagger_lengths=sorted(set(before.get("tagger_lengths", [])) | set(args.tagger_lengths)),
-            large_test_images=args.large_test or None,
-            pretrain_seeds=sorted(set(before.get("pretrain_seeds", [])) | set(args.pretrain_seeds)),
-            pseudo_thresholds=sorted(set(before.get("pseudo_thresholds", [])) | set(args.pseudo_thresholds)))
+        res["plan"]["tagger_lengths"] = sorted(set(before.get("tagger_lengths", [])) | set(args.tagger_lengths))
+        if args.pretrain_steps > 0:     # a call for the labels alone leaves the pre-training plan as it was
+            res["plan"].update(
+                pretrain_steps=sorted(set(before.get("pretrain_steps", [])) | {args.pretrain_steps}), nproc=args.nproc,
+                large_test_images=args.large_test or None,
+                pretrain_seeds=sorted(set(before.get("pretrain_seeds", [])) | set(args.pretrain_seeds)),
+                pseudo_thresholds=sorted(set(before.get("pseudo_thresholds", [])) | set(args.pseudo_thresholds)))
         longer_taggers(out, args, res)
         if args.pretrain_steps > 0:
             pretraining(out, args, res)
