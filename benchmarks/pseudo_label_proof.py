@@ -341,6 +341,9 @@ def longer_taggers(out: Path, args: argparse.Namespace, res: dict[str, Any]) -> 
         shutil.rmtree(run_dir, ignore_errors=True)
         cli(*train)
     detection, truth = out / "shards" / "detection", read_shards(out / "shards" / "detection_truth")
+    # The relation loss the run logged at each length (its training batches): how far it had come.
+    logged = {r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+              if "loss_rel" in r}
     res.setdefault("tagger_length_label_errors", {})
     for n in sorted(args.tagger_lengths):
         tagger = out / f"tagger_{n}steps"
@@ -354,7 +357,9 @@ def longer_taggers(out: Path, args: argparse.Namespace, res: dict[str, Any]) -> 
         lever = label_lever(out, detection, truth, tagger, f"default_tagger{n}", [], reuse=done)
         # Over the earlier record: a reused lever keeps the tagging time measured when it ran.
         res["levers"][tagger_length_lever(n)] = {**res["levers"].get(tagger_length_lever(n), {}), **lever,
-                                                 "tagger_steps": n}
+                                                 "tagger_steps": n,
+                                                 "tagger_relation_loss": round(logged[n]["loss_rel"], 3)
+                                                 if n in logged else None}
         res["tagger_length_label_errors"][str(n)] = label_errors(
             read_shards(out / "pseudo" / f"default_tagger{n}" / "shards"), truth)
         s = lever["shards_at_default"]
@@ -531,16 +536,20 @@ def pretraining_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
                                                                   if ceil != base else None)
     # The mixes of one seed share weights at initialisation and the VG-format batches' order, so
     # the gain over `vg` is also given seed by seed (paired), whose spread is the comparison's own.
+    # Other labellings are also paired with the default pseudo-labels: what the variant changes.
     base_of = {p["seed"]: p for p in by_mix.get("vg", [])}
+    pseudo_of = {p["seed"]: p for p in by_mix.get("vg+pseudo", [])}
     for name, ps in by_mix.items():
-        if name == "vg":
-            continue
-        for k in keys:
-            gains = [p[k] - base_of[p["seed"]][k] for p in ps if p["seed"] in base_of]
-            if gains:
-                summary[name].setdefault("gain_over_vg", {})[k] = {
-                    "per_seed": [round(g, 2) for g in gains], "mean": round(statistics.mean(gains), 2),
-                    "std": round(statistics.stdev(gains), 2) if len(gains) > 1 else None}
+        bases = [("gain_over_vg", base_of)] if name != "vg" else []
+        if name.startswith("vg+pseudo") and name != "vg+pseudo":
+            bases.append(("gain_over_vg+pseudo", pseudo_of))
+        for key, of in bases:
+            for k in keys:
+                gains = [p[k] - of[p["seed"]][k] for p in ps if p["seed"] in of]
+                if gains:
+                    summary[name].setdefault(key, {})[k] = {
+                        "per_seed": [round(g, 2) for g in gains], "mean": round(statistics.mean(gains), 2),
+                        "std": round(statistics.stdev(gains), 2) if len(gains) > 1 else None}
     truth_of = {p["seed"]: p for p in by_mix.get("vg+truth", [])}
 
     def paired(name: str, k: str) -> tuple[list[float], list[float]]:
@@ -653,7 +662,9 @@ def markdown(res: dict[str, Any]) -> str:
                              if r and r["true"] else "–")
             true = (first["total"] if name == "all" else first["by_predicate"][name])["true"]
             lines.append(f"| {name} | {true} | " + " | ".join(cells) + " |")
-        lines.append("")
+        losses = [res["levers"].get(tagger_length_lever(int(n)), {}).get("tagger_relation_loss") for n in by_n]
+        lines += ["| the Tagger's logged relation loss at that step | | " +
+                  " | ".join(str(v) if v is not None else "–" for v in losses) + " |", ""]
     if res.get("pretraining"):
         lines += ["Pre-training: the demo recipe, each mix with the same steps, batch and seeds, scored on the "
                   "demo's test scenes. vg: the VG-format split alone; vg+pseudo: plus the detection scenes "
@@ -709,6 +720,12 @@ def markdown(res: dict[str, Any]) -> str:
                                   f"{len(m[keys[0] + '_margin']['per_seed'])} seeds: relation mAP "
                                   f"{margin_text(m[keys[0] + '_margin'])}, zero-shot mAP "
                                   f"{margin_text(m[keys[1] + '_margin'])}."]
+                        d = summ[name].get("gain_over_vg+pseudo", {})
+                        if all(k in d for k in keys):
+                            lines[-1] += (" Against vg+pseudo, same seed (mean, lowest to highest): " + ", ".join(
+                                f"{what} {d[k]['mean']:+.2f} ({min(d[k]['per_seed']):+.2f} to "
+                                f"{max(d[k]['per_seed']):+.2f})" for what, k in zip(("relation mAP", "zero-shot mAP"),
+                                                                                   keys)) + ".")
                 lines += held_out_table(summ, prefix, res.get("default_label_errors"))
         if res.get("pretraining_commands"):
             lines += ["", "Pre-training commands:", "", "```"] + res["pretraining_commands"] + ["```"]

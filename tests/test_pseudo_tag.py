@@ -269,6 +269,9 @@ def test_proof_summary_pairs_gains_by_seed_and_bounds_the_share():
     # another labelling gets the same paired margin: gains 1, 2, 3 against 0.7 × 8
     assert summary["vg+pseudo05"]["share_of_ceiling_gain"]["relation_map_margin"] == {
         "per_seed": [-4.6, -3.6, -2.6], "mean": -3.6, "sem": 0.58, "seeds_for_two_se": 2}
+    # ... and is paired with the default pseudo-labels too: 11 - 14, 22 - 24, 33 - 36
+    assert summary["vg+pseudo05"]["gain_over_vg+pseudo"]["relation_map"]["per_seed"] == [-3, -2, -3]
+    assert "gain_over_vg+pseudo" not in summary["vg+truth"]
     assert bench.bootstrap_share([1.0, 2.0], [2.0, 2.0]) is None          # too few seeds to resample
     # runs of another length are a comparison of their own: seed 42 of 2000 steps pairs with its own vg
     longer = [{"sources": name, "seed": 42, "steps": 2000, "relation_map": m, "zero_shot_relation_map": m}
@@ -335,13 +338,15 @@ def test_proof_reports_the_taggers_training_length_as_a_lever(tmp_path):
                                                              "recall": 1.0},
            "levers": {"default (captions weigh the Tagger)": {"tag_options": [], "shards_at_default": at,
                                                               "curve": curve},
-                      bench.tagger_length_lever(2400): {"tag_options": [], "shards_at_default": at, "curve": curve}},
+                      bench.tagger_length_lever(2400): {"tag_options": [], "shards_at_default": at, "curve": curve,
+                                                        "tagger_relation_loss": 0.13}},
            "parse": {}, "commands": [], "machine": {}, "default_label_errors": errors(1, 0),
            "tagger_length_label_errors": {"2400": errors(3, 2)}}
     text = bench.markdown(res)
     assert "| default, Tagger trained 2400 steps (`no option`) | 4 | 4 | 1.0 | 3 | 0.75 | 0.5 |" in text
     assert "| predicate | true | 800 steps | 2400 steps |" in text
     assert "| under | 4 | 0.25 (1) | 0.75 (3) |" in text and "| all | 6 | 0.50 (1) | 0.83 (3) |" in text
+    assert "| the Tagger's logged relation loss at that step | | – | 0.13 |" in text
     assert "(and, as levers of their own, 2400 steps: checkpoints of one longer run)." in text
     # the checkpoint as long as the default Tagger's training must give its labels, and is checked
     res["plan"]["tagger_lengths"] = [800, 2400]
