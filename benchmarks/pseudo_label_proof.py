@@ -27,6 +27,9 @@
    keeping a checkpoint every `--tagger-steps`, each length exported and run through `data tag` /
    `data pseudo-label` with the default options, scored as above (also by predicate); the mix
    `vg+pseudo-taggerN` pre-trains on its labels.
+6. `--second-test` (with `--large-test N`): every run also scored on a second split of N other
+   scenes; the two splits' difference, seed by seed, tells how much of the margin's spread over
+   seeds is the test scenes drawn and how much is training (`spread_sources`).
 
     # precision / recall of every lever (about 40 min on 2 busy CPU cores, half of it the Tagger's
     # training; --reuse-tagger skips that on a second run in the same folder)
@@ -43,6 +46,11 @@
     nice -n 19 python benchmarks/pseudo_label_proof.py --out runs/pseudo_proof --only-pretrain --resume \\
         --pretrain-steps 2000 --pretrain-seeds 0,1,2,3,4 --nproc 2 --large-test 512 --pseudo-thresholds 0.05 \\
         --tagger-lengths 800,1600,2400 --mixes vg+pseudo-tagger1600
+    # the finished 2000-step runs scored on a second split of 512 scenes (no training: ~40 s a run)
+    nice -n 19 python benchmarks/pseudo_label_proof.py --out runs/pseudo_proof --only-pretrain --resume \
+        --pretrain-steps 2000 --pretrain-seeds 0,1,2,3,4 --nproc 2 --large-test 512 --second-test \
+        --pseudo-thresholds 0.05 --tagger-lengths 800,1600,2400 \
+        --mixes vg,vg+pseudo,vg+truth,vg+pseudo05,vg+pseudo-tagger1600
 
 Writes `benchmarks/results/pseudo_label_proof.{json,md}` and prints the table.
 """
@@ -69,7 +77,9 @@ THRESHOLDS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 DEFAULT_THRESHOLD = 0.2             # `rlipv2 data pseudo-label`'s default
 SHARE_TARGET = 0.7                  # the share of the ceiling's gain the pseudo-labels should reach
 LARGE_TEST_SEED = 2000              # the larger test split's scenes (the detection split's are 1000)
-METRICS = ("relation_map", "zero_shot_relation_map", "large_relation_map", "large_zero_shot_relation_map")
+SECOND_TEST_SEED = 3000             # a second split of as many other scenes (`--second-test`)
+METRICS = ("relation_map", "zero_shot_relation_map", "large_relation_map", "large_zero_shot_relation_map",
+           "second_relation_map", "second_zero_shot_relation_map")
 IMAGE_SIZE = 128
 
 # Levers: the `rlipv2 data tag` options each one adds to the shared ones. "default" is the CLI's
@@ -411,10 +421,11 @@ def pretraining(out: Path, args: argparse.Namespace, res: dict[str, Any]) -> Non
     runs = res.get("pretraining", []) if args.resume else []
     done = {(p["sources"], p["seed"], p["steps"]) for p in runs}
     res["pretraining"] = runs
-    large = large_test_split(out, args.large_test) if args.large_test else None
+    large = test_split(out, "test", args.large_test, LARGE_TEST_SEED) if args.large_test else None
+    second = test_split(out, "second_test", args.large_test, SECOND_TEST_SEED) if args.second_test else None
     if args.rescore:
         for r in runs:
-            r.update(test_scores(out, run_dir_of(out, r["sources"], r["seed"], r["steps"]), large))
+            r.update(test_scores(out, run_dir_of(out, r["sources"], r["seed"], r["steps"]), large, second))
         write(res, args.results, out, quiet=True)
     for seed in args.pretrain_seeds:
         for name, sources, overrides in chosen:
@@ -431,9 +442,10 @@ def pretraining(out: Path, args: argparse.Namespace, res: dict[str, Any]) -> Non
                 if not args.rescore:
                     kept = next(r for r in runs if (r["sources"], r["seed"], r["steps"]) ==
                                 (name, 42 + seed, args.pretrain_steps))
-                    for prefix, eval_argv, scores in eval_commands(out, run_dir, large):
-                        record(*eval_argv)
-                        if prefix + "held_out_ap" not in kept and scores.is_file():  # a record older than the key
+                    for prefix, eval_argv, scores in eval_commands(out, run_dir, large, second):
+                        # A finished run's scores on a split added later (`--second-test`) are made now.
+                        (record if scores.is_file() else cli)(*eval_argv)
+                        if prefix + "held_out_ap" not in kept:     # a record older than the key or the split
                             kept.update({k: v for k, v in read_scores(prefix, scores).items() if k not in kept})
                 continue
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -441,7 +453,7 @@ def pretraining(out: Path, args: argparse.Namespace, res: dict[str, Any]) -> Non
             cli(*argv)
             train_s = time.perf_counter() - t
             runs.append({"sources": name, "seed": 42 + seed, "steps": args.pretrain_steps,
-                         "train_seconds": round(train_s, 1), **test_scores(out, run_dir, large)})
+                         "train_seconds": round(train_s, 1), **test_scores(out, run_dir, large, second)})
             runs.sort(key=lambda r: (r["seed"], order.index(r["sources"]) if r["sources"] in order else len(order)))
             write(res, args.results, out, quiet=True)
     earlier = res.get("pretraining_commands", []) if args.resume else []
@@ -452,21 +464,24 @@ def run_dir_of(out: Path, mix: str, seed: int, steps: int) -> Path:
     return out / "pretrain" / f"{mix}_seed{seed}_{steps}steps"
 
 
-def eval_commands(out: Path, run_dir: Path, large: Path | None = None) -> list[tuple[str, list, Path]]:
+def eval_commands(out: Path, run_dir: Path, large: Path | None = None,
+                  second: Path | None = None) -> list[tuple[str, list, Path]]:
     """(key prefix, `rlipv2 eval synthetic` arguments, JSON written) on the demo's test scenes and,
-    when given, on the larger test split `large`."""
+    when given, on the larger test split `large` and its replicate `second`."""
     splits = [("", out / "data" / "test", "test_scores.json")] + (
-        [("large_", large, "test_scores_large.json")] if large else [])
+        [("large_", large, "test_scores_large.json")] if large else []) + (
+        [("second_", second, "test_scores_second.json")] if second else [])
     return [(prefix, ["eval", "synthetic", "--checkpoint", run_dir, "--data", split, "--eval-size", IMAGE_SIZE,
                       "--device", "cpu", "--no-progress", "--json", run_dir / name], run_dir / name)
             for prefix, split, name in splits]
 
 
-def test_scores(out: Path, run_dir: Path, large: Path | None = None) -> dict[str, float]:
+def test_scores(out: Path, run_dir: Path, large: Path | None = None, second: Path | None = None) -> dict[str, float]:
     """`rlipv2 eval synthetic` of a run (the demo's own scoring: HICO-DET protocol, any subject
-    class, held-out combinations as zero-shot); keys of the larger split prefixed `large_`."""
+    class, held-out combinations as zero-shot); keys of the larger split prefixed `large_`, of its
+    replicate `second_`."""
     got = {}
-    for prefix, argv, scores in eval_commands(out, run_dir, large):
+    for prefix, argv, scores in eval_commands(out, run_dir, large, second):
         cli(*argv)
         got.update(read_scores(prefix, scores))
     return got
@@ -482,12 +497,13 @@ def read_scores(prefix: str, scores: Path) -> dict[str, Any]:
     return got
 
 
-def large_test_split(out: Path, images: int) -> Path:
+def test_split(out: Path, name: str, images: int, seed: int) -> Path:
     """A test split of `images` other scenes (`rlipv2 data synth --split test`): the demo's 128 test
     scenes score one model 14.0 and another test split of the world 8.0, so the comparison is also
-    scored on more scenes."""
-    split = out / "data" / f"test{images}"
-    argv = ["data", "synth", "--out", split, "--images", images, "--seed", LARGE_TEST_SEED, "--split", "test",
+    scored on more scenes (`name` "test", seed LARGE_TEST_SEED) and, to tell test-scene sampling from
+    training seeds, on a second split of as many (`name` "second_test", seed SECOND_TEST_SEED)."""
+    split = out / "data" / f"{name}{images}"
+    argv = ["data", "synth", "--out", split, "--images", images, "--seed", seed, "--split", "test",
             "--size", IMAGE_SIZE, "--no-progress"]
     (record if (split / "test_hico.json").is_file() else cli)(*argv)
     return split
@@ -508,6 +524,8 @@ def bootstrap_share(got: list[float], ceil: list[float], draws: int = 10000) -> 
         c = sum(ceil[i] for i in pick)
         if c > 0:
             shares.append(sum(got[i] for i in pick) / c)
+    if not shares:                      # no draw with a positive ceiling gain: no share to bound
+        return None
     shares.sort()
     return [round(shares[int(0.05 * len(shares))], 3), round(shares[int(0.95 * len(shares)) - 1], 3)]
 
@@ -525,7 +543,7 @@ def pretraining_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
             summary[name][k] = {"mean": round(statistics.mean(v), 2),
                                 "std": round(statistics.stdev(v), 2) if len(v) > 1 else None}
     for name, ps in by_mix.items():
-        for prefix in ("", "large_"):
+        for prefix in ("", "large_", "second_"):
             k = prefix + "held_out_ap"
             if all(k in p for p in ps):
                 summary[name][k] = {t: round(statistics.mean(p[k][t] for p in ps), 2) for t in ps[0][k]}
@@ -575,6 +593,13 @@ def pretraining_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
                 for k in keys}
             for k in keys:
                 summary[name]["share_of_ceiling_gain"][k + "_margin"] = paired_margin(*paired(name, k))
+        # Scored on two test splits of as many scenes: how much of the margin's spread is which scenes
+        # were drawn, and how much is training (what only more seeds average out).
+        for name in [n for n in summary if n.startswith("vg+pseudo")]:
+            for k in ("relation_map", "zero_shot_relation_map"):
+                if "large_" + k in keys and "second_" + k in keys:
+                    summary.setdefault("spread_sources", {}).setdefault(name, {})[k] = spread_sources(
+                        paired(name, "large_" + k), paired(name, "second_" + k))
     return summary
 
 
@@ -590,6 +615,29 @@ def paired_margin(got: list[float], ceil: list[float]) -> dict[str, Any]:
         # How many seeds would put this mean two standard errors from zero at this spread: whether
         # more seeds could settle the target at all (a mean near zero needs hundreds).
         out["seeds_for_two_se"] = max(2, math.ceil((2 * sd / abs(mean)) ** 2)) if mean else None
+    return out
+
+
+def spread_sources(a: tuple[list[float], list[float]], b: tuple[list[float], list[float]]) -> dict[str, Any]:
+    """The paired margin (pseudo gain − SHARE_TARGET × ceiling gain) of the same runs scored on two
+    test splits of as many scenes, (gains, ceiling gains) seed by seed on each. A run's margin on one
+    split is its training's margin plus that split's sampling error, independent between splits; so
+    half the variance of the two splits' difference is the test scenes' share, the rest of one
+    split's variance the training seeds'. With no test noise at all, seeds_for_two_se would be
+    `seeds_for_two_se_training_only`: the most a larger test split could buy."""
+    ma, mb = ([g - SHARE_TARGET * c for g, c in zip(*x)] for x in (a, b))
+    # The two splits' mean scores each run on twice the scenes: its gains, their share and margin.
+    gains = [(x + y) / 2 for x, y in zip(a[0], b[0])]
+    ceil = [(x + y) / 2 for x, y in zip(a[1], b[1])]
+    out: dict[str, Any] = {"both_splits": paired_margin(gains, ceil),
+                           "share_both_splits": round(statistics.mean(gains) / statistics.mean(ceil), 3)
+                           if gains and statistics.mean(ceil) else None}
+    if len(gains) > 1:
+        test_var = statistics.variance([x - y for x, y in zip(ma, mb)]) / 2
+        seed_var = max(0.0, (statistics.variance(ma) + statistics.variance(mb)) / 2 - test_var)
+        mean = statistics.mean(x - SHARE_TARGET * y for x, y in zip(gains, ceil))
+        out.update(test_sd=round(test_var ** 0.5, 2), seed_sd=round(seed_var ** 0.5, 2),
+                   seeds_for_two_se_training_only=max(2, math.ceil(4 * seed_var / mean ** 2)) if mean else None)
     return out
 
 
@@ -674,19 +722,22 @@ def markdown(res: dict[str, Any]) -> str:
                   "default tags pseudo-labelled at threshold 0.NN; vg+pseudo-taggerN: the default options' pseudo-labels "
                   "from a Tagger trained N steps; vg+pseudo-weighted: the default pseudo-labels "
                   "with their confidence as the relation target (`data.confidence_weighted=true`).", ""]
-        large = p.get("large_test_images")
-        more = f" relation mAP, {large} test scenes | zero-shot mAP, {large} test scenes |" if large else ""
-        lines += ["| pre-training data | seed | steps | relation mAP | zero-shot mAP | full mAP |" + more,
-                  "|---|---|---|---|---|---|" + ("---|---|" if large else "")]
+        large, second = p.get("large_test_images"), p.get("second_test_images")
+        splits = [("large_", f"{large} test scenes")] * bool(large) + [("second_", f"{second} more")] * bool(second)
+        lines += ["| pre-training data | seed | steps | relation mAP | zero-shot mAP | full mAP |" + "".join(
+                      f" relation mAP, {what} | zero-shot mAP, {what} |" for _, what in splits),
+                  "|---|---|---|---|---|---|" + "---|---|" * len(splits)]
         for r in res["pretraining"]:
-            extra = f" {r.get('large_relation_map')} | {r.get('large_zero_shot_relation_map')} |" if large else ""
             lines.append(f"| {r['sources']} | {r['seed']} | {r['steps']} | {r['relation_map']} | "
-                         f"{r['zero_shot_relation_map']} | {r['full_map']} |" + extra)
+                         f"{r['zero_shot_relation_map']} | {r['full_map']} |" + "".join(
+                             f" {r.get(pre + 'relation_map', '–')} | {r.get(pre + 'zero_shot_relation_map', '–')} |"
+                             for pre, _ in splits))
         for n, summ in res.get("pretraining_summary", {}).items():
             lines += ["", f"### {n} steps × 8 images"]
             for prefix, scenes in [("", f"the demo's {p['test_images']} test scenes")] + (
                     [("large_", f"{large} other test scenes (`rlipv2 data synth --split test --seed {LARGE_TEST_SEED}`)")]
-                    if large else []):
+                    if large else []) + (
+                    [("second_", f"{second} further test scenes (`--seed {SECOND_TEST_SEED}`)")] if second else []):
                 keys = (prefix + "relation_map", prefix + "zero_shot_relation_map")
                 if not all(k in v for v in summ.values() if isinstance(v, dict) and "seeds" in v for k in keys):
                     continue
@@ -695,7 +746,7 @@ def markdown(res: dict[str, Any]) -> str:
                           "gain over vg, same seed (relation / zero-shot), mean ± std | share of the ceiling's gain |",
                           "|---|---|---|---|---|---|"]
                 for name, v in summ.items():
-                    if name == "share_of_ceiling_gain":
+                    if "seeds" not in v:        # the summary's study-wide entries
                         continue
                     gain = " / ".join(f"{v['gain_over_vg'][k]['mean']:+.2f} ± {v['gain_over_vg'][k]['std']}"
                                       for k in keys) if "gain_over_vg" in v else "–"
@@ -727,12 +778,38 @@ def markdown(res: dict[str, Any]) -> str:
                                 f"{max(d[k]['per_seed']):+.2f})" for what, k in zip(("relation mAP", "zero-shot mAP"),
                                                                                    keys)) + ".")
                 lines += held_out_table(summ, prefix, res.get("default_label_errors"))
+            lines += spread_table(summ, large)
         if res.get("pretraining_commands"):
             lines += ["", "Pre-training commands:", "", "```"] + res["pretraining_commands"] + ["```"]
     else:
         lines.append("Pre-training comparison with these labels: pending (`--pretrain-steps N`).")
     lines += ["", f"Machine: {res['machine']}", ""]
     return "\n".join(lines)
+
+
+def spread_table(summ: dict[str, Any], images: int | None) -> list[str]:
+    """`spread_sources` of each labelling: the margin on both splits, and its spread split into the
+    test scenes' part and the training seeds' part."""
+    rows = summ.get("spread_sources", {})
+    if not rows:
+        return []
+    lines = ["", f"Where the seed-to-seed spread comes from: the same runs scored on two splits of {images} "
+             f"test scenes (seeds {LARGE_TEST_SEED} and {SECOND_TEST_SEED}). Margin against the target on both "
+             "splits' mean, mean ± standard error over seeds; the standard deviation of one split's margin that "
+             "its scenes bring (half the variance of the two splits' difference) and that training brings (the "
+             "rest); the seeds that would put the mean two standard errors from zero on both splits, and with "
+             "no test noise at all (the most a larger test split could buy):", "",
+             "| labels | metric | share, both splits | margin, both splits | s.d. from test scenes | "
+             "s.d. from training | seeds for 2 s.e., both splits | with no test noise |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, by_metric in rows.items():
+        for k, r in by_metric.items():
+            m = r["both_splits"]
+            lines.append(f"| {name} | {'zero-shot mAP' if k.startswith('zero') else 'relation mAP'} | "
+                         f"{r['share_both_splits']} | {m['mean']:+.2f} ± {m['sem']} | {r.get('test_sd')} | "
+                         f"{r.get('seed_sd')} | {m.get('seeds_for_two_se')} | "
+                         f"{r.get('seeds_for_two_se_training_only')} |")
+    return lines
 
 
 def longer_tagger_text(res: dict[str, Any]) -> str:
@@ -825,11 +902,16 @@ def main() -> None:
     ap.add_argument("--resume", action="store_true", help="with --only-pretrain: keep the results JSON's finished runs")
     ap.add_argument("--large-test", type=int, default=0, metavar="N",
                     help="also score every pre-training run on a test split of N other scenes")
+    ap.add_argument("--second-test", action="store_true",
+                    help="with --large-test N: also score every run on a second split of N other scenes, which "
+                         "tells the test scenes' part of the seed-to-seed spread from the training's")
     ap.add_argument("--rescore", action="store_true",
                     help="with --resume: score the finished runs again (`rlipv2 eval synthetic`) before training more")
     ap.add_argument("--results", type=Path, default=RESULTS)
     args = ap.parse_args()
 
+    if args.second_test and not args.large_test:
+        raise SystemExit("--second-test replicates the --large-test split: give --large-test N as well")
     out = (args.out or Path(tempfile.mkdtemp(prefix="pseudo_label_proof_"))).resolve()
     if args.only_pretrain:
         if args.out is None or not (out / "pseudo" / "default" / "shards").is_dir() or (
@@ -843,6 +925,7 @@ def main() -> None:
             res["plan"].update(
                 pretrain_steps=sorted(set(before.get("pretrain_steps", [])) | {args.pretrain_steps}), nproc=args.nproc,
                 large_test_images=args.large_test or None,
+                second_test_images=args.large_test if args.second_test else before.get("second_test_images"),
                 pretrain_seeds=sorted(set(before.get("pretrain_seeds", [])) | set(args.pretrain_seeds)),
                 pseudo_thresholds=sorted(set(before.get("pseudo_thresholds", [])) | set(args.pseudo_thresholds)))
         longer_taggers(out, args, res)
@@ -867,6 +950,8 @@ def main() -> None:
                  "tagger_steps": args.tagger_steps, "tagger_batch": args.tagger_batch, "seed": args.seed,
                  "image_size": IMAGE_SIZE, "default_threshold": DEFAULT_THRESHOLD,
                  "pretrain_steps": [args.pretrain_steps] if args.pretrain_steps else [], "pretrain_seeds": args.pretrain_seeds, "nproc": args.nproc,
+                 "large_test_images": args.large_test or None,
+                 "second_test_images": args.large_test if args.second_test else None,
                  "pseudo_thresholds": args.pseudo_thresholds, "tagger_lengths": args.tagger_lengths},
         **pipeline(out, args, detection, truth),
         "pretraining": [],

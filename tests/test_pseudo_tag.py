@@ -357,6 +357,56 @@ def test_proof_reports_the_taggers_training_length_as_a_lever(tmp_path):
     assert "its 800-step checkpoint gives OTHER labels than the default's Tagger)" in bench.markdown(res)
 
 
+def test_proof_splits_the_margins_spread_into_test_scenes_and_training_seeds(tmp_path):
+    """`--second-test`: the same runs scored on two test splits of as many scenes; half the variance of
+    the splits' difference is the test scenes', the rest of one split's the training seeds'."""
+    import subprocess
+    import sys
+
+    bench = _proof_benchmark()
+    # ceiling gain 10 on every seed and split, so the margin is the pseudo gain − 7:
+    # split A margins 2, 0, 4, -2 and split B 0, 2, 2, 0
+    got = bench.spread_sources(([9, 7, 11, 5], [10] * 4), ([7, 9, 9, 7], [10] * 4))
+    # differences ±2: variance 16/3, half of it 8/3 the scenes' (s.d. 1.63); one split's variance
+    # (20/3 + 4/3) / 2 = 4, so 4/3 the training's (s.d. 1.15)
+    assert got["test_sd"] == 1.63 and got["seed_sd"] == 1.15
+    # both splits' mean: margins 1, 1, 3, -1 (mean 1, s.d. 1.63); share 8 / 10
+    assert got["both_splits"]["per_seed"] == [1, 1, 3, -1] and got["both_splits"]["sem"] == 0.82
+    assert got["share_both_splits"] == 0.8
+    # 2 s.e. from 0: (2 × 1.63 / 1)² = 10.7 → 11 seeds on both splits, 4 × (4/3) / 1 = 5.3 → 6 without test noise
+    assert got["both_splits"]["seeds_for_two_se"] == 11 and got["seeds_for_two_se_training_only"] == 6
+    # from the runs' records: the summary carries it for each labelling scored on both splits
+    gains = {"vg+pseudo": ([9, 7, 11, 5], [7, 9, 9, 7]), "vg+truth": ([10] * 4, [10] * 4)}
+    runs = [{"sources": "vg", "seed": 42 + i, "relation_map": 1, "zero_shot_relation_map": 1, "large_relation_map": 20,
+             "large_zero_shot_relation_map": 20, "second_relation_map": 30, "second_zero_shot_relation_map": 30}
+            for i in range(4)]
+    runs += [{"sources": name, "seed": 42 + i, "relation_map": 1, "zero_shot_relation_map": 1,
+              "large_relation_map": 20 + a[i], "large_zero_shot_relation_map": 20 + a[i],
+              "second_relation_map": 30 + b[i], "second_zero_shot_relation_map": 30 + b[i]}
+             for name, (a, b) in gains.items() for i in range(4)]
+    summary = bench.pretraining_summary(runs)
+    assert list(summary["spread_sources"]) == ["vg+pseudo"]
+    assert summary["spread_sources"]["vg+pseudo"]["zero_shot_relation_map"]["test_sd"] == 1.63
+    res = {"plan": {"vg_images": 8, "detection_images": 4, "captions_per_image": 2, "tagger_steps": 800,
+                    "tagger_batch": 4, "test_images": 128, "large_test_images": 512, "second_test_images": 512},
+           "truth_relations": 6, "candidates_all_accepted": {"predicted": 9, "correct": 6, "precision": 0.67,
+                                                             "recall": 1.0},
+           "levers": {}, "parse": {}, "commands": [], "machine": {},
+           "pretraining": [dict(r, steps=2000, full_map=1) for r in runs]}
+    res["pretraining_summary"] = bench.summaries_by_steps(res["pretraining"])
+    text = bench.markdown(res)
+    assert "| vg+pseudo | relation mAP | 0.8 | +1.00 ± 0.82 | 1.63 | 1.15 | 11 | 6 |" in text
+    assert "Scored on 512 further test scenes (`--seed 3000`):" in text
+    # every run's row has its scores on both splits
+    assert "| vg+pseudo | 42 | 2000 | 1 | 1 | 1 | 29 | 29 | 37 | 37 |" in text
+    # each run is scored on the replicate split too, and it needs the split it replicates
+    assert [c[0] for c in bench.eval_commands(tmp_path, tmp_path / "run", tmp_path / "a", tmp_path / "b")] == [
+        "", "large_", "second_"]
+    proc = subprocess.run([sys.executable, bench.__file__, "--second-test", "--out", str(tmp_path)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1 and "give --large-test N as well" in proc.stderr
+
+
 def test_cli_tag_rejects_a_bad_synonym_file_in_one_line(tmp_path, capsys):
     from rlipv2_scale.cli import main
 
