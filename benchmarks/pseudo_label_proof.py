@@ -46,11 +46,18 @@
     nice -n 19 python benchmarks/pseudo_label_proof.py --out runs/pseudo_proof --only-pretrain --resume \\
         --pretrain-steps 2000 --pretrain-seeds 0,1,2,3,4 --nproc 2 --large-test 512 --pseudo-thresholds 0.05 \\
         --tagger-lengths 800,1600,2400 --mixes vg+pseudo-tagger1600
-    # the finished 2000-step runs scored on a second split of 512 scenes (no training: ~40 s a run)
-    nice -n 19 python benchmarks/pseudo_label_proof.py --out runs/pseudo_proof --only-pretrain --resume \
-        --pretrain-steps 2000 --pretrain-seeds 0,1,2,3,4 --nproc 2 --large-test 512 --second-test \
-        --pseudo-thresholds 0.05 --tagger-lengths 800,1600,2400 \
+    # the finished 2000-step runs scored on a second split of 512 scenes (no training: ~15 s a run)
+    nice -n 19 python benchmarks/pseudo_label_proof.py --out runs/pseudo_proof --only-pretrain --resume \\
+        --pretrain-steps 2000 --pretrain-seeds 0,1,2,3,4 --nproc 2 --large-test 512 --second-test \\
+        --pseudo-thresholds 0.05 --tagger-lengths 800,1600,2400 \\
         --mixes vg,vg+pseudo,vg+truth,vg+pseudo05,vg+pseudo-tagger1600
+    # ... and the 1000-step runs (in two calls, so that no run is trained for the seeds a mix lacks)
+    nice -n 19 python benchmarks/pseudo_label_proof.py --out runs/pseudo_proof --only-pretrain --resume \\
+        --pretrain-steps 1000 --pretrain-seeds 0,1,2 --nproc 2 --large-test 512 --second-test --pseudo-thresholds 0.05 \\
+        --mixes vg,vg+pseudo,vg+truth,vg+detection,vg+pseudo05,vg+pseudo-weighted
+    nice -n 19 python benchmarks/pseudo_label_proof.py --out runs/pseudo_proof --only-pretrain --resume \\
+        --pretrain-steps 1000 --pretrain-seeds 0,1,2,3,4 --nproc 2 --large-test 512 --second-test \\
+        --pseudo-thresholds 0.05 --mixes vg,vg+pseudo,vg+truth,vg+pseudo-weighted
 
 Writes `benchmarks/results/pseudo_label_proof.{json,md}` and prints the table.
 """
