@@ -26,7 +26,8 @@
 5. `--tagger-lengths 800,1600,2400`: the Tagger's training length as a lever: one longer Tagger run
    keeping a checkpoint every `--tagger-steps`, each length exported and run through `data tag` /
    `data pseudo-label` with the default options, scored as above (also by predicate); the mix
-   `vg+pseudo-taggerN` pre-trains on its labels.
+   `vg+pseudo-taggerN` pre-trains on its labels; with `--pseudo-thresholds`, `--mixes` may also name
+   `vg+pseudoNN-taggerN`, its tags pseudo-labelled at threshold 0.NN (not run by default).
 6. `--second-test` (with `--large-test N`): every run also scored on a second split of N other
    scenes; the two splits' difference, seed by seed, tells how much of the margin's spread over
    seeds is the test scenes drawn and how much is training (`spread_sources`).
@@ -412,6 +413,18 @@ def pretraining(out: Path, args: argparse.Namespace, res: dict[str, Any]) -> Non
     # The default options' pseudo-labels from a Tagger trained longer (`--tagger-lengths`, `longer_taggers`).
     for n in args.tagger_lengths:
         mixes.append((f"vg+pseudo-tagger{n}", [vg, (f"tagger{n}", out / "pseudo" / f"default_tagger{n}" / "shards")], []))
+    # Both: a longer Tagger's tags at another threshold (`vg+pseudoNN-taggerN`), only when --mixes names it.
+    combined = []
+    for n in args.tagger_lengths:
+        for t in args.pseudo_thresholds:
+            name = f"pseudo{round(100 * t):02d}-tagger{n}"
+            shards = out / "pseudo" / f"default_tagger{n}_pseudo{round(100 * t):02d}"
+            combined.append(f"vg+{name}")
+            mixes.append((f"vg+{name}", [vg, (name, shards / "shards")], []))
+            if f"vg+{name}" in (args.mixes or []):
+                argv = ["data", "pseudo-label", "--shards", out / "shards" / "detection", "--tags",
+                        out / "tags" / f"default_tagger{n}", "--out", shards, "--dataset", "synthetic", "--threshold", t]
+                (record if args.resume and (shards / "shards" / "index.json").is_file() else cli)(*argv)
     # The default pseudo-labels with their confidence as the relation target instead of 1
     # (`data.confidence_weighted`; the VG-format relations, without a confidence, stay 1).
     mixes.append(("vg+pseudo-weighted", [vg, pseudo], ["data.confidence_weighted=true"]))
@@ -423,7 +436,8 @@ def pretraining(out: Path, args: argparse.Namespace, res: dict[str, Any]) -> Non
         unknown = set(args.mixes) - set(order)
         if unknown:
             raise SystemExit(f"--mixes: no mix named {sorted(unknown)}; the mixes are {', '.join(order)}")
-    chosen = [m for m in mixes if m[0] in (args.mixes or [n for n in order if n != "vg+pseudo-weighted"])]
+    by_default = [n for n in order if n != "vg+pseudo-weighted" and n not in combined]
+    chosen = [m for m in mixes if m[0] in (args.mixes or by_default)]
     # With --resume, finished runs stay in the results, also those outside this call's seeds or mixes.
     runs = res.get("pretraining", []) if args.resume else []
     done = {(p["sources"], p["seed"], p["steps"]) for p in runs}
@@ -727,7 +741,8 @@ def markdown(res: dict[str, Any]) -> str:
                   "relations (the ceiling); vg+detection: plus the same scenes' boxes and no relation (the "
                   "box-only control: what the extra images bring without relation labels); vg+pseudoNN: the "
                   "default tags pseudo-labelled at threshold 0.NN; vg+pseudo-taggerN: the default options' pseudo-labels "
-                  "from a Tagger trained N steps; vg+pseudo-weighted: the default pseudo-labels "
+                  "from a Tagger trained N steps; vg+pseudoNN-taggerN: that Tagger's tags pseudo-labelled at "
+                  "threshold 0.NN; vg+pseudo-weighted: the default pseudo-labels "
                   "with their confidence as the relation target (`data.confidence_weighted=true`).", ""]
         large, second = p.get("large_test_images"), p.get("second_test_images")
         splits = [("large_", f"{large} test scenes")] * bool(large) + [("second_", f"{second} more")] * bool(second)

@@ -407,6 +407,45 @@ def test_proof_splits_the_margins_spread_into_test_scenes_and_training_seeds(tmp
     assert proc.returncode == 1 and "give --large-test N as well" in proc.stderr
 
 
+def test_proof_pretrains_on_a_longer_taggers_tags_at_another_threshold_only_when_named(tmp_path, monkeypatch):
+    """`vg+pseudoNN-taggerN`: the N-step Tagger's tags pseudo-labelled at 0.NN; `data pseudo-label` runs
+    for it only when --mixes names it, and it is not among the mixes run by default."""
+    import argparse
+
+    bench = _proof_benchmark()
+    ran = []
+    monkeypatch.setattr(bench, "cli", lambda *argv: ran.append([str(a) for a in argv]))
+    monkeypatch.setattr(bench, "record", lambda *argv: None)
+    monkeypatch.setattr(bench, "read_shards", lambda path: {})
+    monkeypatch.setattr(bench, "confidence_by_correctness", lambda labels, truth: {})
+    monkeypatch.setattr(bench, "label_errors", lambda labels, truth: {})
+    monkeypatch.setattr(bench, "test_scores", lambda *a: {})
+    monkeypatch.setattr(bench, "write", lambda *a, **k: None)
+
+    def call(mixes):
+        args = argparse.Namespace(pseudo_thresholds=[0.05], tagger_lengths=[1600], mixes=mixes, resume=False,
+                                  large_test=0, second_test=False, rescore=False, pretrain_seeds=[0],
+                                  pretrain_steps=2000, nproc=2, results=tmp_path / "results")
+        ran.clear()
+        bench.pretraining(tmp_path, args, {})
+        return [argv for argv in ran if argv[:2] == ["data", "pseudo-label"]]
+
+    def trained():
+        return [next(a for a in argv if a.startswith("run.dir=")).split("/")[-1] for argv in ran if argv[0] == "train"]
+
+    assert [argv[argv.index("--tags") + 1] for argv in call(None)] == [str(tmp_path / "tags" / "default")]
+    assert trained() == ["vg_seed42_2000steps", "vg+pseudo_seed42_2000steps", "vg+truth_seed42_2000steps",
+                         "vg+detection_seed42_2000steps", "vg+pseudo05_seed42_2000steps",
+                         "vg+pseudo-tagger1600_seed42_2000steps"]
+    named = call(["vg+pseudo05-tagger1600"])
+    assert [argv[argv.index("--tags") + 1] for argv in named][-1] == str(tmp_path / "tags" / "default_tagger1600")
+    assert named[-1][named[-1].index("--threshold") + 1] == "0.05"
+    assert named[-1][named[-1].index("--out") + 1] == str(tmp_path / "pseudo" / "default_tagger1600_pseudo05")
+    assert trained() == ["vg+pseudo05-tagger1600_seed42_2000steps"]
+    with pytest.raises(SystemExit, match="vg\\+pseudo05-tagger1600"):
+        call(["vg+nothing"])
+
+
 def test_cli_tag_rejects_a_bad_synonym_file_in_one_line(tmp_path, capsys):
     from rlipv2_scale.cli import main
 
