@@ -47,6 +47,10 @@
     nice -n 19 python benchmarks/pseudo_label_proof.py --out runs/pseudo_proof --only-pretrain --resume \\
         --pretrain-steps 2000 --pretrain-seeds 0,1,2,3,4 --nproc 2 --large-test 512 --pseudo-thresholds 0.05 \\
         --tagger-lengths 800,1600,2400 --mixes vg+pseudo-tagger1600
+    # the best labels measured (the 1600-step Tagger's tags at 0.05), scored on both 512-scene splits
+    nice -n 19 python benchmarks/pseudo_label_proof.py --out runs/pseudo_proof --only-pretrain --resume \\
+        --pretrain-steps 2000 --pretrain-seeds 0,1,2,3,4 --nproc 2 --large-test 512 --second-test \\
+        --pseudo-thresholds 0.05 --tagger-lengths 800,1600,2400 --mixes vg+pseudo05-tagger1600
     # the finished 2000-step runs scored on a second split of 512 scenes (no training: ~15 s a run)
     nice -n 19 python benchmarks/pseudo_label_proof.py --out runs/pseudo_proof --only-pretrain --resume \\
         --pretrain-steps 2000 --pretrain-seeds 0,1,2,3,4 --nproc 2 --large-test 512 --second-test \\
