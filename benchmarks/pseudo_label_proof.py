@@ -409,11 +409,7 @@ def pretraining(out: Path, args: argparse.Namespace, res: dict[str, Any]) -> Non
     # The same tags at other thresholds (`--pseudo-thresholds`): recall against precision in pre-training.
     for t in args.pseudo_thresholds:
         name = f"pseudo{round(100 * t):02d}"
-        shards = out / "pseudo" / f"default_{name}"
-        argv = ["data", "pseudo-label", "--shards", out / "shards" / "detection", "--tags", out / "tags" / "default",
-                "--out", shards, "--dataset", "synthetic", "--threshold", t]
-        (record if args.resume and (shards / "shards" / "index.json").is_file() else cli)(*argv)
-        mixes.append((f"vg+{name}", [vg, (name, shards / "shards")], []))
+        mixes.append((f"vg+{name}", [vg, (name, labels_at(out, "default", t, args.resume))], []))
     # The default options' pseudo-labels from a Tagger trained longer (`--tagger-lengths`, `longer_taggers`).
     for n in args.tagger_lengths:
         mixes.append((f"vg+pseudo-tagger{n}", [vg, (f"tagger{n}", out / "pseudo" / f"default_tagger{n}" / "shards")], []))
@@ -422,13 +418,9 @@ def pretraining(out: Path, args: argparse.Namespace, res: dict[str, Any]) -> Non
     for n in args.tagger_lengths:
         for t in args.pseudo_thresholds:
             name = f"pseudo{round(100 * t):02d}-tagger{n}"
-            shards = out / "pseudo" / f"default_tagger{n}_pseudo{round(100 * t):02d}"
             combined.append(f"vg+{name}")
-            mixes.append((f"vg+{name}", [vg, (name, shards / "shards")], []))
-            if f"vg+{name}" in (args.mixes or []):
-                argv = ["data", "pseudo-label", "--shards", out / "shards" / "detection", "--tags",
-                        out / "tags" / f"default_tagger{n}", "--out", shards, "--dataset", "synthetic", "--threshold", t]
-                (record if args.resume and (shards / "shards" / "index.json").is_file() else cli)(*argv)
+            wanted = f"vg+{name}" in (args.mixes or [])
+            mixes.append((f"vg+{name}", [vg, (name, labels_at(out, f"default_tagger{n}", t, args.resume, wanted))], []))
     # The default pseudo-labels with their confidence as the relation target instead of 1
     # (`data.confidence_weighted`; the VG-format relations, without a confidence, stay 1).
     mixes.append(("vg+pseudo-weighted", [vg, pseudo], ["data.confidence_weighted=true"]))
@@ -483,6 +475,17 @@ def pretraining(out: Path, args: argparse.Namespace, res: dict[str, Any]) -> Non
             write(res, args.results, out, quiet=True)
     earlier = res.get("pretraining_commands", []) if args.resume else []
     res["pretraining_commands"] = list(dict.fromkeys(portable(earlier + COMMANDS, out)))
+
+
+def labels_at(out: Path, slug: str, threshold: float, resume: bool, write: bool = True) -> Path:
+    """The shards of `rlipv2 data pseudo-label` on the tags OUT/tags/SLUG at `threshold`
+    (OUT/pseudo/SLUG_pseudoNN/shards): written when `write`, kept as they are with `resume`."""
+    shards = out / "pseudo" / f"{slug}_pseudo{round(100 * threshold):02d}"
+    argv = ["data", "pseudo-label", "--shards", out / "shards" / "detection", "--tags", out / "tags" / slug,
+            "--out", shards, "--dataset", "synthetic", "--threshold", threshold]
+    if write:
+        (record if resume and (shards / "shards" / "index.json").is_file() else cli)(*argv)
+    return shards / "shards"
 
 
 def run_dir_of(out: Path, mix: str, seed: int, steps: int) -> Path:
