@@ -230,6 +230,30 @@ def label_errors(pseudo: dict[str, dict], truth: dict[str, dict]) -> dict[str, A
     return {"by_predicate": dict(sorted(rows.items())), "total": total}
 
 
+def composing_labels(pseudo: dict[str, dict], truth: dict[str, dict]) -> dict[str, dict]:
+    """Recall and precision, for each held-out combination, of the labels it can be composed from:
+    relations of its predicate with its subject class or its object class (the detection scenes hold
+    no held-out combination, `rlipv2_scale/data/synthetic.py`, so these are what zero-shot mAP
+    learns from); "all": their union. Whether label quality explains a mix's zero-shot share."""
+    from rlipv2_scale.data.synthetic import HELD_OUT
+
+    wording, true = world_wordings(), true_relations(truth)
+    names = {i: [o["name"] for o in ann["objects"]] for i, ann in truth.items()}
+    predicted = {world_key(i, r["subject"], r["object"], r["predicate"], wording)
+                 for i, ann in pseudo.items() for r in ann["relations"]}
+
+    def parts(keys: set[tuple], combos) -> set[tuple]:
+        return {k for k in keys for s, p, o in combos
+                if k[3] == p and (names[k[0]][k[1]] == s or names[k[0]][k[2]] == o)}
+
+    out = {}
+    for label, combos in [*((" ".join(c), [c]) for c in sorted(HELD_OUT)), ("all", HELD_OUT)]:
+        t, p = parts(true, combos), parts(predicted, combos)
+        out[label] = {"true": len(t), "recall": round(len(t & p) / len(t), 2) if t else None,
+                      "precision": round(len(t & p) / len(p), 2) if p else None}
+    return out
+
+
 def confidence_by_correctness(pseudo: dict[str, dict], truth: dict[str, dict]) -> dict[str, dict]:
     """Mean and quartiles of the written confidences of correct and of wrong pseudo-labels: whether
     the confidence could weigh the labels in training (`data.confidence_weighted`)."""
@@ -427,6 +451,10 @@ def pretraining(out: Path, args: argparse.Namespace, res: dict[str, Any]) -> Non
     labels, truth = read_shards(pseudo[1]), read_shards(out / "shards" / "detection_truth")
     res["default_label_confidence"] = confidence_by_correctness(labels, truth)
     res["default_label_errors"] = label_errors(labels, truth)
+    # The labels of every pseudo-labelled mix (weighted: the default's), where its shards exist.
+    res["composing_labels"] = {name: composing_labels(read_shards(src[1][1]), truth) for name, src, extra in mixes
+                               if name.startswith("vg+pseudo") and not extra
+                               and (src[1][1] / "index.json").is_file()}
     order = [name for name, _, _ in mixes]
     if args.mixes:
         unknown = set(args.mixes) - set(order)
@@ -807,7 +835,7 @@ def markdown(res: dict[str, Any]) -> str:
                                 f"{max(d[k]['per_seed']):+.2f})" for what, k in zip(("relation mAP", "zero-shot mAP"),
                                                                                    keys)) + ".")
                 lines += held_out_table(summ, prefix, res.get("default_label_errors"))
-            lines += spread_table(summ, large)
+            lines += spread_table(summ, large) + composing_table(res.get("composing_labels", {}), summ)
         if res.get("pretraining_commands"):
             lines += ["", "Pre-training commands:", "", "```"] + res["pretraining_commands"] + ["```"]
     else:
@@ -838,6 +866,26 @@ def spread_table(summ: dict[str, Any], images: int | None) -> list[str]:
                          f"{r['share_both_splits']} | {m['mean']:+.2f} ± {m['sem']} | {r.get('test_sd')} | "
                          f"{r.get('seed_sd')} | {m.get('seeds_for_two_se')} | "
                          f"{r.get('seeds_for_two_se_training_only')} |")
+    return lines
+
+
+def composing_table(quality: dict[str, dict], summ: dict[str, Any]) -> list[str]:
+    """`composing_labels` of each mix scored on both splits, beside its zero-shot share there."""
+    rows = [(name, quality[name]) for name in summ.get("spread_sources", {}) if name in quality]
+    if not rows:
+        return []
+    combos = list(rows[0][1])
+    lines = ["", "The labels each held-out combination can be composed from (relations of its predicate with its "
+             "subject or its object class; the detection scenes hold no held-out combination): recall / "
+             "precision of each mix's pseudo-labels, beside its share of the ceiling's zero-shot gain on both "
+             "splits:", "",
+             "| labels | " + " | ".join(f"{c} ({rows[0][1][c]['true']} true)" for c in combos)
+             + " | zero-shot share, both splits |", "|---|" + "---|" * (len(combos) + 1)]
+    for name, q in rows:
+        share = summ["spread_sources"][name].get("zero_shot_relation_map", {}).get("share_both_splits", "–")
+        lines.append(f"| {name} | " + " | ".join(" / ".join("–" if q[c][k] is None else str(q[c][k])
+                                                         for k in ("recall", "precision")) for c in combos)
+                     + f" | {share} |")
     return lines
 
 

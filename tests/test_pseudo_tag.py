@@ -407,6 +407,33 @@ def test_proof_splits_the_margins_spread_into_test_scenes_and_training_seeds(tmp
     assert proc.returncode == 1 and "give --large-test N as well" in proc.stderr
 
 
+def test_proof_scores_the_labels_each_held_out_combination_is_composed_from():
+    """Zero-shot mAP learns an unseen combination from relations of its predicate with its subject or
+    its object class: their recall / precision per mix, beside the mix's zero-shot share."""
+    bench = _proof_benchmark()
+
+    def ann(rels):
+        return {"image": {"id": 1}, "objects": [{"name": n} for n in ("person", "ball", "cup", "table")],
+                "relations": [{"subject": s, "object": o, "predicate": p, "confidence": 0.5} for s, o, p in rels]}
+
+    # person holding ball (a part of "person holding cup"), cup on table ("cup on box"), ball under
+    # table ("bottle under table"); "above" is no held-out combination's predicate
+    truth = {"1": ann([(0, 1, "holding"), (2, 3, "on"), (1, 3, "under")])}
+    pseudo = {"1": ann([(0, 1, "carrying"), (0, 2, "holding"), (2, 3, "above"), (1, 3, "beneath")])}
+    q = bench.composing_labels(pseudo, truth)
+    assert q["person holding cup"] == {"true": 1, "recall": 1.0, "precision": 0.5}   # (0, 2) holds nothing
+    assert q["cup on box"] == {"true": 1, "recall": 0.0, "precision": None}
+    assert q["bottle under table"] == {"true": 1, "recall": 1.0, "precision": 1.0}
+    assert q["lamp next to car"] == {"true": 0, "recall": None, "precision": None}
+    assert q["all"] == {"true": 3, "recall": 0.67, "precision": 0.67}
+    summ = {"spread_sources": {"vg+pseudo": {"zero_shot_relation_map": {"share_both_splits": 0.55}}}}
+    table = bench.composing_table({"vg+pseudo": q, "vg+pseudo05": q}, summ)
+    assert "| labels | ball inside basket (0 true) |" in table[3] and table[3].endswith("| zero-shot share, both splits |")
+    assert table[5:] == ["| vg+pseudo | – / – | 1.0 / 1.0 | 0.0 / – | – / – | 1.0 / 0.5 | 0.67 / 0.67 | 0.55 |"]
+    # (vg+pseudo05 was not scored on both splits)
+    assert bench.composing_table({"vg+pseudo": q}, {}) == []
+
+
 def test_proof_pretrains_on_a_longer_taggers_tags_at_another_threshold_only_when_named(tmp_path, monkeypatch):
     """`vg+pseudoNN-taggerN`: the N-step Tagger's tags pseudo-labelled at 0.NN; `data pseudo-label` runs
     for it only when --mixes names it, and it is not among the mixes run by default."""
