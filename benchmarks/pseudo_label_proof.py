@@ -561,7 +561,11 @@ def test_split(out: Path, name: str, images: int, seed: int) -> Path:
     split = out / "data" / f"{name}{images}"
     argv = ["data", "synth", "--out", split, "--images", images, "--seed", seed, "--split", "test",
             "--size", IMAGE_SIZE, "--no-progress"]
-    (record if (split / "test_hico.json").is_file() else cli)(*argv)
+    if (split / "test_hico.json").is_file():
+        record(*argv)
+    else:
+        shutil.rmtree(split, ignore_errors=True)   # an interrupted earlier call's partial folder: synth refuses it
+        cli(*argv)
     return split
 
 

@@ -34,6 +34,9 @@ _MEM = re.compile(r"\d+[KMGT]?")
 _VAR = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _NODE_VALUE = re.compile(r'(?:[^"`\\$\x00-\x1f\x7f]|\$[A-Za-z_][A-Za-z0-9_]*|\$\{[A-Za-z_][A-Za-z0-9_]*\})*')
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# sbatch splits an #SBATCH line at whitespace and strips quotes itself (no shell quoting works
+# there), and reads '%' and '\' in --output as its file-name pattern.
+_SBATCH_UNSAFE = re.compile(r"[\s'\"%\\]")
 
 # Node-local scratch unless --scratch: expanded on the node.
 DEFAULT_SCRATCH = "${SLURM_TMPDIR:-${TMPDIR:-/tmp}}"
@@ -92,6 +95,9 @@ class SlurmOptions:
         for line in self.extra_sbatch:
             if _CONTROL.search(line) or not line.startswith("-"):
                 raise ValueError(f"--sbatch {line!r} must be one option on one line, e.g. --qos=high")
+            if re.search(r"\s", line):    # sbatch would split it there, whatever the quoting
+                raise ValueError(f"--sbatch {line!r} holds a space: give one option joined to its value by '=' "
+                                 "and without spaces, e.g. --qos=high")
         if not re.fullmatch(r"(?:[BR]:)?(?:SIG)?[A-Z0-9]+(?:@\d+)?", self.signal):
             raise ValueError(f"--signal '{self.signal}' is not of the form USR1@120")
 
@@ -144,6 +150,11 @@ def render_job(recipe: str | Path, opts: SlurmOptions, overrides: list[str] | No
     for what, text in (("recipe file name", recipe.name), ("run directory", str(run_dir))):
         if _CONTROL.search(text):   # both are written into #SBATCH and comment lines
             raise UserError(f"{what} {text!r} holds a line break or control character; rename it")
+    bad = _SBATCH_UNSAFE.search(str(run_dir))
+    if bad:                         # it is written unquoted into `#SBATCH --output`
+        raise UserError(f"run directory {str(run_dir)!r} holds {'a space' if bad[0].isspace() else repr(bad[0])}, "
+                        "which an #SBATCH line cannot carry: choose a path without spaces, quotes, '%' or "
+                        "backslashes (--run-dir, or the recipe's run.dir)")
     job_dir = run_dir / "slurm"
     job_dir.mkdir(parents=True, exist_ok=True)
     resolved = job_dir / "recipe.yaml"

@@ -24,6 +24,39 @@ if TYPE_CHECKING:
 T = TypeVar("T", bound="DataclassInstance")
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    def __init__(self, key: Any, first: int, second: int):
+        where = f"lines {first} and {second}" if first != second else f"line {first}"
+        super().__init__(f"key '{key}' appears twice ({where})")
+        self.key, self.first, self.second = key, first, second
+
+
+class StrictLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that refuses a key given twice in one mapping, at any depth: SafeLoader
+    keeps the last one, so the settings of the first (a whole `train:` block) would be lost."""
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict:
+        if isinstance(node, yaml.MappingNode):
+            lines: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":    # `<<: *base` may be overridden by design
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    if key in lines:
+                        raise DuplicateKeyError(key, lines[key], line)
+                    lines[key] = line
+                except TypeError:            # an unhashable key: SafeLoader's own error names it
+                    continue
+        return super().construct_mapping(node, deep)
+
+
+def strict_yaml(text: str) -> Any:
+    """`yaml.safe_load`, refusing duplicate keys (`DuplicateKeyError`); use it for every user-written YAML."""
+    return yaml.load(text, Loader=StrictLoader)
+
+
 def _describe(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
@@ -145,7 +178,9 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         if not key or any(not part for part in key.split(".")):
             raise ConfigError(f"override '{item}': empty key segment")
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = strict_yaml(raw) if raw != "" else ""
+        except DuplicateKeyError as exc:
+            raise ConfigError(f"override '{item}': {exc.key!r} appears twice in the value; keep one") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"override '{item}': the value is not valid YAML ({' '.join(str(exc).split())}); "
                               "quote it, or close its brackets") from None
@@ -203,7 +238,10 @@ def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file '{path}' does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = strict_yaml(path.read_text()) or {}
+    except DuplicateKeyError as exc:
+        raise ConfigError(f"config file '{path}': {exc}: merge them into one (YAML would keep only the last, "
+                          "dropping the first's settings)") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from exc
     if not isinstance(data, dict):

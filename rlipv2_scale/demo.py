@@ -281,9 +281,25 @@ def _machine() -> dict[str, Any]:
             "platform": platform.platform(), "load_average_1min": load[0]}
 
 
+MIN_LOSSES = 2     # `_loss_fell` compares the first logged losses with the last ones
+
+
+def check_demo_steps(steps: int) -> None:
+    """`--steps` gives `_loss_fell` its `MIN_LOSSES` losses: checked before the run, not after it.
+    The trainer logs every `logging.every_steps` steps and at the last step."""
+    from rlipv2_scale.train.config import load_run_config
+
+    every = load_run_config(recipe_path("demo")).logging.every_steps
+    least = (MIN_LOSSES - 1) * every + 1
+    if steps < least:
+        raise UserError(f"--steps must be at least {least} for the demo, got {steps}: it needs {MIN_LOSSES} logged "
+                        f"losses to check that the loss fell, and its recipe logs the loss every {every} steps "
+                        f"(logging.every_steps) and at the last step")
+
+
 def _loss_fell(records: list[dict]) -> dict[str, float | bool]:
     losses = [r["loss"] for r in records if "loss" in r]
-    if len(losses) < 2:
+    if len(losses) < MIN_LOSSES:
         raise UserError("training logged fewer than two losses; raise the step count")
     k = max(1, len(losses) // 5)
     first, last = float(np.mean(losses[:k])), float(np.mean(losses[-k:]))
@@ -307,6 +323,24 @@ def results_table(res: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- the demo
+DEMO_MARKER = ".rlipv2-demo"      # in every --out the demo writes: the folders it may replace are its own
+
+
+def claim_out(out: Path) -> None:
+    """The demo replaces its own sub-folders (data/, shards/, train/, ...) on a rerun: only in a new or
+    empty folder, or one an earlier demo wrote (its marker, or an older demo's results.json)."""
+    if out.is_dir() and any(out.iterdir()) and not (out / DEMO_MARKER).is_file():
+        try:
+            earlier = "plan" in json.loads((out / "results.json").read_text())
+        except (OSError, ValueError, TypeError):
+            earlier = False
+        if not earlier:
+            raise UserError(f"--out '{out}' is not empty and not a folder the demo wrote, whose sub-folders a run "
+                            "replaces: give a new or empty folder")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARKER).touch()
+
+
 def prepare_data(out: Path, plan: DemoPlan, log: Log, workers: int | None = None) -> dict[str, Any]:
     for sub in ("data", "shards", "tokenizer"):          # only the folders this step writes
         shutil.rmtree(out / sub, ignore_errors=True)
@@ -347,6 +381,7 @@ def run_demo(out: str | os.PathLike, quick: bool = False, plan: DemoPlan | None 
     from rlipv2_scale.visualize import plot_training, read_metrics
 
     out = Path(out).resolve()
+    claim_out(out)
     plan = plan or (QUICK if quick else FULL)
     t0 = time.perf_counter()
     for name in ("results.json", "metrics.jsonl", "loss_curve.png"):
@@ -407,6 +442,7 @@ def run_compare(out: str | os.PathLike, quick: bool = False, plan: DemoPlan | No
     from rlipv2_scale.visualize import plot_curves
 
     out = Path(out).resolve()
+    claim_out(out)
     plan = plan or (QUICK if quick else FULL)
     t0 = time.perf_counter()
     if _data_matches(out, plan):

@@ -74,21 +74,39 @@ def predict_images(model: torch.nn.Module, paths: Sequence[str | Path], objects:
     return [r for r in results if r is not None]
 
 
+def drawing_names(paths: Sequence[str | Path]) -> list[str]:
+    """`<stem>.png` per image, in input order; a name already taken gets `-2`, `-3`, ... (`a/1.jpg`
+    and `b/1.jpg` would otherwise draw over each other). Compared without case: some file systems
+    hold `A.png` and `a.png` as one file."""
+    taken: set[str] = set()
+    names = []
+    for path in paths:
+        stem = Path(path).stem
+        name, k = f"{stem}.png", 1
+        while name.lower() in taken:
+            k += 1
+            name = f"{stem}-{k}.png"
+        taken.add(name.lower())
+        names.append(name)
+    return names
+
+
 def draw_predictions(preds: Sequence[ImagePrediction], objects: Sequence[str], relations: Sequence[str],
                      out_dir: str | Path, *, threshold: float = 0.3, top: int = 5, scale: int = 4) -> list[Path]:
-    """One `<stem>.png` per image in `out_dir` with its top triplets drawn; returns the files."""
+    """One drawing per image in `out_dir` (named by `drawing_names`) with its top triplets drawn;
+    returns the files, in the order of `preds`."""
     from rlipv2_scale.visualize import draw_relations, top_triplets
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     space = open_label_space(objects, relations)
     written = []
-    for p in preds:
+    for p, name in zip(preds, drawing_names([p.path for p in preds])):
         triplets = top_triplets(p.prediction, space.objects, space.verbs, object_ids=space.object_ids,
                                 verb_ids=space.verb_ids, threshold=threshold, top=top)
         with Image.open(p.path) as im:
             picture = draw_relations(im, triplets, scale=scale)
-        target = out_dir / f"{p.path.stem}.png"
+        target = out_dir / name
         picture.save(target)
         written.append(target)
     return written

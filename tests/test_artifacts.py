@@ -121,3 +121,19 @@ def test_a_model_opened_from_a_temporary_export_keeps_its_tokenizer(saved, tmp_p
     assert not (tmp_path / "export").exists()
     with torch.no_grad():
         assert torch.equal(opened.encode_labels(["a", "b"], ["x"]), model.encode_labels(["a", "b"], ["x"]))
+
+
+def test_replacing_a_model_directory_never_deletes_what_it_did_not_write(saved, tmp_path):
+    """A re-export replaces an earlier model directory as a whole, so files of the user's in it
+    stop it; without them the directory is replaced."""
+    model, out = saved
+    target = shutil.copytree(out, tmp_path / "model")
+    (target / "NOTES.txt").write_text("mine")
+    card = ModelCard(objects=["a", "b"], relations=["x"], eval_size=96, max_size=128)
+    with pytest.raises(UserError, match="also holds NOTES.txt, which replacing it would delete"):
+        model.save_pretrained(target, card)
+    assert (target / "NOTES.txt").read_text() == "mine" and (target / WEIGHTS_FILE).is_file()
+    (target / "NOTES.txt").unlink()
+    (target / CARD_FILE).write_text("{}")
+    model.save_pretrained(target, card)
+    assert json.loads((target / CARD_FILE).read_text())["objects"] == ["a", "b"]

@@ -124,3 +124,23 @@ def test_vcoco_command(tmp_path):
                 "--image-ids", str(tmp_path / "ids"), "--detections", str(tmp_path / "d.json"), "--json", str(out)]) == 0
     res = json.loads(out.read_text())
     assert res["AP_role_s1"] == pytest.approx(0.5) and res["AP_role_s2"] == pytest.approx(1.0)
+
+
+def test_hico_det_files_are_named_in_the_label_space_beside_the_annotations(tmp_path):
+    """A HICO-DET-format dataset with its own objects.json / verbs.json (as `rlipv2 data synth` writes)
+    is scored in that label space from files too, as with --checkpoint: triplets carry its names."""
+    from rlipv2_scale.inference import data_label_space
+
+    (tmp_path / "objects.json").write_text(json.dumps([{"id": 1, "name": "person"}, {"id": 2, "name": "cup"},
+                                                       {"id": 3, "name": "lamp"}]))
+    (tmp_path / "verbs.json").write_text(json.dumps([{"id": 1, "name": "holding"}, {"id": 2, "name": "next to"}]))
+    space = data_label_space(tmp_path)
+    gt, pred = random_relation_data(space, 12, 20, n_queries=6, seed=5)
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    (tmp_path / "pred.json").write_text(json.dumps(pred))
+    out = tmp_path / "res.json"
+    assert run(["eval", "hico-det", "--gt", str(tmp_path / "gt.json"), "--pred", str(tmp_path / "pred.json"),
+                "--json", str(out)]) == 0
+    triplets = [tuple(t["triplet"]) for t in json.loads(out.read_text())["per_triplet"]]   # (subject, object, verb)
+    assert len(triplets) == 6 and all(s == "person" and o in ("person", "cup", "lamp") and v in ("holding", "next to")
+                                      for s, o, v in triplets), triplets

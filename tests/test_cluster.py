@@ -148,7 +148,7 @@ def test_hostile_values_that_are_accepted_stay_literal_when_the_job_runs(recipe,
                                     f'printf "%s\\0" "$@" "TMPDIR=$TMPDIR" "Y=$Y" "HF=$HF" > {record}\n')
     for stub in bin_dir.iterdir():
         stub.chmod(0o755)
-    run = tmp_path / f"run {HOSTILE.format(m=marker)}"
+    run = tmp_path / f"run;$(touch${{IFS}}{marker})`touch${{IFS}}{marker}`"   # no spaces: see the test below
     scratch = tmp_path / "scr a;b'c"
     hostile_value = f"x`touch {marker}`;{HOSTILE.format(m=marker)}"
     literal = f"a b;c|d'e (touch {marker})"
@@ -168,3 +168,26 @@ def test_hostile_values_that_are_accepted_stay_literal_when_the_job_runs(recipe,
     assert f"run.name={hostile_value}" in argv and f"run.dir={run}/1" in argv
     assert f"TMPDIR={scratch}/rlipv2-7-0" in argv and f"HF={tmp_path}/home/hf" in argv
     assert f"Y={literal}" in argv
+
+
+@pytest.mark.parametrize("run_dir, what", [("my run", "a space"), ("it's", "\"'\""),
+                                           ('say"hi"', "'\"'"), ("100%", "'%'"), ("a\\b", "'\\\\'")])
+def test_a_run_directory_an_sbatch_line_cannot_carry_is_refused(recipe, tmp_path, capsys, run_dir, what):
+    # `#SBATCH --output=<run dir>/logs/...` is unquoted: sbatch would split it at the space, strip
+    # quotes, or read '%' and '\\' as its file-name pattern, and the logs would go elsewhere
+    run = tmp_path / "x" / run_dir
+    argv = ["cluster", "submit", str(recipe), "--nodes", "1", "--gpus-per-node", "0", "--dry-run",
+            "--job-name", "okjob", "--run-dir", str(run)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"rlipv2: error: run directory {str(run)!r} holds {what}"), err
+    assert "choose a path without spaces" in err and not (tmp_path / "x").exists()
+    assert main(argv[:-1] + [str(tmp_path / "x" / "my_run")]) == 0
+    assert f"#SBATCH --output={tmp_path}/x/my_run/logs/%x-%A.out" in capsys.readouterr().out
+
+
+def test_an_sbatch_option_with_a_space_is_refused(recipe, capsys):
+    argv = ["cluster", "submit", str(recipe), "--gpus-per-node", "0", "--dry-run"]
+    assert main(argv + ["--sbatch=--comment=a b"]) == 2
+    assert "--sbatch '--comment=a b' holds a space" in capsys.readouterr().err
+    assert main(argv + ["--sbatch=--qos=high"]) == 0 and "#SBATCH --qos=high\n" in capsys.readouterr().out

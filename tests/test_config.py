@@ -103,3 +103,42 @@ def test_an_override_that_is_not_yaml_is_a_config_error():
 
     with pytest.raises(ConfigError, match=r"override 'optim.groups=\[\{name:': the value is not valid YAML"):
         parse_overrides(["optim.groups=[{name:"])
+
+
+def test_a_key_given_twice_is_refused_at_any_depth(tmp_path):
+    # safe_load keeps the last `train:` block: max_steps and zero_stage would be silently lost
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("name: x\ntrain:\n  max_steps: 3\n  zero_stage: 0\nmodel: tiny\ntrain:\n  seed: 7\n")
+    with pytest.raises(ConfigError, match=r"'.*recipe.yaml': key 'train' appears twice \(lines 2 and 6\)"):
+        read_yaml(recipe)
+    recipe.write_text("inner:\n  lr: 0.5\n  layers: [4]\n  lr: 0.1\n")
+    with pytest.raises(ConfigError, match=r"key 'lr' appears twice \(lines 2 and 4\)"):
+        load_config(Outer, recipe)
+    # in a parent named by `extends`, the parent is named
+    (tmp_path / "child.yaml").write_text("extends: recipe.yaml\nname: y\n")
+    with pytest.raises(ConfigError, match=r"recipe.yaml': key 'lr'"):
+        read_yaml(tmp_path / "child.yaml")
+    # and in a mapping written inline in an override value
+    with pytest.raises(ConfigError, match="override 'inner={lr: 1, lr: 2}': 'lr' appears twice"):
+        parse_overrides(["inner={lr: 1, lr: 2}"])
+
+
+def test_the_strict_loader_stays_safe_and_keeps_yaml_merge_keys(tmp_path):
+    from rlipv2_scale.config import strict_yaml
+
+    assert strict_yaml("base: &b {lr: 1, kind: a}\ninner:\n  <<: *b\n  lr: 2\n")["inner"] == {"lr": 2, "kind": "a"}
+    (tmp_path / "evil.yaml").write_text("name: !!python/object/apply:os.system ['true']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        read_yaml(tmp_path / "evil.yaml")
+
+
+def test_the_cli_names_a_duplicate_recipe_key_in_one_line(tmp_path, capsys):
+    from rlipv2_scale.cli import main
+
+    recipe = tmp_path / "dup.yaml"
+    recipe.write_text("run: {name: t, dir: %s}\nmodel: {name: tiny}\ntrain:\n  max_steps: 3\n  zero_stage: 0\n"
+                      "train:\n  seed: 7\n" % (tmp_path / "run"))
+    assert main(["cluster", "submit", str(recipe), "--gpus-per-node", "0", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "dup.yaml': key 'train' appears twice (lines 3 and 6)" in err, err
+    assert not (tmp_path / "run").exists()

@@ -42,8 +42,24 @@ def test_convert_keeps_source_order(tmp_path, workers):
 def test_truncated_jpeg_is_caught_by_the_full_decode(tmp_path):
     fx = hico(tmp_path)
     truncate(fx["images"] / "HICO_train2015_00000001.jpg")
-    summary = convert("hico-det", fx["annotations"], fx["images"], tmp_path / "out", progress=False)
-    assert summary.images == 0 and summary.skipped == {"corrupt_image": 1}
+    # its only image skipped: nothing written is an error naming the reason, not an empty output
+    with pytest.raises(UserError, match=r"all 1 were skipped \(corrupt_image 1\).*not a readable image"):
+        convert("hico-det", fx["annotations"], fx["images"], tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_every_image_skipped_is_an_error_and_keeps_the_previous_output(tmp_path):
+    ann, images, entries = many_hico(tmp_path, 4)
+    out = tmp_path / "out"
+    convert("hico-det", ann, images, out, progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    wrong = tmp_path / "elsewhere"           # --images pointing at the wrong folder
+    wrong.mkdir()
+    with pytest.raises(UserError, match=r"no image written to .*all 4 were skipped \(missing_image 4\).*"
+                                        r"check --images"):
+        convert("hico-det", ann, wrong, out, overwrite=True, progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "imgs", "out", "trainval_hico.json"]
 
 
 def test_image_size_mismatch(tmp_path):

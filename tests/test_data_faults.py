@@ -98,6 +98,50 @@ def test_overwrite_refuses_shard_files_no_index_lists(tmp_path, rlipv2):
     assert snapshot(out) == {"shard.00000.mds": b"someone else's"}
 
 
+@pytest.mark.parametrize("listed", ["../victim/keep.txt", "ABSOLUTE", "notes.txt", "sub/shard.00000.mds",
+                                    "shard.00000.mds.txt"])
+def test_overwrite_deletes_nothing_an_edited_index_lists_but_its_own_shards(tmp_path, rlipv2, listed):
+    fx = vg_raw(tmp_path / "src")
+    out = tmp_path / "shards"
+    args = ["data", "convert", "--format", "vg", "--annotations", fx["annotations"], "--images", fx["images"],
+            "--out", out, "--no-progress", "--workers", 1]
+    assert rlipv2(*args)[0] == 0
+    (tmp_path / "victim").mkdir()
+    (tmp_path / "victim" / "keep.txt").write_text("the user's")
+    (out / "notes.txt").write_text("mine")
+    (out / "sub").mkdir()
+    (out / "sub" / "shard.00000.mds").write_text("mine too")
+    (out / "shard.00000.mds.txt").write_text("and this")
+    listed = str(tmp_path / "victim" / "keep.txt") if listed == "ABSOLUTE" else listed
+    index = json.loads((out / "index.json").read_text())
+    index["shards"][0]["raw_data"]["basename"] = listed
+    (out / "index.json").write_text(json.dumps(index))
+    before = snapshot(tmp_path)
+    assert_one_line_error(*rlipv2(*args, "--overwrite"), repr(listed), "not one this tool wrote", "another --out")
+    assert snapshot(tmp_path) == before
+    assert not [p for p in tmp_path.iterdir() if "partial" in p.name]
+
+
+def test_overwrite_takes_the_compressed_shards_an_index_lists(tmp_path):
+    from rlipv2_scale.data.output import own_files
+
+    (tmp_path / "shard.00000.mds.zstd").write_bytes(b"z")
+    write_json(tmp_path / "index.json", {"version": 2, "shards": [
+        {"raw_data": {"basename": "shard.00000.mds", "bytes": 9}, "samples": 1,
+         "zip_data": {"basename": "shard.00000.mds.zstd", "bytes": 1}}]})
+    assert own_files(tmp_path) == {"index.json", "shard.00000.mds", "shard.00000.mds.zstd"}
+
+
+def test_convert_that_skips_every_image_is_an_error(tmp_path, rlipv2):
+    fx = vg_raw(tmp_path / "src")
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    code, err = rlipv2("data", "convert", "--format", "vg", "--annotations", fx["annotations"], "--images", wrong,
+                       "--out", tmp_path / "shards", "--no-progress", "--workers", 1)
+    assert_one_line_error(code, err, "no image written", "missing_image 2", "check --images")
+    assert not (tmp_path / "shards").exists() and "wrote" not in rlipv2.stdout
+
+
 def test_a_failed_run_leaves_the_previous_output_as_it_was(tmp_path, rlipv2):
     fx = vg_raw(tmp_path / "src")
     out = tmp_path / "shards"
@@ -296,8 +340,11 @@ def test_a_non_integer_id_skips_the_image(tmp_path, rlipv2, fmt, make, path):
         node = node[step]
     node[path[-1]] += 0.7                           # e.g. HICO object_id 1 -> 1.7, which int() made 1 again
     write_json(fx["annotations"], fx[path[0]])
-    code, _, summary = run_convert(rlipv2, tmp_path, fmt, fx, "--overwrite")
-    assert code == 0 and summary["images"] == clean["images"] - 1
-    assert summary["skipped"]["non_integer_id"] == 1
+    code, err, summary = run_convert(rlipv2, tmp_path, fmt, fx, "--overwrite")
+    if clean["images"] == 1:        # the only image skipped: a run that writes nothing says why
+        assert_one_line_error(code, err, "no image written", "non_integer_id 1", "is not an integer id")
+    else:
+        assert code == 0 and summary["images"] == clean["images"] - 1
+        assert summary["skipped"]["non_integer_id"] == 1
     assert_one_line_error(*run_convert(rlipv2, tmp_path, fmt, fx, "--overwrite", "--strict")[:2],
                           "is not an integer id")

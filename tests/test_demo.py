@@ -223,6 +223,32 @@ def test_cli_options_set_the_plan_and_bad_values_are_named(tmp_path, monkeypatch
     assert "--eval-every must be positive" in capsys.readouterr().err
 
 
+def test_too_few_steps_for_two_logged_losses_are_refused_before_the_run(tmp_path, monkeypatch, capsys):
+    import rlipv2_scale.demo as demo
+    from rlipv2_scale.cli import main
+
+    got = []
+    monkeypatch.setattr(demo, "run_demo", lambda out, plan: got.append(plan.steps))
+    every = load_run_config(demo.recipe_path("demo")).logging.every_steps
+
+    def logged(steps):          # the trainer's LogHook: every `logging.every_steps` steps and at the last
+        return sum(1 for s in range(1, steps + 1) if s % every == 0 or s == steps)
+
+    least = every + 1
+    assert logged(least - 1) == 1 and logged(least) == 2
+    for steps in (5, least - 1):
+        assert main(["demo", "--quick", "--nproc", "1", "--steps", str(steps), "--out", str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+        assert f"--steps must be at least {least} for the demo, got {steps}" in err
+        assert (f"needs 2 logged losses to check that the loss fell, and its recipe logs the loss every {every} "
+                "steps") in err
+    assert got == []                                                # refused before anything ran
+    for steps in (least, 20):
+        assert main(["demo", "--quick", "--nproc", "1", "--steps", str(steps), "--out", str(tmp_path)]) == 0
+    assert got == [least, 20]
+
+
 def test_convergence_benchmark_finds_the_images_each_setting_needs():
     """benchmarks/alif_convergence.py, whose figures the README quotes: mean ± std over seeds and the
     images needed to reach fusion-off's final mean mAP (linear between scored checkpoints)."""
@@ -252,3 +278,25 @@ def test_convergence_benchmark_finds_the_images_each_setting_needs():
     assert s["reach"]["alif_last_level"]["per_seed_images"] == [80, 80]  # each seed's own fusion-off final
     assert s["reach"]["fusion_none"]["images"] == 160
     assert s["reach"]["alif_all_levels"]["images"] is None
+
+
+def test_the_demo_replaces_its_folders_only_in_a_folder_it_wrote(tmp_path, capsys):
+    """A rerun replaces data/, shards/, train/ ... of --out: a user's folder of other things is refused
+    before anything in it is touched; a new folder, or one an earlier demo wrote, is the demo's."""
+    from rlipv2_scale.cli import main
+    from rlipv2_scale.demo import DEMO_MARKER, claim_out
+
+    mine = tmp_path / "project"
+    (mine / "data").mkdir(parents=True)
+    (mine / "data" / "keep.txt").write_text("mine")
+    assert main(["demo", "--quick", "--out", str(mine)]) == 2
+    assert "is not empty and not a folder the demo wrote" in capsys.readouterr().err
+    assert (mine / "data" / "keep.txt").read_text() == "mine" and not (mine / DEMO_MARKER).exists()
+    claim_out(tmp_path / "new")
+    assert (tmp_path / "new" / DEMO_MARKER).is_file()
+    claim_out(tmp_path / "new")                                   # a rerun
+    older = tmp_path / "older"                                    # a demo of before the marker
+    (older / "train").mkdir(parents=True)
+    (older / "results.json").write_text(json.dumps({"plan": {}}))
+    claim_out(older)
+    assert (older / DEMO_MARKER).is_file()

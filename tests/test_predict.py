@@ -12,7 +12,7 @@ from PIL import Image
 from rlipv2_scale.cli import main
 from rlipv2_scale.errors import UserError
 from rlipv2_scale.models.build import load_pretrained
-from rlipv2_scale.predict import draw_predictions, open_label_space, parse_labels, predict_images
+from rlipv2_scale.predict import draw_predictions, drawing_names, open_label_space, parse_labels, predict_images
 from rlipv2_scale.visualize import DrawnTriplet, draw_relations, top_triplets
 
 
@@ -110,6 +110,53 @@ def test_predict_cli(model_dir, images, tmp_path, capsys):
     assert data["objects"] == ["ball", "box"] and data["relations"] == ["inside", "left of"]
     assert len(data["images"]) == 2 and (out / "img0.png").is_file() and (out / "img1.png").is_file()
     assert str(out / "img0.png") in capsys.readouterr().out
+
+
+def test_drawing_names_are_unique_in_input_order():
+    paths = ["a/images/1.jpg", "b/images/1.jpg", "c/1-2.jpg", "d/1.png", "e/A.jpg", "f/a.jpg", "g/b.jpg"]
+    assert drawing_names(paths) == ["1.png", "1-2.png", "1-2-2.png", "1-3.png", "A.png", "a-2.png", "b.png"]
+
+
+def _predict(model_dir, out, *images, flags=()):
+    return main(["predict", *map(str, images), "--checkpoint", str(model_dir), "--objects", "ball,box",
+                 "--relations", "inside", "--out", str(out), "--size", "64", "--device", "cpu", *flags])
+
+
+def test_predict_cli_draws_same_named_inputs_apart(model_dir, images, tmp_path, capsys):
+    first, second = tmp_path / "a" / "images" / "1.png", tmp_path / "b" / "images" / "1.png"
+    for src, dst in ((images[0], first), (images[1], second)):
+        dst.parent.mkdir(parents=True)
+        shutil.copy(src, dst)
+    out = tmp_path / "drawn"
+    assert _predict(model_dir, out, first, second, flags=["--threshold", "0"]) == 0
+    data = json.loads((out / "predictions.json").read_text())
+    assert [(e["image"], e["drawing"]) for e in data["images"]] == [(str(first), "1.png"), (str(second), "1-2.png")]
+    with Image.open(out / "1.png") as a, Image.open(out / "1-2.png") as b:
+        assert a.width == b.width == 128 * 4 and a.height < b.height     # 96 and 128 high sources, 4x
+    assert sorted(p.name for p in out.iterdir()) == ["1-2.png", "1.png", "predictions.json"]
+
+
+def test_predict_cli_replaces_files_only_with_overwrite(model_dir, images, tmp_path, capsys):
+    out = tmp_path / "drawn"
+    out.mkdir()
+    (out / "predictions.json").write_text("the user's")
+    assert _predict(model_dir, out, *images) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{out / 'predictions.json'} already exists" in err[0] and "--overwrite" in err[0]
+    assert [p.name for p in out.iterdir()] == ["predictions.json"]
+    assert (out / "predictions.json").read_text() == "the user's"
+    (out / "predictions.json").unlink()
+    (out / "img1.png").write_bytes(b"the user's drawing")
+    assert _predict(model_dir, out, *images) == 2
+    assert f"{out / 'img1.png'} already exists" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["img1.png"]
+    assert _predict(model_dir, out, *images, flags=["--overwrite"]) == 0
+    assert json.loads((out / "predictions.json").read_text())["objects"] == ["ball", "box"]
+    with Image.open(out / "img1.png") as im:
+        assert im.width == 128 * 4
+    # an input image is never drawn over, --overwrite or not
+    assert _predict(model_dir, out, out / "img1.png", flags=["--overwrite"]) == 2
+    assert "would replace the input image" in capsys.readouterr().err
 
 
 def test_predict_cli_takes_size_and_labels_from_the_model_card(model_dir, images, tmp_path, capsys):

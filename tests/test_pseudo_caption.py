@@ -102,3 +102,56 @@ def test_sharded_resumable_captioning(tmp_path):
     assert sorted(got) == sorted(str(i) for i in range(7))
     ids = [json.loads(l)["image_id"] for l in path.read_text().splitlines()]
     assert sorted(ids) == [0, 2, 4, 6] and len(ids) == len(set(ids))
+
+
+def test_a_whole_last_row_without_its_newline_is_kept(tmp_path, capsys):
+    items = [ImageItem(i, (lambda i=i: _jpeg(i))) for i in range(3)]
+    run_captioning(items[:2], CountingCaptioner(), tmp_path)
+    path = output_path(tmp_path, 0)
+    path.write_text(path.read_text().rstrip("\n"))          # e.g. an editor that drops the final newline
+    again = CountingCaptioner()
+    s = run_captioning(items, again, tmp_path)
+    assert (s.already_done, s.captioned, len(again.seen)) == (2, 1, 1)
+    assert [json.loads(l)["image_id"] for l in path.read_text().splitlines()] == [0, 1, 2]
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_a_torn_last_line_is_dropped_with_a_warning(tmp_path, capsys):
+    items = [ImageItem(i, (lambda i=i: _jpeg(i))) for i in range(3)]
+    run_captioning(items[:2], CountingCaptioner(), tmp_path)
+    path = output_path(tmp_path, 0)
+    path.write_text(path.read_text() + '{"image_id": 2, "capt')
+    assert sorted(read_captions(tmp_path)) == ["0", "1"]      # reading leaves the file as it is
+    err = capsys.readouterr().err
+    assert str(path) in err and "dropping its last line" in err and path.read_text().endswith("capt")
+    s = run_captioning(items, CountingCaptioner(), tmp_path)
+    assert (s.already_done, s.captioned) == (2, 1) and str(path) in capsys.readouterr().err
+    assert [json.loads(l)["image_id"] for l in path.read_text().splitlines()] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("line, problem", [
+    ('{"image_id": 3, "captions": "oops', "line 2 is not JSON"),
+    ('{"image_id": 3, "captions": [42]}', r"line 2 has captions \[42\]: they must be a list of strings"),
+    ('{"image_id": 3, "captions": "a dog"}', "line 2 has captions 'a dog'"),
+    ('{"image_id": null, "captions": ["a dog"]}', "line 2 has image_id None"),
+    ('{"image_id": 1.5, "captions": ["a dog"]}', "line 2 has image_id 1.5"),
+    ('["a dog"]', "line 2 is not a JSON object"),
+])
+def test_a_bad_row_names_its_file_and_line(tmp_path, line, problem):
+    from rlipv2_scale.errors import UserError
+
+    items = [ImageItem(i, (lambda i=i: _jpeg(i))) for i in range(4)]
+    run_captioning(items[:3], CountingCaptioner(), tmp_path)
+    path = output_path(tmp_path, 0)
+    rows = path.read_text().splitlines()
+    path.write_text("\n".join([rows[0], line, rows[2]]) + "\n")
+    before = path.read_text()
+    for read in (lambda: read_captions(tmp_path), lambda: run_captioning(items, CountingCaptioner(), tmp_path)):
+        with pytest.raises(UserError, match=problem) as err:
+            read()
+        assert str(path) in str(err.value) and "rlipv2 data caption" in str(err.value)
+    assert path.read_text() == before                         # a refused rerun writes nothing
+    # the same damage on the last line (with its newline, or whole JSON) is not taken for a torn write
+    path.write_text("\n".join([rows[0], rows[2], line]) + ("" if line.endswith("}") else "\n"))
+    with pytest.raises(UserError, match=problem.replace("line 2", "line 3")):
+        read_captions(tmp_path)

@@ -1,5 +1,6 @@
 import io
 import json
+import re
 
 import numpy as np
 import pytest
@@ -131,3 +132,85 @@ def test_bad_input_is_counted_and_reported_never_fatal(tmp_path):
     tagged = run_tagging(items, scorer, tmp_path / "tags")
     assert tagged.tagged == 2 and tagged.without_candidates == 1
     assert [i for i, _ in tagged.failed_to_decode] == [2] and "do not decode" in tagged.failed_to_decode[0][1]
+
+
+def _captioned(tmp_path, ids=(1, 2, 3, 4)):
+    recs = [RelationalRecord(ImageInfo(i, "synthetic", "train", 80, 60), [Object((2, 2, 20, 20), "person")],
+                             image_bytes=_jpeg()) for i in ids]
+    write_shards(recs, tmp_path / "det")
+    caption_shards(tmp_path / "det", tmp_path / "caps", FixedCaptioner({str(i): ["a person"] for i in ids}))
+    return tmp_path / "caps" / "captions.rank00000.jsonl"
+
+
+@pytest.mark.parametrize("line, problem", [
+    ('{"image_id": 3, "captions": "oops', "line 3 is not JSON"),
+    ('{"image_id": 3, "captions": [42]}', "line 3 has captions \\[42\\]: they must be a list of strings"),
+])
+def test_cli_parse_and_caption_rerun_name_a_damaged_captions_line(tmp_path, capsys, line, problem):
+    from rlipv2_scale.cli import main
+
+    path = _captioned(tmp_path)
+    rows = path.read_text().splitlines()
+    rows[2] = line
+    path.write_text("\n".join(rows) + "\n")
+    parse = ["data", "parse", "--shards", str(tmp_path / "det"), "--captions", str(tmp_path / "caps"),
+             "--paraphrases", "synthetic", "--out", str(tmp_path / "parse")]
+    caption = ["data", "caption", "--shards", str(tmp_path / "det"), "--captioner", "synthetic",
+               "--truth", str(tmp_path / "det"), "--out", str(tmp_path / "caps")]
+    for argv in (parse, caption):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        last = err.strip().splitlines()[-1]           # after `data caption`'s progress bar, if any
+        assert "Traceback" not in err and last.startswith("rlipv2: error: ") and str(path) in last, err
+        assert re.search(problem, last) and "repair or delete that line" in last
+    assert not (tmp_path / "parse").exists()
+
+
+def test_parse_refuses_captions_of_images_the_shards_do_not_have(tmp_path):
+    path = _captioned(tmp_path)
+    with path.open("a") as f:
+        f.write(json.dumps({"image_id": "zz", "captions": ["a person"]}) + "\n")
+    with pytest.raises(UserError, match=r"1 image id\(s\) that .*det does not have \(e.g. 'zz'\).*new folder"):
+        parse_shards(tmp_path / "det", tmp_path / "caps", RuleBasedParser(ParaphraseTable(NAME_PARAPHRASES)),
+                     tmp_path / "parse")
+    assert not (tmp_path / "parse").exists()
+
+
+def test_caption_of_shards_with_no_images_is_an_error_naming_them(tmp_path, capsys):
+    from rlipv2_scale.cli import main
+
+    write_shards([], tmp_path / "empty")
+    with pytest.raises(UserError, match=r"empty holds no images .*nothing to caption"):
+        caption_shards(tmp_path / "empty", tmp_path / "caps", FixedCaptioner({}))
+    argv = ["data", "caption", "--shards", str(tmp_path / "empty"), "--captioner", "synthetic",
+            "--truth", str(tmp_path / "empty"), "--out", str(tmp_path / "caps")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().startswith("rlipv2: error: ") and len(err.strip().splitlines()) == 1
+    assert f"{tmp_path / 'empty'} holds no images" in err and "nothing to caption" in err
+    assert not (tmp_path / "caps").exists()
+
+
+def test_pseudo_label_warns_when_the_threshold_keeps_no_image(tmp_path, capsys):
+    from rlipv2_scale.cli import main
+
+    names = ["person", "cup"]
+    truth = {"1": (names, [(0, 1, "holding")]), "2": (names, [(0, 1, "holding")])}
+    recs = [RelationalRecord(ImageInfo(i, "synthetic", "train", 80, 60),
+                             [Object((2 + 10 * k, 2, 10 + 10 * k, 20), n) for k, n in enumerate(names)],
+                             image_bytes=_jpeg()) for i in (1, 2)]
+    write_shards(recs, tmp_path / "det")
+    caption_shards(tmp_path / "det", tmp_path / "caps", FixedCaptioner({"1": ["a man holding a mug"],
+                                                                        "2": ["a man holding a mug"]}))
+    parse_shards(tmp_path / "det", tmp_path / "caps", RuleBasedParser(ParaphraseTable(NAME_PARAPHRASES)),
+                 tmp_path / "parse")
+    tag_shards(tmp_path / "det", tmp_path / "parse", OracleScorer(truth), tmp_path / "tags")   # confidences ≈ 0.95
+    base = ["data", "pseudo-label", "--shards", str(tmp_path / "det"), "--tags", str(tmp_path / "tags")]
+
+    assert main(base + ["--out", str(tmp_path / "kept"), "--threshold", "0.5"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert main(base + ["--out", str(tmp_path / "none"), "--threshold", "0.99"]) == 0
+    captured = capsys.readouterr()
+    assert "wrote 0 images" in captured.out
+    assert re.search(r"rlipv2: warning: no image kept a relation at --threshold 0\.99: .*none/shards holds no "
+                     r"samples and cannot be trained on; lower --threshold", captured.err), captured.err

@@ -483,3 +483,21 @@ def test_cli_tag_rejects_a_bad_synonym_file_in_one_line(tmp_path, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "syn.json" in err[0] and "not valid JSON" in err[0]
+
+
+def test_tags_rows_are_checked_and_a_torn_last_line_resumes(tmp_path, capsys):
+    chunk = CandidateChunk([(0, 1)], ["riding"], [["riding"]])
+    items = [(_record(i), [chunk]) for i in range(3)]
+    scorer = TableScorer({(0, 1, "riding"): 0.25})
+    run_tagging(items[:2], scorer, tmp_path)
+    path = tmp_path / "tags.rank00000.jsonl"
+    good = path.read_text()
+    path.write_text(good + good.splitlines()[0][:30])        # killed mid-write
+    assert run_tagging(items, scorer, tmp_path).tagged == 1
+    assert "dropping its last line" in capsys.readouterr().err
+    assert [ann["image"]["id"] for ann, _ in read_tags(tmp_path)] == [0, 1, 2]
+    rows = path.read_text().splitlines()
+    rows[1] = json.dumps({**json.loads(rows[1]), "relations": [{"subject": 0}]})
+    path.write_text("\n".join(rows) + "\n")
+    with pytest.raises(UserError, match=r"tags.rank00000.jsonl' line 2 has relations .*rlipv2 data tag"):
+        list(read_tags(tmp_path))

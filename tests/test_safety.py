@@ -99,6 +99,13 @@ def test_trusted_checkpoint_exports_with_a_warning(tmp_path, capsys):
         assert main(["export", str(run), "--out", str(out), "--trust-pickle"]) == 0
     exported = load_file(str(out))
     assert all(torch.equal(exported[k], v.float()) for k, v in state.items())
+    # an earlier export is replaced; a file of the user's at the path is not
+    assert main(["export", str(run), "--out", str(out), "--trust-pickle"]) == 0
+    mine = tmp_path / "mine.safetensors"
+    mine.write_text("precious")
+    assert main(["export", str(run), "--out", str(mine), "--trust-pickle"]) == 2
+    assert "exists and is not a .safetensors weights file" in one_error_line(capsys)
+    assert mine.read_text() == "precious"
 
 
 def test_pickled_vcoco_detections_need_trust(tmp_path, capsys):

@@ -104,6 +104,21 @@ def test_missing_shard_dir_and_unknown_keys_are_config_errors(tmp_path):
         data_config([{"name": "vg", "local": "x", "proportion": 0.5}, {"name": "coco", "local": "y"}])
 
 
+def test_a_source_with_no_samples_is_a_data_error_naming_it(tmp_path):
+    from rlipv2_scale.data.streaming import build_train_loader
+
+    # What `rlipv2 data pseudo-label` writes when its threshold keeps no image: an index of no shard.
+    empty = write_source(tmp_path, "pseudo", 0)
+    assert json.loads((Path(empty) / "index.json").read_text())["shards"] == []
+    good = write_source(tmp_path, "vg", 4)
+    for train in (True, False):
+        cfg = data_config([{"name": "vg", "local": good}, {"name": "pseudo", "local": empty}])
+        with pytest.raises(DataError, match=rf"data source 'pseudo': '{empty}' holds no samples.*threshold.*"
+                                            r"drop the source from data.sources or rewrite it") as info:
+            build_train_loader(cfg, train=train)
+        assert info.value.reason == "empty_source"
+
+
 def test_each_epoch_sees_every_sample_with_fresh_augmentation(tmp_path):
     from rlipv2_scale.data.streaming import build_train_loader
 

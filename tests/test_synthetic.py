@@ -294,6 +294,61 @@ def test_cli_writes_a_split(tmp_path, capsys):
         assert im.size == (160, 160)
 
 
+def _synth(out: Path, *flags: str) -> int:
+    parser = argparse.ArgumentParser(prog="rlipv2")
+    data_synth.register(CommandTree(parser))
+    args = parser.parse_args(["data", "synth", "--out", str(out), "--size", "64", "--no-progress", *flags])
+    return args.handler(args)
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+def test_cli_never_writes_into_a_folder_of_the_users(tmp_path, overwrite):
+    out = tmp_path / "mine"
+    (out / "images").mkdir(parents=True)
+    (out / "scene_graphs.json").write_text("the user's graphs")
+    (out / "images" / "1.jpg").write_bytes(b"the user's photo")
+    before = _files(out)
+    with pytest.raises(UserError, match=rf"--out {out} is not empty and holds no synthetic_world.json.*new or empty"):
+        _synth(out, "--images", "2", *overwrite)
+    assert _files(out) == before
+    (tmp_path / "empty").mkdir()
+    assert _synth(tmp_path / "empty", "--images", "2") == 0          # an empty folder is fine
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(UserError, match="is a file, not a folder"):
+        _synth(tmp_path / "a_file", "--images", "2")
+
+
+def test_cli_overwrites_only_an_earlier_synth_output(tmp_path):
+    out = tmp_path / "s"
+    assert _synth(out, "--images", "4", "--split", "val") == 0
+    (out / "notes.txt").write_text("mine")
+    before = _files(out)
+    with pytest.raises(UserError, match=rf"--out {out} holds an earlier `rlipv2 data synth` output; pass --overwrite"):
+        _synth(out, "--images", "2", "--split", "val")
+    assert _files(out) == before
+    # fewer scenes of another split: nothing of the earlier output is left beside the new one
+    assert _synth(out, "--images", "2", "--split", "test", "--overwrite") == 0
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["2000001.jpg", "2000002.jpg"]
+    assert not (out / "val_hico.json").exists() and (out / "test_hico.json").is_file()
+    assert (out / "notes.txt").read_text() == "mine"
+    assert json.loads((out / "synthetic_world.json").read_text())["split"] == "test"
+    fresh = tmp_path / "fresh"
+    assert _synth(fresh, "--images", "2", "--split", "test") == 0
+    assert {k: v for k, v in _files(out).items() if k != "notes.txt"} == _files(fresh)   # as if written anew
+
+
+def test_cli_refuses_an_unreadable_world_file(tmp_path):
+    out = tmp_path / "s"
+    assert _synth(out, "--images", "1") == 0
+    (out / "synthetic_world.json").write_text('{"split": "../x", "images": 3}')
+    with pytest.raises(UserError, match="cannot be read as a `data synth` world description.*yourself"):
+        _synth(out, "--images", "1", "--overwrite")
+
+
 @pytest.mark.parametrize("kwargs, match", [({"split": "dev"}, "unknown split"), ({"size": 32}, "too small"),
                                            ({"seed": -1}, "non-negative"),
                                            ({"objects_per_image": (1, 3)}, "objects per image")])

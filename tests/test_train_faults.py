@@ -195,6 +195,43 @@ def test_a_config_error_found_by_the_ranks_is_one_line_exit_2(tmp_path):
     assert "Traceback" not in out and "ChildFailedError" not in out and "exitcode" not in out
 
 
+def test_a_new_run_refuses_a_used_run_directory_and_leaves_it_as_it_was(tmp_path):
+    """Without --resume a run would overwrite the folder's config and metrics and rotate its
+    checkpoints (or the user's folders named like them) away: it stops, naming the way on."""
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints" / "step_00000001").mkdir(parents=True)
+    (run_dir / "checkpoints" / "step_00000001" / "mydata").write_text("mine")
+    (run_dir / "metrics.jsonl").write_text("user metrics\n")
+    proc = _toy(run_dir, "train.max_steps=2", expect=2)
+    line = _error_lines(proc.stderr)[0]
+    assert f"run.dir '{run_dir}' is not empty (checkpoints, metrics.jsonl)" in line and "--resume auto" in line
+    assert (run_dir / "checkpoints" / "step_00000001" / "mydata").read_text() == "mine"
+    assert (run_dir / "metrics.jsonl").read_text() == "user metrics\n"
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints", "metrics.jsonl"]   # no config, no lock
+    # an empty folder, or one holding only a launcher's lock, is a new run's
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / "run.lock").touch()
+    _toy(fresh, "train.max_steps=1", "checkpoint.every_steps=1")
+    assert (fresh / "COMPLETED").is_file()
+
+
+def test_a_resume_that_changes_the_model_or_the_zero_stage_names_what_changed(tmp_path):
+    run_dir = tmp_path / "run"
+    _toy(run_dir, "train.max_steps=2", "checkpoint.every_steps=2")
+    latest = CheckpointManager(run_dir).latest_intact()
+    proc = _toy(run_dir, "train.max_steps=4", "model.d_model=32", "model.num_queries=10", "--resume", "auto",
+                expect=2)
+    line = _error_lines(proc.stderr)[0]
+    assert f"checkpoint '{latest}' does not fit this run's model (" in line, proc.stderr[-2000:]
+    assert "model.d_model: 64 in the checkpoint, 32 now; model.num_queries: " in line
+    assert f"train.init_from={run_dir}" in line and "Traceback" not in proc.stderr
+    proc = _toy(run_dir, "train.max_steps=4", "train.zero_stage=1", "--resume", "auto", expect=2)
+    assert (f"checkpoint '{latest}' was written with train.zero_stage=2, this run has 1: resume with "
+            "train.zero_stage=2" in _error_lines(proc.stderr)[0])
+    assert CheckpointManager(run_dir).latest_intact() == latest      # nothing written over
+
+
 def test_a_cut_short_last_metrics_line_is_dropped_with_a_warning(tmp_path, capsys):
     path = tmp_path / "metrics.jsonl"
     records = "".join(json.dumps({"step": s, "loss": 0.5}) + "\n" for s in (1, 2, 3))

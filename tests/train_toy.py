@@ -167,7 +167,8 @@ def toy_builder(nan_batches: frozenset[int] = frozenset(), delay: float = 0.0, s
     def build(cfg, info):
         if signal_in_build:   # SLURM's time-limit warning may arrive while the run is starting
             os.kill(os.getpid(), signal.SIGUSR1)
-        model = ToyRelModel(dropout=dropout)
+        # model.d_model sizes it (the tiny config's 64 → width 16), so a resume can meet another shape
+        model = ToyRelModel(width=cfg.model.d_model // 4, dropout=dropout)
         if streaming:
             from rlipv2_scale.data.streaming import build_train_loader
 

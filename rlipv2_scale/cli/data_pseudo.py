@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 from rlipv2_scale.data.pseudo.paraphrases import load_table, predicate_synonyms
@@ -22,8 +23,9 @@ def _caption(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from rlipv2_scale.data.pseudo.caption import BlipCaptioner, Captioner, SamplingConfig
-    from rlipv2_scale.data.pseudo.pipeline import caption_shards
+    from rlipv2_scale.data.pseudo.pipeline import caption_shards, require_images
 
+    require_images(args.shards)     # before a captioning model is loaded for nothing
     sampling = SamplingConfig(num_captions=args.num_captions, top_p=args.top_p, min_length=args.min_length,
                               max_length=args.max_length, seed=args.seed)
     captioner: Captioner
@@ -120,6 +122,11 @@ def _pseudo_label(args: argparse.Namespace) -> int:
     print(summary.format())
     print("relations per threshold: " + ", ".join(f"≥{k}: {v}" for k, v in rep["relations_per_threshold"].items()))
     print("top predicates: " + ", ".join(f"{p} ({n})" for p, n in rep["top_predicates"][:10]))
+    if summary.images == 0:
+        # Not an error (the threshold is the user's choice), but the folder would only fail in training.
+        print(f"rlipv2: warning: no image kept a relation at --threshold {args.threshold}: "
+              f"{Path(args.out) / 'shards'} holds no samples and cannot be trained on; lower --threshold "
+              f"(see the relations per threshold above) and rerun", file=sys.stderr)
     return 0
 
 

@@ -24,7 +24,7 @@ def register(tree) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rlipv2_scale.demo import FULL, QUICK, run_compare, run_demo
+    from rlipv2_scale.demo import FULL, QUICK, check_demo_steps, run_compare, run_demo
 
     plan = QUICK if args.quick else FULL
     changes = {k: v for k, v in (("steps", args.steps), ("nproc", args.nproc), ("train_seed", args.seed),
@@ -36,6 +36,8 @@ def run(args: argparse.Namespace) -> int:
     if changes.get("nproc", 1) not in (1, 2, 4, 8):
         raise UserError(f"--nproc must divide the 8 images of a step (1, 2, 4 or 8), got {args.nproc}")
     plan = dataclasses.replace(plan, **changes)
+    if not args.compare:        # --compare scores checkpoints and checks no losses
+        check_demo_steps(plan.steps)
     if "steps" in changes or "eval_every" in changes:
         plan = dataclasses.replace(plan, eval_every=max(1, min(plan.eval_every, plan.steps)))
     (run_compare if args.compare else run_demo)(args.out, plan=plan)

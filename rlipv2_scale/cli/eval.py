@@ -146,7 +146,10 @@ def run_hico(args: argparse.Namespace) -> int:
     if args.pred is None or args.gt is None:
         raise UserError("rlipv2 eval hico-det: give --gt FILE and --pred FILE, or run a model with "
                         "--checkpoint DIR --data ROOT")
-    space = hico_label_space()
+    from rlipv2_scale.inference import data_label_space
+
+    # As `--checkpoint` scores it: the dataset's own objects.json / verbs.json beside --gt, else HICO-DET's.
+    space = data_label_space(Path(args.gt).parent) or hico_label_space()
     zero_shot = args.zero_shot
     if zero_shot == "NF":
         raise UserError("--zero-shot NF has no built-in split: pass the file of unseen triplets, --zero-shot FILE")

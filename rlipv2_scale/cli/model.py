@@ -5,6 +5,7 @@ import argparse
 import json
 
 from rlipv2_scale.cli import CommandTree
+from rlipv2_scale.models.config import NAMED_CONFIGS
 
 
 def _summary(args: argparse.Namespace) -> int:
@@ -24,5 +25,5 @@ def _summary(args: argparse.Namespace) -> int:
 def register(tree: CommandTree) -> None:
     p = tree.group_command("model", "summary", "parameter counts of a model config (total, trainable, per group)",
                            _summary)
-    p.add_argument("config", help="a named config (tiny, r50, swin_t, swin_l, swin_l_hico, tagger_r50) or a YAML file")
+    p.add_argument("config", help=f"a named config ({', '.join(NAMED_CONFIGS)}) or a YAML file")
     p.add_argument("--json", action="store_true", help="print JSON: {config, total, trainable, groups}")

@@ -3,8 +3,9 @@
 The rules: the output never equals, contains or lies inside an input; the new output is written
 into a temporary sibling and moved into place only after it is complete (a failed or interrupted
 run leaves the previous output as it was); and `--overwrite` removes only a previous output this
-tool recognises as its own: the files its MDS `index.json` lists, and that index. Any other file in
-the folder stays.
+tool recognises as its own: the shard files its MDS `index.json` lists, and that index. Any other
+file in the folder stays; an index listing anything but shard names directly in the folder is
+refused.
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from pathlib import Path
 from rlipv2_scale.data.mds_index import INDEX, listed_files, read_index
 from rlipv2_scale.errors import UserError
 
-SHARD_FILE = re.compile(r"shard\.\d{5}\.mds(\.\w+)?")   # MDSWriter's shard names (plain or compressed)
+# MDSWriter's shard names: `shard.{n:05}.mds` (raw_data), plus a compression extension (zip_data)
+SHARD_FILE = re.compile(r"shard\.\d{5,}\.mds(\.(br|bz2|gz|snappy|zstd))?")
 
 
 def check_apart(out: str | os.PathLike, inputs: Iterable[str | os.PathLike | None]) -> None:
@@ -48,6 +50,13 @@ def own_files(out: Path) -> set[str]:
     except UserError as exc:
         raise UserError(f"--overwrite cannot tell which files in {out} are shards it wrote: {exc}. Remove the old "
                         f"shards yourself or choose another --out") from None
+    # The names come from a file anyone can edit: only a shard name the writer gives, directly in
+    # `out`, may be deleted (never `../x`, `/etc/x` or `notes.txt`).
+    foreign = sorted(name for name in own - {INDEX} if not SHARD_FILE.fullmatch(name))
+    if foreign:
+        raise UserError(f"{out / INDEX} lists {foreign[0]!r} as a shard, which is not a shard file name this tool "
+                        f"writes: the index is not one this tool wrote, and --overwrite removes nothing it lists. "
+                        f"Choose another --out, or remove the old output yourself")
     strays = sorted(p.name for p in out.iterdir() if SHARD_FILE.fullmatch(p.name) and p.name not in own)
     if strays:
         raise UserError(f"--out {out} holds shard files that no index.json there lists ({', '.join(strays[:3])}); "

@@ -21,10 +21,17 @@ from rlipv2_scale.data.mds_index import check_shards
 from rlipv2_scale.data.output import staged_output
 from rlipv2_scale.data.schema import RelationalRecord
 from rlipv2_scale.data.sources.base import Dropped, Item, Skip
-from rlipv2_scale.errors import DataError
+from rlipv2_scale.errors import DataError, UserError
 
 COLUMNS = {"key": "str", "image": "bytes", "annotation": "json"}
 EXAMPLES_PER_REASON = 5
+# The likely fix when every image of a run is skipped for one of these reasons.
+ALL_SKIPPED_FIX = {
+    "missing_image": "check --images: the annotation's image paths are read relative to that folder",
+    "image_size_mismatch": "check that --images holds the very images the annotation describes",
+    "corrupt_image": "check that the image files are whole JPEG or PNG files",
+    "annotation_without_image": "check that --annotations is the file that lists these images",
+}
 
 
 @dataclass
@@ -93,12 +100,14 @@ def write_shards(items: Iterable[Item], out_dir: str | os.PathLike, *, size_limi
                  inputs: Iterable[str | os.PathLike | None] = ()) -> ConvertSummary:
     """Write records in order; count `Skip` / `Dropped` notes. A record whose key (source/split/id)
     was already written is skipped as `duplicate_image` (the first is kept). With `strict`, the first
-    data error stops the run. The output folder is checked against `inputs` and written through
-    `staged_output`: a run that stops leaves `out_dir` as it was."""
+    data error stops the run; so does a run that writes nothing because of data errors. The output
+    folder is checked against `inputs` and written through `staged_output`: a run that stops leaves
+    `out_dir` as it was."""
     from streaming import MDSWriter  # (imported here: it takes seconds, and every CLI command imports this module)
 
     summary = ConvertSummary(out=str(out_dir))
     written: set[str] = set()
+    first_error: Skip | None = None
     with staged_output(out_dir, inputs, overwrite) as staged:
         writer = MDSWriter(out=str(staged), columns=COLUMNS, size_limit=size_limit)
         for item in items:
@@ -113,8 +122,16 @@ def write_shards(items: Iterable[Item], out_dir: str | os.PathLike, *, size_limi
                 writer.executor.shutdown(wait=False)
                 raise DataError(f"{item.message} [{item.reason}] (--strict stops at the first bad sample)",
                                 item.sample_id, item.reason)
+            if isinstance(item, Skip) and item.error and first_error is None:
+                first_error = item
             summary.add(item)
         writer.finish()
+        if summary.images == 0 and first_error is not None:
+            # Raised inside the block: an empty index would replace the previous output and pass for a success.
+            counts = ", ".join(f"{reason} {n}" for reason, n in summary.skipped.most_common())
+            fix = ALL_SKIPPED_FIX.get(first_error.reason, "fix the source data or the options that read it")
+            raise UserError(f"no image written to {out_dir}: all {sum(summary.skipped.values())} were skipped "
+                            f"({counts}); the first: {first_error.message}; {fix}")
     summary.shards = len(writer.shards)
     return summary
 

@@ -70,17 +70,23 @@ def make_streams(cfg: DataConfig) -> list[Stream]:
 
 
 def check_local_source(source: SourceConfig) -> None:
-    """A local source's index is there and every shard file it lists is whole (a truncated file
-    would otherwise fail as an IndexError on some sample mid-epoch)."""
+    """A local source's index is there, lists at least one sample, and every shard file it lists is
+    whole (a truncated file would otherwise fail as an IndexError on some sample mid-epoch)."""
     if source.local is None:
         raise ConfigError(f"data source '{source.name}' has neither local nor remote set")
     if not (Path(source.local) / "index.json").is_file():
         raise ConfigError(f"data source '{source.name}': '{source.local}' is not an MDS shard directory "
                           f"(no index.json); write shards with `rlipv2 data convert --out {source.local}`")
     try:
-        check_shards(source.local)
+        index = check_shards(source.local)
     except DataError as exc:
         raise DataError(f"data source '{source.name}': {exc}", exc.sample_id, exc.reason) from None
+    # Streaming would only fail later, in every rank, with a bare "Stream contains no samples".
+    if sum(info["samples"] for info in index["shards"]) == 0:
+        raise DataError(f"data source '{source.name}': '{source.local}' holds no samples (its index.json lists "
+                        f"none): the tool that wrote it kept no image (e.g. a `rlipv2 data pseudo-label "
+                        f"--threshold` too high); drop the source from data.sources or rewrite it",
+                        str(source.local), "empty_source")
 
 
 def _record(sample: dict[str, Any]) -> RelationalRecord:

@@ -31,7 +31,7 @@ from torch import nn
 from rlipv2_scale.config import from_dict, load_config, save_config, to_dict
 from rlipv2_scale.errors import UserError
 from rlipv2_scale.models.config import ModelConfig
-from rlipv2_scale.models.text import load_tokenizer
+from rlipv2_scale.models.text import NotAvailableError, load_tokenizer, looks_like_path
 
 CONFIG_FILE = "model.yaml"
 WEIGHTS_FILE = "model.safetensors"
@@ -108,6 +108,13 @@ def save_model_dir(out: str | os.PathLike, cfg: ModelConfig, state: Mapping[str,
     out = Path(out)
     if out.exists() and not is_model_dir(out):
         raise UserError(f"'{out}' exists and is not a model directory; choose another output folder")
+    # The old directory goes as a whole: nothing in it may be anything but what this writes.
+    foreign = sorted(p.name for p in out.iterdir()
+                     if p.name not in (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_DIR, CARD_FILE, README_FILE)) \
+        if out.exists() else []
+    if foreign:
+        raise UserError(f"model directory '{out}' also holds {', '.join(foreign)}, which replacing it would delete: "
+                        "move them out or choose another output folder")
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -143,6 +150,15 @@ def save_model_dir(out: str | os.PathLike, cfg: ModelConfig, state: Mapping[str,
     return out
 
 
+def resolve_tokenizer(cfg: ModelConfig, base: str | os.PathLike) -> ModelConfig:
+    """`cfg` with a relative tokenizer folder that exists under `base` (the folder of the YAML file
+    that names it) made absolute, so it does not depend on the current folder; anything else as is."""
+    ref = cfg.text.tokenizer
+    if ref and not Path(ref).is_absolute() and (Path(base) / ref).is_dir():
+        return replace(cfg, text=replace(cfg.text, tokenizer=str((Path(base) / ref).resolve())))
+    return cfg
+
+
 def read_model_dir(path: str | os.PathLike) -> ModelDir:
     """Config, weights and card of a model directory; every missing or malformed part is named."""
     from safetensors import SafetensorError, safe_open
@@ -161,11 +177,10 @@ def read_model_dir(path: str | os.PathLike) -> ModelDir:
             raise UserError(f"'{d}' is not a complete model directory: '{name}' is missing; write it again with "
                             "`rlipv2 export RUN --out DIR` (or `rlipv2 import-checkpoint`)")
     cfg = load_config(ModelConfig, d / CONFIG_FILE)
-    if cfg.text.tokenizer == TOKENIZER_DIR:
-        if not (d / TOKENIZER_DIR).is_dir():
-            raise UserError(f"'{d}': {CONFIG_FILE} names the tokenizer folder '{TOKENIZER_DIR}/', which is missing; "
-                            "copy the whole model directory")
-        cfg = replace(cfg, text=replace(cfg.text, tokenizer=str((d / TOKENIZER_DIR).resolve())))
+    if cfg.text.tokenizer == TOKENIZER_DIR and not (d / TOKENIZER_DIR).is_dir():
+        raise UserError(f"'{d}': {CONFIG_FILE} names the tokenizer folder '{TOKENIZER_DIR}/', which is missing; "
+                        "copy the whole model directory")
+    cfg = resolve_tokenizer(cfg, d)
     card = ModelCard()
     if (d / CARD_FILE).is_file():
         try:
@@ -280,10 +295,12 @@ def tokenizer_of(cfg: ModelConfig) -> Any:
     if cfg.text.tokenizer and Path(cfg.text.tokenizer).is_dir():
         return cfg.text.tokenizer
     ref = cfg.text.tokenizer
-    if ref and (Path(ref).is_absolute() or ref.startswith(".") or ref.count("/") > 1):   # a path, not a hub id
+    # A path, not a hub id; `tokenizer` is a model directory's own folder, kept as a reference it
+    # would name a folder the written directory lacks.
+    if ref and (looks_like_path(ref) or ref == TOKENIZER_DIR):
         raise UserError(f"tokenizer folder '{ref}' (model.text.tokenizer) does not exist: run from the directory "
                         "the run was started in, or point model.text.tokenizer at the folder")
     try:
         return load_tokenizer(cfg.text)
-    except OSError:
+    except NotAvailableError:
         return None

@@ -147,6 +147,7 @@ class Trainer:
         if t.deepspeed:
             ds_cfg = merge_deepspeed(ds_cfg, t.deepspeed)
         self.resumed_from = self._resume_checkpoint(resume)
+        self._check_stage(self.resumed_from)
         self.universal = self._prepare_reshard(self.resumed_from)
         if self.universal is not None:
             ds_cfg["checkpoint"] = {**ds_cfg.get("checkpoint", {}), "load_universal": True}
@@ -204,6 +205,27 @@ class Trainer:
             raise UserError(choice[1])
         return None if choice[0] is None else Path(choice[0])
 
+    def _check_stage(self, path: Path | None) -> None:
+        """DeepSpeed lays the optimizer out by ZeRO stage; a checkpoint resumes only at its own."""
+        if path is None:
+            return
+        stage = ckpt_io.read_trainer_state(path).get("zero_stage")
+        if stage is not None and stage != self.cfg.train.zero_stage:
+            raise UserError(f"checkpoint '{path}' was written with train.zero_stage={stage}, this run has "
+                            f"{self.cfg.train.zero_stage}: resume with train.zero_stage={stage}, or start a new run "
+                            f"from its weights (train.init_from={_run_of(path)}, a new run.dir)")
+
+    def _model_mismatch(self, path: Path, exc: RuntimeError) -> UserError:
+        """A checkpoint whose weights do not fit this run's model: the model settings that differ."""
+        old = _flat(to_dict(load_run_config(path / "config.yaml").model), "model")
+        new = _flat(to_dict(self.cfg.model), "model")
+        diff = [f"{k}: {old.get(k)!r} in the checkpoint, {new.get(k)!r} now" for k in sorted(old.keys() | new.keys())
+                if old.get(k) != new.get(k)]
+        return UserError(f"checkpoint '{path}' does not fit this run's model ({str(exc).splitlines()[0]}); "
+                         f"model settings changed: {'; '.join(diff) or 'none'}. Resume with the checkpoint's "
+                         f"settings, or start a new run from its weights (train.init_from={_run_of(path)}, "
+                         f"a new run.dir)")
+
     # ------------------------------------------------------------------ checkpointing
     def save(self, diverged_after: int | None = None) -> Path:
         """Every rank writes its part into the temporary directory; rank 0 commits (with
@@ -243,8 +265,13 @@ class Trainer:
         if not loader_file.is_file():
             raise UserError(f"checkpoint '{path}' has no loader state for rank {self.info.rank}")
         # Plain data only (no code from the files): what the trainer wrote there holds nothing else.
-        with ckpt_io.deepspeed_reads_weights_only(hint=ckpt_io.NOT_OURS):
-            self.accelerator.load_state(str(path))      # restores the RNG of this rank last
+        try:
+            with ckpt_io.deepspeed_reads_weights_only(hint=ckpt_io.NOT_OURS):
+                self.accelerator.load_state(str(path))      # restores the RNG of this rank last
+        except RuntimeError as exc:
+            if "state_dict" not in str(exc):
+                raise
+            raise self._model_mismatch(path, exc) from None
         self.scheduler.load_state_dict(torch_load(path / "scheduler.pt", hint=ckpt_io.NOT_OURS))
         self.loader.load_state_dict(torch_load(loader_file, hint=ckpt_io.NOT_OURS))
         self.step, self.epoch, self.samples = state["step"], state["epoch"], state["samples"]
@@ -289,9 +316,14 @@ class Trainer:
 
         groups = self.scheduler.optimizer.param_groups
         own = [{k: v for k, v in group.items() if k != "params"} for group in groups]
-        with ckpt_io.deepspeed_reads_weights_only(hint=ckpt_io.NOT_OURS):
-            self.engine.load_checkpoint(str(self.universal or path), tag="pytorch_model",
-                                        load_lr_scheduler_states=False)
+        try:
+            with ckpt_io.deepspeed_reads_weights_only(hint=ckpt_io.NOT_OURS):
+                self.engine.load_checkpoint(str(self.universal or path), tag="pytorch_model",
+                                            load_lr_scheduler_states=False)
+        except RuntimeError as exc:
+            if "state_dict" not in str(exc):
+                raise
+            raise self._model_mismatch(path, exc) from None
         dist.barrier()
         if self.is_main and self.universal is not None:
             shutil.rmtree(self.universal)
@@ -466,6 +498,18 @@ def build_rlipv2(cfg: RunConfig, info: DistInfo) -> Parts:
     return Parts(model, SetCriterion(cfg.loss), loader, evaluator)
 
 
+def _flat(tree: Any, prefix: str) -> dict[str, Any]:
+    """A config's nested dict as dotted keys (`model.alif.fusion`), as overrides name them."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    return {k: v for key, value in tree.items() for k, v in _flat(value, f"{prefix}.{key}").items()}
+
+
+def _run_of(ckpt: Path) -> Path:
+    """The run directory of a checkpoint `RUN/checkpoints/step_N` (what train.init_from takes)."""
+    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt
+
+
 def _missing(exc: FileNotFoundError) -> str:
     return (f"training data: '{exc.filename}' is missing ({exc.strerror}); the shard directory is incomplete: "
             f"convert or download that source again")
@@ -499,7 +543,7 @@ def run(cfg: RunConfig, resume: str | None = None, build: Builder | None = None)
     stop.install()
     lock = None
     try:
-        lock = _claim_run_directory(cfg)
+        lock = _claim_run_directory(cfg, resume)
         info = init_distributed()
         set_seed(cfg.train.seed)                    # identical initial weights on every rank
         parts = build(cfg, info)
@@ -517,16 +561,29 @@ def run(cfg: RunConfig, resume: str | None = None, build: Builder | None = None)
             lock.release()
 
 
-def _claim_run_directory(cfg: RunConfig):
-    """On rank 0, before anything can fail: the run directory's lock (unless a `spawn_local`
-    launcher holds it for its ranks; returned to be released), and no `PREEMPTED` of an earlier run."""
-    from rlipv2_scale.train.runlock import HELD_ENV, RunLock
+def _claim_run_directory(cfg: RunConfig, resume: str | None = None):
+    """On rank 0, before anything can fail: a new run (no --resume) only in an empty or new run
+    directory, the directory's lock (unless a `spawn_local` launcher holds it for its ranks;
+    returned to be released), and no `PREEMPTED` of an earlier run."""
+    from rlipv2_scale.train.runlock import HELD_ENV, LOCK_FILE, RunLock
 
     if os.environ.get("RANK", "0") != "0":
         return None
+    had_lock = (cfg.run.path / LOCK_FILE).exists()
     lock = None
-    if HELD_ENV not in os.environ:
+    if HELD_ENV not in os.environ:      # first: a folder in use is named as such
         lock = RunLock(cfg.run.path)
         lock.acquire()
+    # A new run in a used folder would overwrite its config and metrics, rotate its checkpoints
+    # (or the user's folders named like them) away and leave `latest` on the old run's weights.
+    held = sorted(p.name for p in cfg.run.path.iterdir() if p.name != LOCK_FILE) if cfg.run.path.is_dir() else []
+    if resume is None and held:
+        if lock is not None:
+            lock.release()
+            if not had_lock:
+                (cfg.run.path / LOCK_FILE).unlink(missing_ok=True)
+        raise UserError(f"run.dir '{cfg.run.path}' is not empty ({', '.join(held[:4])}"
+                        f"{', ...' if len(held) > 4 else ''}): continue that run with --resume auto, or give a new "
+                        f"run.dir (remove the folder yourself if it is to go)")
     (cfg.run.path / PREEMPTED_MARKER).unlink(missing_ok=True)
     return lock

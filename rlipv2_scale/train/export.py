@@ -94,6 +94,8 @@ def export_safetensors(source: str | os.PathLike, out: str | os.PathLike, trust_
 
     _, state = checkpoint_weights(find_checkpoint(source), trust_pickle)
     out = Path(out)
+    if out.exists() and not _is_safetensors(out):
+        raise UserError(f"'{out}' exists and is not a .safetensors weights file; choose another path")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(out.name + ".tmp")
@@ -102,6 +104,17 @@ def export_safetensors(source: str | os.PathLike, out: str | os.PathLike, trust_
         raise UserError(f"cannot write '{out}': {exc.strerror}; choose a writable path") from None
     os.replace(tmp, out)
     return len(state)
+
+
+def _is_safetensors(path: Path) -> bool:
+    """An existing file this export may replace: a readable safetensors file (an earlier export)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt"):
+            return True
+    except Exception:        # whatever the bytes are, they are not ours to overwrite
+        return False
 
 
 @contextlib.contextmanager

@@ -105,6 +105,14 @@ def output_path(out_dir: Path, rank: int) -> Path:
     return rank_file(out_dir, "captions", rank)
 
 
+def check_row(row: dict) -> str | None:
+    """What is wrong with a captions row (its image id is checked by `jsonl`), or None."""
+    caps = row.get("captions")
+    if not isinstance(caps, list) or not all(isinstance(c, str) for c in caps):
+        return f"has captions {repr(caps)[:80]}: they must be a list of strings"
+    return None
+
+
 def run_captioning(items: Iterable[ImageItem], captioner: Captioner, out_dir: str | Path, rank: int = 0,
                    world_size: int = 1, batch_size: int = 32,
                    progress: Callable[[int], None] | None = None) -> CaptionRunSummary:
@@ -112,7 +120,7 @@ def run_captioning(items: Iterable[ImageItem], captioner: Captioner, out_dir: st
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = output_path(out_dir, rank)
-    done = done_ids(path)
+    done = done_ids(path, check_row)
     summary = CaptionRunSummary()
 
     def mine() -> Iterator[ImageItem]:
@@ -153,4 +161,4 @@ def run_captioning(items: Iterable[ImageItem], captioner: Captioner, out_dir: st
 
 def read_captions(out_dir: str | Path) -> dict[str, list[str]]:
     """All ranks' caption files → {image_id (as str): captions}."""
-    return {str(row["image_id"]): row["captions"] for row in read_rows(out_dir, "captions")}
+    return {str(row["image_id"]): row["captions"] for row in read_rows(out_dir, "captions", check_row)}

@@ -11,6 +11,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable, Iterator
 
+from rlipv2_scale.data.mds_index import check_shards
 from rlipv2_scale.data.output import check_apart
 from rlipv2_scale.data.pseudo.candidates import CandidateChunk, build_candidates
 from rlipv2_scale.data.pseudo.caption import Captioner, CaptionRunSummary, ImageItem, read_captions, run_captioning
@@ -39,9 +40,18 @@ def _returning(value: bytes | None) -> Callable[[], bytes]:
     return lambda: value or b""          # no bytes: an undecodable image, counted by the captioner
 
 
+def require_images(shards: str | Path) -> None:
+    """A shard folder with no sample is an error: captioning it would 'succeed' with nothing to show."""
+    if sum(info["samples"] for info in check_shards(shards)["shards"]) == 0:
+        raise UserError(f"{shards} holds no images (its index.json lists no sample): nothing to caption; pass "
+                        f"a shard folder with images (`rlipv2 data convert --out DIR`)")
+
+
 def caption_shards(shards: str | Path, out_dir: str | Path, captioner: Captioner, rank: int = 0,
                    world_size: int = 1, batch_size: int = 32,
                    progress: Callable[[int], None] | None = None) -> CaptionRunSummary:
+    require_images(shards)
+
     def items() -> Iterator[ImageItem]:
         for rec in iter_records(shards):
             yield ImageItem(rec.image.id, _returning(rec.image_bytes))
@@ -61,7 +71,9 @@ def parse_shards(shards: str | Path, captions_dir: str | Path, parser: CaptionPa
     caption_triplets: dict[str, list] = {}
     no_candidates = no_captions = 0
     unmatched: Counter = Counter()      # object instances whose class has no paraphrase list
+    unknown = set(captions)             # captioned ids that no image of the shards has
     for rec in iter_records(shards):
+        unknown.discard(str(rec.image.id))
         caps = captions.get(str(rec.image.id))
         if caps is None:                # not captioned (failed to decode, or captioning unfinished)
             no_captions += 1
@@ -76,6 +88,10 @@ def parse_shards(shards: str | Path, captions_dir: str | Path, parser: CaptionPa
             caption_triplets[str(rec.image.id)] = [[[t.subject, t.phrase, t.object] for t in ts] for ts in per_caption]
         else:
             no_candidates += 1
+    if unknown:                         # their captions would be dropped: other shards were captioned
+        raise UserError(f"{captions_dir} holds captions of {len(unknown)} image id(s) that {shards} does not have "
+                        f"(e.g. {', '.join(repr(i) for i in sorted(unknown)[:3])}): pass the shards that were "
+                        f"captioned, or caption these shards into a new folder (`rlipv2 data caption --out`)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / CANDIDATES_FILE).write_text(json.dumps(candidates))

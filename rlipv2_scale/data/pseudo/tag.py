@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Iterable, Iterator, Protocol
 
@@ -211,6 +211,18 @@ def check_options(out_dir: Path, options: dict, rank: int) -> None:
         path.write_text(json.dumps(options, indent=1, sort_keys=True) + "\n")
 
 
+def check_row(row: dict) -> str | None:
+    """What is wrong with a tags row (its image id is checked by `jsonl`), or None."""
+    record, rels = row.get("record"), row.get("relations")
+    if not isinstance(record, dict) or not isinstance(record.get("image"), dict) \
+            or not isinstance(record.get("objects"), list):
+        return "has no record with an image and its objects"
+    keys = {f.name for f in fields(TaggedRelation)}
+    if not isinstance(rels, list) or not all(isinstance(r, dict) and r.keys() == keys for r in rels):
+        return f"has relations {repr(rels)[:80]}: they must be a list of objects with keys {', '.join(sorted(keys))}"
+    return None
+
+
 def run_tagging(items: Iterable[tuple], scorer: PairScorer,
                 out_dir: str | Path, cfg: TagConfig | None = None, rank: int = 0,
                 world_size: int = 1) -> TagRunSummary:
@@ -222,7 +234,7 @@ def run_tagging(items: Iterable[tuple], scorer: PairScorer,
     out_dir.mkdir(parents=True, exist_ok=True)
     check_options(out_dir, asdict(cfg), rank)
     path = output_path(out_dir, rank)
-    done = done_ids(path)
+    done = done_ids(path, check_row)
     summary = TagRunSummary()
     with path.open("a") as f:
         for k, (record, chunks, *evidence) in enumerate(items):
@@ -247,7 +259,7 @@ def run_tagging(items: Iterable[tuple], scorer: PairScorer,
 
 
 def read_tags(out_dir: str | Path) -> Iterator[tuple[dict, list[TaggedRelation]]]:
-    for row in read_rows(out_dir, "tags"):
+    for row in read_rows(out_dir, "tags", check_row):
         yield row["record"], [TaggedRelation(**r) for r in row["relations"]]
 
 

@@ -32,7 +32,8 @@ class TaggerScorer:
         unknown = sorted({o.name for o in record.objects} - set(self.index))
         if unknown:
             raise UserError(f"image {record.image.id!r}: object classes {unknown} are not in the tagger's class "
-                            f"list; pass the dataset's class names")
+                            f"list; pass the dataset's class names with `rlipv2 data tag --classes` (coco80, o365, synthetic "
+                            f"or a file of names; coco80 when not given)")
         image = decode(record.image_bytes, record.key)
         h, w = image.shape[-2:]
         boxes = torch.tensor([o.box for o in record.objects], dtype=torch.float32)
