@@ -4,6 +4,7 @@ Full-size layouts (200-400 M values) are checked on the meta device: names, shap
 aliases, strictness. Values are checked end to end on the tiny config through the real files.
 """
 import argparse
+import dataclasses
 import json
 import re
 from importlib import resources
@@ -212,6 +213,33 @@ def test_cli_import_export_round_trip_is_the_identity(tiny_original, tmp_path):
         a, b = model(images, mask, OBJ, REL), imported(images, mask, OBJ, REL)
     for key in OUTPUT_KEYS:
         assert torch.equal(getattr(a, key), getattr(b, key)), key
+
+
+def test_import_with_a_model_directorys_yaml_finds_its_tokenizer_from_any_folder(tiny_original, tmp_path,
+                                                                                 monkeypatch):
+    """`--config DIR/model.yaml` names `tokenizer` relative to DIR, not to the current folder."""
+    _, model, _, path = tiny_original
+    assert main(["import-checkpoint", str(path), "--config", "tiny", "--out", str(tmp_path / "models" / "m")]) == 0
+    assert main(["export-checkpoint", str(tmp_path / "models" / "m"), "--to-original", str(tmp_path / "back.pth")]) == 0
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert main(["import-checkpoint", "../back.pth", "--config", "../models/m/model.yaml", "--out", "again"]) == 0
+    again = load_pretrained("again")
+    assert (tmp_path / "elsewhere" / "again" / "tokenizer").is_dir()
+    assert again.text_encoder.tokenizer("person rides a horse")["input_ids"] == \
+        model.text_encoder.tokenizer("person rides a horse")["input_ids"]
+
+
+def test_import_with_a_yaml_whose_tokenizer_folder_is_missing_is_one_line(tiny_original, tmp_path, capsys):
+    cfg, _, _, path = tiny_original
+    from rlipv2_scale.config import save_config
+    cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, tokenizer="tokenizer"))
+    save_config(cfg, tmp_path / "model.yaml")   # no tokenizer/ beside it, nor in the current folder
+    assert main(["import-checkpoint", str(path), "--config", str(tmp_path / "model.yaml"),
+                 "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("rlipv2: error: tokenizer folder 'tokenizer' (model.text.tokenizer) does not exist")
+    assert "\n" not in err and not (tmp_path / "m").exists()
 
 
 def test_position_ids_follow_the_imported_file(tiny_original, tmp_path):

@@ -5,9 +5,9 @@ import pytest
 import torch
 from transformers import RobertaTokenizerFast
 
-from rlipv2_scale.errors import ConfigError
+from rlipv2_scale.errors import ConfigError, UserError
 from rlipv2_scale.models.config import named_config
-from rlipv2_scale.models.text import LabelEncoder, build_local_tokenizer
+from rlipv2_scale.models.text import LabelEncoder, build_local_tokenizer, from_pretrained, load_tokenizer
 
 
 def test_local_tokenizer_round_trips_any_text_and_uses_robertas_special_ids(tmp_path):
@@ -39,3 +39,64 @@ def test_tokenizer_larger_than_the_embedding_table_is_a_config_error(tmp_path):
     enc = LabelEncoder.build(cfg, pretrained=False)
     with pytest.raises(ConfigError, match="text.vocab_size"):
         enc.embed(["word1"])
+
+
+def _empty_offline_hub(monkeypatch, tmp_path):
+    """No Hub and an empty cache (huggingface_hub and transformers read them at import, hence both)."""
+    import huggingface_hub.constants as hf
+    import transformers.utils.hub as tf
+
+    for var in ("HF_HOME", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        monkeypatch.setenv(var, str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hf, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hf, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr(tf, "TRANSFORMERS_CACHE", str(tmp_path / "hf"))
+
+
+def test_tokenizer_and_text_encoder_not_cached_offline_are_user_errors_naming_them_and_the_fix(monkeypatch, tmp_path):
+    _empty_offline_hub(monkeypatch, tmp_path)
+    cfg = dataclasses.replace(named_config("tiny").text, pretrained="roberta-base")
+    with pytest.raises(UserError) as err:
+        load_tokenizer(cfg)
+    msg = str(err.value)
+    assert "tokenizer 'roberta-base' (model.text.tokenizer)" in msg and "HF_HUB_OFFLINE" in msg
+    assert "(`huggingface-cli download roberta-base --local-dir DIR`) and point model.text.tokenizer at DIR" in msg
+    with pytest.raises(UserError, match=r"text encoder 'roberta-base' \(model.text.pretrained\).*"
+                                        r"--local-dir DIR`\) and point model.text.pretrained at DIR"):
+        LabelEncoder.build(cfg, pretrained=True)
+    enc = LabelEncoder.build(cfg, pretrained=False)   # built without weights; the tokenizer fails when used
+    with pytest.raises(UserError, match="tokenizer 'roberta-base'"):
+        enc.embed(["horse"])
+
+
+def test_a_tokenizer_folder_that_does_not_exist_is_a_user_error(tmp_path):
+    cfg = dataclasses.replace(named_config("tiny").text, tokenizer=str(tmp_path / "nope"))
+    with pytest.raises(UserError, match=r"tokenizer folder '.*nope' \(model.text.tokenizer\) does not exist"):
+        load_tokenizer(cfg)
+
+
+def test_an_unreachable_hub_is_asked_once_not_retried_per_file(monkeypatch):
+    """Online but unreachable: one probe without retries decides, instead of transformers' minutes of
+    retries for every file (ending in an unrelated TypeError)."""
+    import huggingface_hub
+    import huggingface_hub.constants as hf
+    import requests
+
+    monkeypatch.setattr(hf, "HF_HUB_OFFLINE", False)
+    probes = []
+
+    def unreachable(repo_id, timeout=None):
+        probes.append(repo_id)
+        raise requests.ConnectionError("Failed to resolve 'huggingface.co'")
+
+    monkeypatch.setattr(huggingface_hub, "model_info", unreachable)
+    calls = []
+
+    def load(source, **kwargs):
+        calls.append(kwargs)
+        raise OSError("not in the cache")
+
+    with pytest.raises(UserError, match=r"could not be fetched from the Hugging Face Hub \(ConnectionError\)"):
+        from_pretrained(load, "roberta-base", "tokenizer", "model.text.tokenizer")
+    assert calls == [{"local_files_only": True}] and probes == ["roberta-base"]

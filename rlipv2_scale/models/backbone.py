@@ -23,7 +23,7 @@ from timm.models.swin_transformer import SwinTransformerBlock, window_partition,
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from rlipv2_scale.errors import ConfigError
+from rlipv2_scale.errors import ConfigError, UserError
 from rlipv2_scale.models.config import BackboneConfig
 
 _SWIN_ARCH = {"swin_tiny": "swin_tiny_patch4_window7_224", "swin_large": "swin_large_patch4_window7_224"}
@@ -40,7 +40,18 @@ def _timm_model(arch: str, weights: str | None, pretrained: bool, **kwargs) -> n
     if weights and weights.split(".")[0] != arch:
         raise ConfigError(f"backbone.pretrained_weights '{weights}' is not a checkpoint of '{arch}'; "
                           f"use an id of the form '{arch}.<tag>'")
-    return timm.create_model(name, pretrained=pretrained and weights is not None, num_classes=0, **kwargs)
+    if not (pretrained and weights):
+        return timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+    try:
+        return timm.create_model(name, pretrained=True, num_classes=0, **kwargs)
+    except OSError as exc:   # not cached and no Hub (LocalEntryNotFoundError), download failed (HTTP / URL errors)
+        hub_id = getattr(timm.models.get_pretrained_cfg(name), "hf_hub_id", None) or name
+        raise UserError(f"the backbone weights '{name}' (model.backbone.pretrained_weights) are not in the Hugging "
+                        f"Face cache and could not be downloaded ({type(exc).__name__}): download them where the Hub "
+                        f"is reachable (`huggingface-cli download {hub_id}`, into the cache this machine uses: "
+                        f"HF_HOME / HF_HUB_CACHE), or train the backbone from scratch with "
+                        f"model.backbone.pretrained_weights=null (and model.backbone.freeze_pretrained_parts=false)") \
+            from None
 
 
 class PadThenShiftSwinBlock(SwinTransformerBlock):

@@ -27,7 +27,7 @@ import torch
 
 from rlipv2_scale.config import deep_merge, from_dict, load_config, parse_overrides, to_dict
 from rlipv2_scale.errors import UserError
-from rlipv2_scale.models.artifacts import ModelCard, read_model_dir, save_model_dir, tokenizer_of
+from rlipv2_scale.models.artifacts import ModelCard, read_model_dir, resolve_tokenizer, save_model_dir, tokenizer_of
 from rlipv2_scale.models.config import NAMED_CONFIGS, RELEASED, ModelConfig, named_config
 from rlipv2_scale.models.original_keys import original_key
 
@@ -329,7 +329,8 @@ def resolve_import_config(config: str, overrides: list[str] | None = None) -> Mo
     if config in NAMED_CONFIGS:
         data = to_dict(named_config(config))
     elif Path(config).is_file():
-        data = to_dict(load_config(ModelConfig, config))
+        # A model directory's model.yaml names its tokenizer relative to its own folder.
+        data = to_dict(resolve_tokenizer(load_config(ModelConfig, config), Path(config).parent))
     else:
         raise UserError(f"'{config}' is neither a model config ({', '.join(RELEASED)}) nor a YAML file")
     data = deep_merge(data, parse_overrides(overrides or []))

@@ -13,12 +13,15 @@ import functools
 import tempfile
 from importlib import resources
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import torch
 from transformers import RobertaConfig, RobertaModel, RobertaTokenizerFast
 
-from rlipv2_scale.errors import ConfigError
+from rlipv2_scale.errors import ConfigError, UserError
 from rlipv2_scale.models.config import TextConfig
+
+_T = TypeVar("_T")
 
 _SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]   # RoBERTa's ids 0..4
 
@@ -65,8 +68,62 @@ def roberta_config(cfg: TextConfig) -> RobertaConfig:
                          layer_norm_eps=1e-5, pad_token_id=1, bos_token_id=0, eos_token_id=2)
 
 
+def looks_like_path(ref: str) -> bool:
+    """True for a reference that can only be a local folder, never a Hub id (`org/name` or `name`)."""
+    return Path(ref).is_absolute() or ref.startswith((".", "~")) or ref.count("/") > 1 or "\\" in ref
+
+
+# What transformers raises for a source it cannot load: OSError (hub and cache errors, missing files),
+# ValueError (invalid repo ids), TypeError (a tokenizer whose vocabulary files were not found).
+_LOAD_ERRORS = (OSError, ValueError, TypeError)
+
+
+class NotAvailableError(UserError):
+    """A tokenizer / text encoder that is neither a local folder nor cached, and cannot be downloaded now."""
+
+
+def from_pretrained(load: Callable[..., _T], source: str, what: str, setting: str) -> _T:
+    """`load(source)` (a transformers `from_pretrained`) of a local folder or a Hub id; a UserError
+    naming `source`, `setting` and the fix when it cannot be loaded.
+
+    A Hub id is read from the cache first, and the Hub is asked once (no retries) before
+    downloading: unreachable, transformers retries every file for minutes and then fails with an
+    unrelated error."""
+    fix = (f"download it where the Hub is reachable (`huggingface-cli download {source} --local-dir DIR`) "
+           f"and point {setting} at DIR")
+    path = Path(source).expanduser()
+    if path.is_dir():
+        try:
+            return load(str(path))
+        except _LOAD_ERRORS as exc:
+            raise UserError(f"{what} folder '{source}' ({setting}) cannot be loaded ({type(exc).__name__}: {exc}); "
+                            f"point {setting} at a complete folder, or {fix}") from None
+    if looks_like_path(source):
+        raise NotAvailableError(f"{what} folder '{source}' ({setting}) does not exist; point {setting} at the "
+                                f"folder, or {fix}")
+    try:
+        return load(source, local_files_only=True)
+    except _LOAD_ERRORS:
+        pass
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        reason = "the Hub is switched off (HF_HUB_OFFLINE)"
+    else:
+        try:
+            huggingface_hub.model_info(source, timeout=10)
+            return load(source)
+        except _LOAD_ERRORS as exc:
+            reason = f"it could not be fetched from the Hugging Face Hub ({type(exc).__name__})"
+    raise NotAvailableError(f"{what} '{source}' ({setting}) is neither a local folder nor in the Hugging Face "
+                            f"cache, and {reason}: {fix}")
+
+
 def _load(source: str | None, vocab_size: int) -> RobertaTokenizerFast:
-    return RobertaTokenizerFast.from_pretrained(source) if source is not None else default_tokenizer(vocab_size)
+    if source is None:
+        return default_tokenizer(vocab_size)
+    return from_pretrained(RobertaTokenizerFast.from_pretrained, source, "tokenizer", "model.text.tokenizer")
 
 
 def load_tokenizer(cfg: TextConfig) -> RobertaTokenizerFast:
@@ -89,7 +146,7 @@ class LabelEncoder(RobertaModel):
     @classmethod
     def build(cls, cfg: TextConfig, pretrained: bool = True) -> "LabelEncoder":
         if pretrained and cfg.pretrained:
-            model = cls.from_pretrained(cfg.pretrained)
+            model = from_pretrained(cls.from_pretrained, cfg.pretrained, "text encoder", "model.text.pretrained")
             for key in ("hidden_size", "num_layers", "vocab_size"):
                 want = getattr(cfg, key)
                 got = getattr(model.config, {"num_layers": "num_hidden_layers"}.get(key, key))
