@@ -206,9 +206,21 @@ def submit(script_path: Path) -> str:
     return proc.stdout.strip().split(";")[0]
 
 
+_JOB_ID = re.compile(r"\d+(?:_\d+)?")   # a job, or one task of a job array (12345_3)
+
+
+def check_job_id(job_id: str) -> str:
+    """A SLURM job id as `squeue -j` / `scancel` take it; anything else (an option such as
+    `--user=root`, a path, a name) is refused before a command is run."""
+    if not isinstance(job_id, str) or not _JOB_ID.fullmatch(job_id):
+        raise UserError(f"job id {job_id!r} is not a SLURM job id: give the number `rlipv2 cluster submit` "
+                        f"printed (e.g. 12345, or 12345_3 for one task of a job array)")
+    return job_id
+
+
 def status(job_id: str | None = None) -> str:
     args = [_slurm_bin("squeue"), "-o", "%.18i %.9P %.30j %.8T %.10M %.6D %R"]
-    args += ["-j", job_id] if job_id else ["-u", os.environ.get("USER", "root")]
+    args += ["-j", check_job_id(job_id)] if job_id is not None else ["-u", os.environ.get("USER", "root")]
     proc = subprocess.run(args, capture_output=True, text=True)
     if proc.returncode != 0:
         raise UserError(f"squeue failed: {proc.stderr.strip()}")
@@ -216,6 +228,7 @@ def status(job_id: str | None = None) -> str:
 
 
 def cancel(job_id: str) -> None:
+    check_job_id(job_id)
     proc = subprocess.run([_slurm_bin("scancel"), job_id], capture_output=True, text=True)
     if proc.returncode != 0:
         raise UserError(f"scancel {job_id} failed: {proc.stderr.strip()}")

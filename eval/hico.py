@@ -50,6 +50,7 @@ from rlipv2_scale.eval.relation_json import (
     flatten_relations,
     load_candidates,
     load_ground_truth,
+    missing_predictions,
 )
 from rlipv2_scale.eval.triplet_nms import TripletNMS
 from rlipv2_scale.labels.space import LabelSpace, hico_label_space
@@ -197,9 +198,14 @@ def evaluate_hico(gt: list[dict] | RelationFile, preds: list[dict] | RelationFil
     "per_triplet" (AP and max recall of every ground-truth triplet)."""
     space = label_space or hico_label_space()
     g = load_ground_truth(gt, space)
-    cand = order_within_images(load_candidates(preds, g, space, top_k=top_k), nms, space)
+    cand = load_candidates(preds, g, space, top_k=top_k)
+    n_missing, warnings = missing_predictions(g, cand)
+    cand = order_within_images(cand, nms, space)
     ranked = rank_candidates(g, cand, space, strict)
-    return _summarise(g, ranked, space, train, zero_shot, strict)
+    out = _summarise(g, ranked, space, train, zero_shot, strict)
+    out["n_images_without_predictions"] = n_missing
+    out["warnings"] = warnings
+    return out
 
 
 def rank_candidates(g: GroundTruth, cand: Candidates, space: LabelSpace, strict: bool) -> tuple[np.ndarray, np.ndarray, Ranked]:

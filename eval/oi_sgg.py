@@ -30,7 +30,14 @@ import numpy as np
 from rlipv2_scale.eval.boxes import pairwise_pixel_iou, pixel_iou
 from rlipv2_scale.eval.files import read_ground_truth, read_predictions
 from rlipv2_scale.eval.hico import Ranked, rank_candidates, triplet_ap
-from rlipv2_scale.eval.relation_json import Candidates, GroundTruth, RelationFile, load_candidates, load_ground_truth
+from rlipv2_scale.eval.relation_json import (
+    Candidates,
+    GroundTruth,
+    RelationFile,
+    load_candidates,
+    load_ground_truth,
+    missing_predictions,
+)
 from rlipv2_scale.eval.triplet_nms import TripletNMS, grouped_nms
 from rlipv2_scale.labels.space import LabelSpace
 
@@ -143,8 +150,8 @@ def evaluate_oi_sgg(gt: list[dict] | RelationFile, preds: list[dict] | RelationF
     space = label_space or oi_label_space()
     g = load_ground_truth(gt, space, rel_key="rel_annotations")
     cand = load_candidates(preds, g, space, top_k=100, use_valid=False, rel_key="rel_predictions")
-    warnings: list[str] = []
-    out: dict = {}
+    n_missing, warnings = missing_predictions(g, cand)
+    out: dict = {"n_images_without_predictions": n_missing}
     for k in (50, 100):
         n_gt, ap_rel, n_tp, ap_phr = _one_pass(g, cand, space, k, nms, warnings if k == 100 else [])
         total = int(n_gt.sum())

@@ -22,6 +22,7 @@ the malformed entry, so that both paths score alike and a malformed file never s
 """
 from __future__ import annotations
 
+import difflib
 import gc
 import re
 from collections import Counter
@@ -63,13 +64,50 @@ class Candidates:
     score: np.ndarray  # float64
     boxes: np.ndarray  # [M, 4] predicted boxes
     box_cat: np.ndarray  # [M] object index
+    n_listed: int = 0  # ground-truth images that the predictions list (with or without candidates)
 
 
 def _where(file_name: str, role: str) -> str:
     return f"{role} for image {file_name!r}"
 
 
-def _boxes(items: list, file_name: str, role: str, field_name: str) -> np.ndarray:
+# The relation lists of the supported datasets, ground truth and predictions, and their plural / singular
+# slips: one of these in place of the key expected is a near miss (see `_missing_key`).
+RELATION_KEYS = ("hoi_annotation", "hoi_annotations", "rel_annotations", "rel_annotation", "hoi_prediction",
+                 "hoi_predictions", "rel_predictions", "rel_prediction")
+
+
+def _near_miss(entry: dict, key: str, present: tuple[str, ...] = (), fuzzy: bool = True) -> str | None:
+    """A key of `entry` (not one of `present`, the keys it has rightly) that looks like a misspelt `key`:
+    another relation list's name, or (`fuzzy`) a close spelling."""
+    others = [k for k in entry if isinstance(k, str) and k != key and k not in present]
+    if key in RELATION_KEYS:
+        known = [k for k in others if k in RELATION_KEYS]
+        if known:
+            return known[0]
+    close = difflib.get_close_matches(key, others, n=1, cutoff=0.75) if fuzzy else []
+    return close[0] if close else None
+
+
+def _missing_key(entry: dict, key: str, name: str, role: str, present: tuple[str, ...] = (),
+                 fuzzy: bool = True) -> UserError:
+    found = _near_miss(entry, key, present, fuzzy)
+    hint = f"; it has {found!r} instead: rename it to {key!r}" if found else ""
+    return UserError(f"{_where(name, role)}: the entry has no {key!r} key{hint}")
+
+
+def _check_box_order(arr: np.ndarray, file_name: str, role: str, field_name: str, key: str = "bbox") -> None:
+    """x2 >= x1 and y2 >= y1 (a box of negative size never overlaps anything: it is a mistake, such as
+    [x, y, w, h] or a swapped corner). Zero-size boxes occur in the datasets and stay valid."""
+    bad = (arr[:, 2] < arr[:, 0]) | (arr[:, 3] < arr[:, 1])
+    if bad.any():
+        j = int(np.argmax(bad))
+        where = f"{field_name}[{j}].{key}" if key else f"{field_name}[{j}]"
+        raise UserError(f"{_where(file_name, role)}: {where} = {arr[j].tolist()} has x2 < x1 or y2 < y1; boxes "
+                        f"are [x1, y1, x2, y2] with x2 >= x1 and y2 >= y1")
+
+
+def _boxes(items: list, file_name: str, role: str, field_name: str, check_order: bool = True) -> np.ndarray:
     if not isinstance(items, list):
         raise UserError(f"{_where(file_name, role)}: {field_name!r} must be a list")
     if not items:
@@ -92,6 +130,8 @@ def _boxes(items: list, file_name: str, role: str, field_name: str) -> np.ndarra
     if bad.any():
         j = int(np.argmax(bad))
         raise UserError(f"{_where(file_name, role)}: {field_name}[{j}].bbox has a non-finite value {arr[j].tolist()}")
+    if check_order:
+        _check_box_order(arr, file_name, role, field_name)
     return arr
 
 
@@ -166,7 +206,8 @@ class FlatRelations:
     score: np.ndarray | None  # [R]
 
 
-def _flatten(boxes_of: list, rels_of: list, space: LabelSpace, with_score: bool, getter=itemgetter) -> FlatRelations:
+def _flatten(boxes_of: list, rels_of: list, space: LabelSpace, with_score: bool, getter=itemgetter,
+             check_order: bool = True) -> FlatRelations:
     """One pass per field over every image's dicts, then one vectorised validation. Raises KeyError /
     TypeError / ValueError / AttributeError on anything malformed; the slow per-entry checks then name
     the culprit. (The listed dicts are read once each: that reading is most of the evaluator's time.)"""
@@ -181,6 +222,8 @@ def _flatten(boxes_of: list, rels_of: list, space: LabelSpace, with_score: bool,
     obj_table, verb_table = space.id_lookup("object"), space.id_lookup("verb")
     if cat_ids is None or ids is None or not (np.isfinite(boxes).all() and np.isfinite(rel[:, 3:]).all()):
         raise ValueError("invalid value")
+    if check_order and ((boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])).any():
+        raise ValueError("a box of negative size")
     sub, obj, verb_ids = ids.T
     rel_boxes = np.repeat(n_box, n_rel)  # boxes of each relation's image
     if not (((cat_ids >= 0) & (cat_ids < len(obj_table))).all()
@@ -200,7 +243,8 @@ def flatten_relations(entries: list[dict], space: LabelSpace, box_key: str, rel_
     on anything malformed, for the caller's slow path to name it."""
     if not isinstance(entries, list):
         raise TypeError("not a list of images")
-    return _flatten([e[box_key] for e in entries], [e[rel_key] for e in entries], space, with_score=False)
+    return _flatten([e[box_key] for e in entries], [e[rel_key] for e in entries], space, with_score=False,
+                    check_order=False)  # (training annotations: only their labels are counted)
 
 
 class _Box(msgspec.Struct, gc=False):
@@ -219,15 +263,20 @@ class _ScoredRel(_Rel, gc=False):
 
 
 @lru_cache(maxsize=None)
-def _listed_decoder(box_key: str, rel_key: str, with_score: bool, optional: frozenset) -> msgspec.json.Decoder:
-    """Decoder of one image's entry."""
+def _listed_decoder(box_key: str, rel_key: str, with_score: bool,
+                    optional: frozenset) -> tuple[msgspec.json.Decoder, tuple[str, ...]]:
+    """Decoder of one image's entry. An optional relation list's near misses (`RELATION_KEYS`) are
+    kept as raw text (`near_misses`): an entry that has one goes to the checks of the list-of-dicts path."""
     def field(key: str):
         return msgspec.field(name=key, default_factory=list) if key in optional else msgspec.field(name=key)
+    near = [k for k in RELATION_KEYS if k != rel_key and rel_key in optional and rel_key in RELATION_KEYS]
     image = msgspec.defstruct("ListedImage", [
         ("file_name", str), ("verb_scores", msgspec.Raw, msgspec.field(default_factory=msgspec.Raw)),
         ("boxes", list[_Box], field(box_key)),
-        ("rels", list[_ScoredRel if with_score else _Rel], field(rel_key))], kw_only=True, gc=False)
-    return msgspec.json.Decoder(image)
+        ("rels", list[_ScoredRel if with_score else _Rel], field(rel_key))]
+        + [(f"near_{i}", msgspec.Raw, msgspec.field(name=k, default_factory=msgspec.Raw)) for i, k in enumerate(near)],
+        kw_only=True, gc=False)
+    return msgspec.json.Decoder(image), tuple(f"near_{i}" for i in range(len(near)))
 
 
 _RAW_LIST = msgspec.json.Decoder(list[msgspec.Raw])
@@ -262,7 +311,8 @@ def _refuse_wrong_type(exc: msgspec.ValidationError, raws: list, decode, what: s
 
 
 def decode_listed(data: bytes, space: LabelSpace, box_key: str, rel_key: str, *, with_score: bool = False,
-                  optional: tuple[str, ...] = (), what: str = "predictions") -> RelationFile | None:
+                  optional: tuple[str, ...] = (), what: str = "predictions",
+                  check_order: bool = True) -> RelationFile | None:
     """JSON text of a list of images with `box_key` boxes and `rel_key` relations (`optional` ones may be
     absent: no boxes / no relations) decoded into typed structs, never a dict per box, then columns, a
     chunk of images at a time (the objects of a whole file would take several times its size). None
@@ -270,7 +320,8 @@ def decode_listed(data: bytes, space: LabelSpace, box_key: str, rel_key: str, *,
     of the wrong type, an id out of range; the caller then reads the file as plain JSON and the checks
     of the list-of-dicts path name the entry or accept the other form. A boolean or string where a
     number belongs raises the `UserError` (naming the `what` entry) here."""
-    decode = _listed_decoder(box_key, rel_key, with_score, frozenset(optional)).decode
+    decoder, near_misses = _listed_decoder(box_key, rel_key, with_score, frozenset(optional))
+    decode = decoder.decode
     gc_was_enabled = gc.isenabled()
     gc.disable()  # (millions of new acyclic objects: the collector's passes over them would cost a quarter)
     try:
@@ -284,8 +335,10 @@ def decode_listed(data: bytes, space: LabelSpace, box_key: str, rel_key: str, *,
                 raise
             if with_score and any(map(len, map(attrgetter("verb_scores"), entries))):
                 return None
+            if any(len(getattr(e, k)) for k in near_misses for e in entries):
+                return None
             parts.append(_flatten([e.boxes for e in entries], [e.rels for e in entries], space, with_score,
-                                  attrgetter))
+                                  attrgetter, check_order))
             names += [e.file_name for e in entries]
     except (msgspec.ValidationError, msgspec.DecodeError, ValueError):
         return None
@@ -318,7 +371,10 @@ def _validate_gt_entry(i: int, entry, space: LabelSpace, rel_key: str) -> None:
     name = entry.get("file_name") if isinstance(entry, dict) else None
     if not isinstance(name, str):
         raise UserError(f"ground truth entry {i} has no 'file_name' string")
-    anns = entry.get("annotations", [])
+    for key in ("annotations", rel_key):  # (both required, as the reference evaluators index them)
+        if key not in entry:
+            raise _missing_key(entry, key, name, "ground truth", ("file_name", "annotations", rel_key))
+    anns = entry["annotations"]
     _boxes(anns, name, "ground truth", "annotations")
     _ids_to_index(_int_column(anns, "category_id", name, "ground truth", "annotations"), space.id_lookup("object"),
                   name, "ground truth", "annotations", "object")
@@ -335,8 +391,8 @@ def load_ground_truth(entries: list[dict] | RelationFile, space: LabelSpace,
         names = [e["file_name"] for e in entries]
         if not all(isinstance(n, str) for n in names):
             raise TypeError("file_name")
-        return _ground_truth(names, _flatten([e.get("annotations", []) for e in entries],
-                                             [e.get(rel_key, []) for e in entries], space, with_score=False))
+        return _ground_truth(names, _flatten([e["annotations"] for e in entries], [e[rel_key] for e in entries],
+                                             space, with_score=False))
     except (KeyError, TypeError, ValueError, AttributeError, IndexError):
         for i, entry in enumerate(entries):
             _validate_gt_entry(i, entry, space, rel_key)
@@ -353,6 +409,56 @@ def _ground_truth(names: list[str], f: FlatRelations) -> GroundTruth:
     return GroundTruth(names, box_offset, f.boxes, f.box_cat, rel_img, f.sub, f.obj, f.verb)
 
 
+_NUMBER_TYPES = (int, float, np.integer, np.floating)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, _NUMBER_TYPES) and not isinstance(v, (bool, np.bool_))
+
+
+def _query_array(entry: dict, key: str, name: str, *, rows: bool = False, integer: bool = False) -> np.ndarray:
+    """A per-query field (`rows`: a list of equal-length lists of numbers, else a list of numbers; `integer`:
+    whole numbers) as float64, with a `UserError` naming the first malformed element: numpy would read
+    "1" and true as numbers, cut 1.5 to 1, or fail with its own error on ragged rows."""
+    where = f"predictions for image {name!r}"
+    value = entry[key]
+    what = "an integer" if integer else "a number"
+    if isinstance(value, (list, tuple)):
+        if rows:
+            for j, row in enumerate(value):
+                if not isinstance(row, (list, tuple, np.ndarray)):
+                    raise UserError(f"{where}: {key}[{j}] must be a list of numbers, got {row!r}")
+            lengths = set(map(len, value))
+            if len(lengths) > 1:
+                j = next(j for j, row in enumerate(value) if len(row) != len(value[0]))
+                raise UserError(f"{where}: {key} rows differ in length ({key}[0] has {len(value[0])} values, "
+                                f"{key}[{j}] has {len(value[j])}); give one row per query, all of the same length")
+            flat = list(chain.from_iterable(value))
+        else:
+            flat = list(value)
+        if not set(map(type, flat)) <= {int, float}:  # (the common case at C speed; then the exact test)
+            for k, v in enumerate(flat):
+                if not _is_number(v):
+                    at = f"{key}[{k // len(value[0])}][{k % len(value[0])}]" if rows else f"{key}[{k}]"
+                    raise UserError(f"{where}: {at} must be {what}, got {v!r}")
+        arr = np.asarray(value, dtype=np.float64)
+    else:  # an array (the Python API)
+        try:
+            arr = np.asarray(value)
+        except (TypeError, ValueError):
+            arr = np.asarray(None)
+        if arr.dtype.kind not in "iuf" or arr.ndim != (2 if rows else 1):
+            raise UserError(f"{where}: {key!r} must be a list of {'lists of numbers' if rows else 'numbers'}, "
+                            f"got {type(value).__name__} of {arr.dtype} with shape {arr.shape}")
+        arr = arr.astype(np.float64)
+    if integer and len(arr):
+        bad = ~np.isfinite(arr) | (arr != np.round(arr))
+        if bad.any():
+            j = int(np.argmax(bad))
+            raise UserError(f"{where}: {key}[{j}] must be an integer, got {arr[j]}")
+    return arr
+
+
 def _pred_boxes(entry: dict, name: str, space: LabelSpace) -> tuple[np.ndarray, np.ndarray]:
     if "predictions" in entry:
         preds = entry["predictions"]
@@ -361,16 +467,19 @@ def _pred_boxes(entry: dict, name: str, space: LabelSpace) -> tuple[np.ndarray, 
                           space.id_lookup("object"), name, "predictions", "predictions", "object")
         return b, c
     if "boxes" in entry and "labels" in entry:
-        b = np.asarray(entry["boxes"], dtype=np.float64)
-        c = np.asarray(entry["labels"])
+        b = _query_array(entry, "boxes", name, rows=True)
+        c = _query_array(entry, "labels", name, integer=True)
         if b.ndim != 2 or b.shape[1] != 4 or not np.isfinite(b).all():
             raise UserError(f"predictions for image {name!r}: 'boxes' must be N x 4 finite numbers, got shape {b.shape}")
+        _check_box_order(b, name, "predictions", "boxes", key="")
         if c.shape != (len(b),) or (len(c) and ((c < 0) | (c >= space.n_objects)).any()):
             raise UserError(f"predictions for image {name!r}: 'labels' must be {len(b)} object indices "
                             f"in [0, {space.n_objects})")
         return b, c.astype(np.int64)
+    found = _near_miss(entry, "predictions", ("boxes", "labels", "verb_scores", "sub_ids", "obj_ids"))
+    hint = f"; it has {found!r} instead: rename it to 'predictions'" if found else ""
     raise UserError(f"predictions for image {name!r}: need 'predictions' (boxes with category_id) "
-                    f"or 'boxes' + 'labels'")
+                    f"or 'boxes' + 'labels'{hint}")
 
 
 def _raw_candidates(entry: dict, name: str, cats: np.ndarray, space: LabelSpace, use_valid: bool,
@@ -378,12 +487,12 @@ def _raw_candidates(entry: dict, name: str, cats: np.ndarray, space: LabelSpace,
     """Per-query form: every (query, verb) is a candidate, query-major. Only the image's top_k by
     (masked) score are returned, in their listed order, so that nothing of size Q x V piles up."""
     n_verbs = space.n_verbs
-    scores = np.asarray(entry["verb_scores"], dtype=np.float64)
+    scores = _query_array(entry, "verb_scores", name, rows=True)
     if scores.ndim != 2 or scores.shape[1] != n_verbs:
         raise UserError(f"predictions for image {name!r}: 'verb_scores' must be Q x {n_verbs}, got shape {scores.shape}")
     q = scores.shape[0]
-    sub = np.asarray(entry.get("sub_ids", []))
-    obj = np.asarray(entry.get("obj_ids", []))
+    sub, obj = (_query_array(entry, key, name, integer=True) if key in entry else np.zeros(0)
+                for key in ("sub_ids", "obj_ids"))
     for key, ids in (("sub_ids", sub), ("obj_ids", obj)):
         if ids.shape != (q,):
             raise UserError(f"predictions for image {name!r}: {key!r} must have one id per query ({q})")
@@ -419,6 +528,20 @@ def _community_candidates(entries: list[dict], img: list[int], space: LabelSpace
     f = _flatten([e["predictions"] for e in entries], [e.get(rel_key, []) for e in entries], space,
                  with_score=True)
     return np.asarray(img, np.int64), f.n_rel, f.sub, f.obj, f.verb, f.score, f.boxes, f.box_cat
+
+
+def missing_predictions(g: GroundTruth, cand: Candidates) -> tuple[int, list[str]]:
+    """Ground-truth images that the predictions do not list, and the warning about them. (The protocol
+    scores such an image as one without detections, so it is no error; but a file of predictions for
+    part of the test set, or for none of it, is worth a word.)"""
+    missing = g.n_images - cand.n_listed
+    if not missing:
+        return 0, []
+    if not cand.n_listed:
+        return missing, [f"the predictions list no image: {missing} of {g.n_images} ground-truth images have no "
+                         f"predictions (scored as no detections)"]
+    return missing, [f"{missing} of {g.n_images} ground-truth images have no predictions (scored as no "
+                     f"detections); give every test image an entry, even one without candidates"]
 
 
 def rank_within_images(seg_img: np.ndarray, seg_len: np.ndarray, score: np.ndarray,
@@ -480,6 +603,8 @@ def load_candidates(preds: list[dict] | RelationFile, gt: GroundTruth, space: La
         community, community_img = [], []
         for k, entry in enumerate(preds):
             i = _image_of(entry.get("file_name") if isinstance(entry, dict) else None, k, index, seen)
+            if rel_key not in entry and "verb_scores" not in entry and _near_miss(entry, rel_key, fuzzy=False):
+                raise _missing_key(entry, rel_key, entry["file_name"], "predictions", fuzzy=False)
             if "verb_scores" in entry or "predictions" not in entry:
                 raw.append((i, entry, entry["file_name"]))
             else:
@@ -501,7 +626,7 @@ def load_candidates(preds: list[dict] | RelationFile, gt: GroundTruth, space: La
         parts.append((np.array([i]), np.array([len(score)]), sub, obj, verb, score, boxes, cats))
     if not parts:
         z = np.zeros(0, np.int64)
-        return Candidates(z, z, z, z, np.zeros(0), np.zeros((0, 4)), z)
+        return Candidates(z, z, z, z, np.zeros(0), np.zeros((0, 4)), z, len(seen))
     if len(parts) == 1:  # (a whole community file: no copies of its large arrays)
         seg_img, seg_len, sub, obj, verb, score, boxes, box_cat = parts[0]
     else:
@@ -515,4 +640,4 @@ def load_candidates(preds: list[dict] | RelationFile, gt: GroundTruth, space: La
     keep = rank_within_images(seg_img, seg_len, score, top_k)
     img = np.repeat(seg_img.astype(np.int64, copy=False), seg_len)
     return Candidates(img[keep], sub[keep], obj[keep], verb[keep], score[keep], boxes.reshape(-1, 4),
-                      box_cat.astype(np.int64, copy=False))
+                      box_cat.astype(np.int64, copy=False), len(seen))

@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
+import numbers
 import pickle
-import warnings
+import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
@@ -40,6 +42,80 @@ from rlipv2_scale.eval.ap import area_ap
 from rlipv2_scale.eval.files import read_coco_instances, read_json
 
 OVERLAP = 0.5
+
+# How the inputs are named in errors; evaluate_vcoco_files names the files instead.
+SOURCES = {"vcoco": "V-COCO annotations", "coco": "COCO instances", "image_ids": "the image-id list",
+           "detections": "detections"}
+
+
+def _integer(value: Any) -> int | None:
+    """`value` as an int when it is a whole number (1, 1.0, np.int64), else None ("1", 1.7, None, True)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        return None
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    number = float(value)
+    return int(number) if math.isfinite(number) and number.is_integer() else None
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+def _whole(column: np.ndarray) -> bool:
+    return column.dtype.kind in "iu" or (column.dtype.kind == "f" and bool(np.all(np.mod(column, 1) == 0)))
+
+
+def _annotations_ok(anns: list) -> bool:
+    """Whether every annotation has whole-number ids, a numeric area and 4 finite bbox numbers: one
+    pass per field in numpy (a real instances file holds ~10^5 of them)."""
+    try:
+        ids = [np.array([a[key] for a in anns]) for key in ("id", "image_id", "category_id")]
+        area = np.array([a["area"] for a in anns])
+        boxes = np.array([a["bbox"] for a in anns])
+    except (KeyError, TypeError, ValueError):
+        return False
+    return (all(_whole(c) and c.shape == (len(anns),) for c in ids) and area.dtype.kind in "iuf"
+            and area.shape == (len(anns),) and not np.isnan(area).any() and boxes.dtype.kind in "iuf"
+            and boxes.shape == (len(anns), 4) and bool(np.isfinite(boxes).all()))
+
+
+def _check_coco(coco: Any, where: str) -> None:
+    """What pycocotools' index and the toolkit read of a COCO instances file, checked before they do:
+    they fail with a bare KeyError / TypeError on anything else."""
+    if not isinstance(coco, dict):
+        raise UserError(f"{where}: expected a COCO instances object {{images, annotations, categories}}, got a "
+                        f"{type(coco).__name__}")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(coco.get(key), list):
+            raise UserError(f"{where}: {key!r} is {'missing' if key not in coco else 'not a list'}; a COCO instances "
+                            f"file has lists 'images', 'annotations' and 'categories' (instances_vcoco_all_2014.json)")
+    for k, c in enumerate(coco["categories"]):
+        if not isinstance(c, dict) or _integer(c.get("id")) is None:
+            raise UserError(f"{where}: categories[{k}] needs an integer 'id', got {c!r:.80}")
+    for k, img in enumerate(coco["images"]):
+        if not isinstance(img, dict) or _integer(img.get("id")) is None:
+            raise UserError(f"{where}: images[{k}] needs an integer 'id', got {img!r:.80}")
+        for key in ("width", "height"):
+            if not _number(img.get(key)) or not img[key] > 0:
+                raise UserError(f"{where}: image {img['id']} (images[{k}]) needs a positive {key!r}, got "
+                                f"{img.get(key)!r}")
+    if _annotations_ok(coco["annotations"]):
+        return
+    for k, a in enumerate(coco["annotations"]):   # find the first bad one, naming it
+        if not isinstance(a, dict):
+            raise UserError(f"{where}: annotations[{k}] must be an object, got {a!r:.80}")
+        for key in ("id", "image_id", "category_id"):
+            if _integer(a.get(key)) is None:
+                raise UserError(f"{where}: annotations[{k}] needs an integer {key!r}, got {a.get(key)!r}")
+        bbox = a.get("bbox")
+        if (not isinstance(bbox, (list, tuple)) or len(bbox) != 4
+                or not all(_number(v) and math.isfinite(v) for v in bbox)):
+            raise UserError(f"{where}: annotation {a['id']} (annotations[{k}]): bbox must be 4 finite numbers "
+                            f"[x, y, width, height], got {bbox!r}")
+        if not _number(a.get("area")) or math.isnan(a["area"]):
+            raise UserError(f"{where}: annotation {a['id']} (annotations[{k}]) needs a numeric 'area', got "
+                            f"{a.get('area')!r}")
 
 
 def _overlap(gt: np.ndarray, pred: np.ndarray) -> np.ndarray:
@@ -58,32 +134,55 @@ def _overlap(gt: np.ndarray, pred: np.ndarray) -> np.ndarray:
 class _Annotations:
     """The toolkit's ground-truth tables, per image of the split."""
 
-    def __init__(self, vcoco: list[dict], coco: dict, image_ids: Sequence[int]):
+    def __init__(self, vcoco: list[dict], coco: dict, image_ids: Sequence[int], sources: dict[str, str] = SOURCES):
         from pycocotools.coco import COCO
 
         self.actions, self.roles = [], []
         tables = []
+        where = sources["vcoco"]
+        if not isinstance(vcoco, list):
+            raise UserError(f"{where}: expected a list of actions (vcoco_test.json), got a {type(vcoco).__name__}")
         for k, a in enumerate(vcoco):
             try:
                 roles = list(a["role_name"])
-                tables.append({
-                    "role_object_id": np.asarray(a["role_object_id"]).reshape(len(roles), -1).T,
-                    "ann_id": np.asarray(a["ann_id"]).reshape(-1), "label": np.asarray(a["label"]).reshape(-1),
-                    "image_id": np.asarray(a["image_id"]).reshape(-1)})
+                table = {"role_object_id": np.asarray(a["role_object_id"]).reshape(len(roles), -1).T,
+                         "ann_id": np.asarray(a["ann_id"]).reshape(-1), "label": np.asarray(a["label"]).reshape(-1),
+                         "image_id": np.asarray(a["image_id"]).reshape(-1)}
                 self.actions.append(a["action_name"])
                 self.roles.append(roles)
             except (KeyError, TypeError, ValueError) as exc:
-                raise UserError(f"V-COCO annotations: action entry {k} is malformed ({exc!r}); expected action_name, "
+                raise UserError(f"{where}: action entry {k} is malformed ({exc!r}); expected action_name, "
                                 f"role_name, image_id, ann_id, label, role_object_id") from None
+            n = len(table["image_id"])
+            for key, column in table.items():
+                if len(column) != n:
+                    expected = f"{len(roles)} x {n} (one per role and annotated person)" if key == "role_object_id" \
+                        else f"{n} (one per annotated person)"
+                    raise UserError(f"{where}: action {a['action_name']!r} (entry {k}) has {column.size} {key!r} values "
+                                    f"for {n} image_id values; expected {expected}")
+                if column.size and (column.dtype.kind not in "iuf" or not np.all(np.mod(column, 1) == 0)):
+                    raise UserError(f"{where}: action {a['action_name']!r} (entry {k}): {key!r} must hold whole "
+                                    f"numbers, got {column.ravel()[:5].tolist()!r}")
+            tables.append(table)
         if not tables:
-            raise UserError("V-COCO annotations are empty")
-        ids = np.asarray(image_ids, dtype=np.int64)
+            raise UserError(f"{where}: no actions (expected the list of vcoco_test.json)")
+        listed = [_integer(i) for i in image_ids]
+        if None in listed:
+            bad = next(i for i, v in zip(image_ids, listed) if v is None)
+            raise UserError(f"{sources['image_ids']}: image id {bad!r} is not a whole number")
+        ids = np.asarray(listed, dtype=np.int64)
+        uniq, counts = np.unique(ids, return_counts=True)
+        if np.any(counts > 1):
+            dup = uniq[counts > 1].tolist()
+            raise UserError(f"{sources['image_ids']}: image id(s) {dup[:5]} listed more than once; list each image "
+                            f"of the split once")
         annotated = np.unique(tables[0]["image_id"])
         if not np.array_equal(annotated, np.sort(ids)):
             missing = sorted(set(annotated.tolist()) - set(ids.tolist()))[:5]
             extra = sorted(set(ids.tolist()) - set(annotated.tolist()))[:5]
-            raise UserError(f"the image-id list ({len(ids)} ids) and the V-COCO annotations ({len(annotated)} images) "
+            raise UserError(f"{sources['image_ids']} ({len(ids)} ids) and {sources['vcoco']} ({len(annotated)} images) "
                             f"disagree: annotated but not listed {missing}, listed but not annotated {extra}")
+        _check_coco(coco, sources["coco"])
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
             api = COCO()
             api.dataset = coco
@@ -99,7 +198,7 @@ class _Annotations:
         self.images = []
         for image_id in ids.tolist():
             if image_id not in api.imgs:
-                raise UserError(f"image {image_id} of the split is not in the COCO instances file")
+                raise UserError(f"{sources['coco']}: image {image_id} of the split is not in the COCO instances file")
             info = api.imgs[image_id]
             valid, valid_ids = [], []
             for obj in api.loadAnns(api.getAnnIds(imgIds=image_id, iscrowd=None)):
@@ -113,6 +212,10 @@ class _Annotations:
                     valid.append((obj, [x1, y1, x2, y2]))
                     valid_ids.append(obj["id"])
             boxes = np.array([b for _, b in valid], dtype=np.float32).reshape(-1, 4)
+            unknown = [o for o, _ in valid if o["category_id"] not in contiguous]
+            if unknown:
+                raise UserError(f"{sources['coco']}: annotation {unknown[0]['id']} (image {image_id}) has category_id "
+                                f"{unknown[0]['category_id']}, which 'categories' does not list")
             classes = np.array([contiguous[o["category_id"]] for o, _ in valid], dtype=np.int32)
             actions = -np.ones((len(valid), len(tables)), dtype=np.int32)
             role_id = -np.ones((len(valid), len(tables), 2), dtype=np.int32)
@@ -125,7 +228,7 @@ class _Annotations:
                     if len(rows) == 0:
                         continue
                     if len(rows) > 1:
-                        raise UserError(f"V-COCO annotations: person annotation {obj['id']} has {len(rows)} positive "
+                        raise UserError(f"{where}: person annotation {obj['id']} has {len(rows)} positive "
                                         f"rows for action {self.actions[i]!r} (expected one)")
                     actions[ix, i] = 1
                     rids = t["role_object_id"][rows[0]]
@@ -133,7 +236,7 @@ class _Annotations:
                         if rids[j] == 0:
                             continue
                         if rids[j] not in valid_ids:
-                            raise UserError(f"V-COCO annotations: the {self.roles[i][j]!r} object {rids[j]} of action "
+                            raise UserError(f"{where}: the {self.roles[i][j]!r} object {rids[j]} of action "
                                             f"{self.actions[i]!r} (image {image_id}) is not a valid COCO annotation of "
                                             f"that image")
                         role_id[ix, i, j - 1] = valid_ids.index(rids[j])
@@ -141,28 +244,64 @@ class _Annotations:
                                 "role_id": role_id})
 
 
-def _detections_by_image(dets: list[dict], actions: list[str], roles: list[list[str]]) -> dict:
-    """image_id -> (agent boxes [n, 4], role table [n, 5 * n_actions, 2]) in the file's order."""
+def _detection_values(items: list[tuple[int, dict]], image_id: int, key: str, width: int, where: str) -> np.ndarray:
+    """[n, width] array of `det[key]` for the (file index, detection) pairs of one image: numbers only,
+    where numpy would turn "0.9" and None into floats silently."""
+    try:
+        values = np.array([det[key] for _, det in items])
+    except KeyError:
+        k = next(k for k, det in items if key not in det)
+        raise UserError(f"{where}: detection {k} (image {image_id}) has no {key!r} entry: every detection needs a "
+                        f"person_box [x1, y1, x2, y2] and a [x1, y1, x2, y2, score] for each action-role") from None
+    except ValueError:   # ragged: one of them is not `width` long
+        values = np.zeros((0,), dtype=object)
+    if values.dtype.kind not in "iuf" or values.shape != (len(items), width):
+        what = "[x1, y1, x2, y2]" if width == 4 else "[x1, y1, x2, y2, score]"
+        for k, det in items:
+            v = det[key]
+            v = v.tolist() if isinstance(v, np.ndarray) else v
+            if not isinstance(v, (list, tuple)) or len(v) != width or not all(_number(x) for x in v):
+                raise UserError(f"{where}: detection {k} (image {image_id}): {key!r} must be {width} numbers {what}, "
+                                f"got {v!r:.120}")
+        raise UserError(f"{where}: detections of image {image_id}: {key!r} must be {width} numbers {what}")
+    return values
+
+
+def _detections_by_image(dets: list[dict], actions: list[str], roles: list[list[str]],
+                         where: str = SOURCES["detections"]) -> dict:
+    """image_id -> (agent boxes [n, 4], role table [n, 5 * n_actions, 2]) in the file's order.
+
+    The person box must be finite numbers; in an action-role entry NaN keeps the toolkit's meaning
+    (a NaN box: no object, a NaN score: no detection for that role), infinity is refused."""
+    if not isinstance(dets, list):
+        raise UserError(f"{where}: expected a list of detections (one object per image and person), got a "
+                        f"{type(dets).__name__}")
     keys = [(a, j, f"{actions[a]}_{r}") for a in range(len(actions)) for j, r in enumerate(roles[a]) if r != "agent"]
-    grouped: dict[int, list[dict]] = defaultdict(list)
+    grouped: dict[int, list[tuple[int, dict]]] = defaultdict(list)
     for k, det in enumerate(dets):
         if not isinstance(det, dict) or "image_id" not in det or "person_box" not in det:
-            raise UserError(f"detection {k} needs 'image_id' and 'person_box'")
-        grouped[int(det["image_id"])].append((k, det))
+            raise UserError(f"{where}: detection {k} needs 'image_id' and 'person_box'")
+        image_id = _integer(det["image_id"])
+        if image_id is None:
+            raise UserError(f"{where}: detection {k} has image_id {det['image_id']!r}; it must be the integer COCO "
+                            f"image id")
+        grouped[image_id].append((k, det))
     out = {}
-    for image_id, items in grouped.items():
+    for image_id, items in grouped.items():   # image by image: each one's detections stay in the CPU caches
         table = np.zeros((len(items), 5 * len(actions), 2), dtype=np.float32)
-        try:
-            agents = np.array([det["person_box"] for _, det in items], dtype=np.float32).reshape(len(items), 4)
-            for a, j, key in keys:
-                table[:, 5 * a: 5 * a + 5, j - 1] = np.array([det[key] for _, det in items], dtype=np.float32)
-        except KeyError as exc:
-            k = next(k for k, det in items if exc.args[0] not in det)
-            raise UserError(f"detection {k} (image {image_id}) has no {exc.args[0]!r} entry: every detection needs "
-                            f"a [x1, y1, x2, y2, score] for each action-role") from None
-        except (ValueError, TypeError) as exc:
-            raise UserError(f"detections of image {image_id}: a box or score is malformed ({exc}); person_box is "
-                            f"[x1, y1, x2, y2], each action-role [x1, y1, x2, y2, score]") from None
+        agents = _detection_values(items, image_id, "person_box", 4, where).astype(np.float32)
+        if not np.isfinite(agents).all():
+            i = int(np.flatnonzero(~np.isfinite(agents).all(axis=1))[0])
+            raise UserError(f"{where}: detection {items[i][0]} (image {image_id}) has person_box "
+                            f"{agents[i].tolist()}; it must be 4 finite numbers [x1, y1, x2, y2]")
+        for a, j, key in keys:
+            table[:, 5 * a: 5 * a + 5, j - 1] = _detection_values(items, image_id, key, 5, where)
+        if np.isinf(table).any():
+            i, col, r = (int(x[0]) for x in np.nonzero(np.isinf(table)))
+            key = next(key for a, j, key in keys if a == col // 5 and j - 1 == r)
+            raise UserError(f"{where}: detection {items[i][0]} (image {image_id}) has {key!r} "
+                            f"{table[i, 5 * (col // 5): 5 * (col // 5) + 5, r].tolist()}; box and score must be "
+                            f"finite (NaN box: no object, NaN score: no detection)")
         out[image_id] = (agents, table)
     return out
 
@@ -240,12 +379,15 @@ def _role_ap(ann: _Annotations, dets: dict, scenario: int, warnings: list[str]) 
     return role_ap
 
 
-def evaluate_vcoco(vcoco: list[dict], coco: dict, image_ids: Sequence[int], detections: list[dict]) -> dict:
-    ann = _Annotations(vcoco, coco, image_ids)
-    dets = _detections_by_image(detections, ann.actions, ann.roles)
+def evaluate_vcoco(vcoco: list[dict], coco: dict, image_ids: Sequence[int], detections: list[dict], *,
+                   sources: dict[str, str] | None = None) -> dict:
+    """Role AP of `detections`; `sources` names the inputs in errors (keys of SOURCES: the files read)."""
+    sources = {**SOURCES, **(sources or {})}
+    ann = _Annotations(vcoco, coco, image_ids, sources)
+    dets = _detections_by_image(detections, ann.actions, ann.roles, sources["detections"])
     unknown = sorted(set(dets) - {img["id"] for img in ann.images})
     if unknown:
-        raise UserError(f"detections name {len(unknown)} image(s) outside the split, e.g. {unknown[:3]}")
+        raise UserError(f"{sources['detections']}: detections name {len(unknown)} image(s) outside the split, e.g. {unknown[:3]}")
     out: dict = {"warnings": []}
     names = [f"{ann.actions[a]}-{ann.roles[a][r + 1]}" for a in range(len(ann.actions))
              for r in range(len(ann.roles[a]) - 1)]
@@ -266,13 +408,28 @@ def evaluate_vcoco(vcoco: list[dict], coco: dict, image_ids: Sequence[int], dete
 
 
 def read_image_ids(path: str | Path) -> list[int]:
+    """The split's image ids, one whole number per line (vcoco_test.ids), each once."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"image-id file {str(path)!r} does not exist")
-    try:
-        return [int(float(x)) for x in path.read_text().split()]
-    except ValueError:
-        raise UserError(f"image-id file {str(path)!r} must hold one numeric image id per line") from None
+    ids: list[int] = []
+    seen: dict[int, int] = {}
+    for line_no, line in enumerate(path.read_text().splitlines(), 1):
+        for word in line.split():
+            try:
+                value = float(word)
+            except ValueError:
+                value = math.nan
+            if not (math.isfinite(value) and value.is_integer()):
+                raise UserError(f"image-id file {str(path)!r}, line {line_no}: {word!r} is not an image id; the file "
+                                f"holds one whole-number image id per line")
+            image_id = int(word) if word.lstrip("+-").isdigit() else int(value)
+            if image_id in seen:
+                raise UserError(f"image-id file {str(path)!r}, line {line_no}: image id {image_id} is listed again "
+                                f"(first on line {seen[image_id]}); list each image once")
+            seen[image_id] = line_no
+            ids.append(image_id)
+    return ids
 
 
 def read_detections(path: str | Path, trust_pickle: bool = False) -> Any:
@@ -286,7 +443,8 @@ def read_detections(path: str | Path, trust_pickle: bool = False) -> Any:
     if not trust_pickle:
         raise UserError(f"detections file {str(path)!r} is a pickle, and reading one can run code from it; give "
                         "the detections as JSON, or pass --trust-pickle if you trust the file")
-    warnings.warn(f"unpickling '{path}' (--trust-pickle): this can run code from the file")
+    print(f"rlipv2: warning: unpickling '{path}' (--trust-pickle): this can run code from the file",
+          file=sys.stderr, flush=True)
     try:
         with path.open("rb") as f:
             return pickle.load(f)
@@ -296,5 +454,7 @@ def read_detections(path: str | Path, trust_pickle: bool = False) -> Any:
 
 def evaluate_vcoco_files(vcoco: str | Path, coco: str | Path, image_ids: str | Path, detections: str | Path,
                          trust_pickle: bool = False) -> dict:
+    sources = {"vcoco": f"V-COCO annotations file {str(vcoco)!r}", "coco": f"COCO instances file {str(coco)!r}",
+               "image_ids": f"image-id file {str(image_ids)!r}", "detections": f"detections file {str(detections)!r}"}
     return evaluate_vcoco(read_json(vcoco, "V-COCO annotations"), read_coco_instances(coco),
-                          read_image_ids(image_ids), read_detections(detections, trust_pickle))
+                          read_image_ids(image_ids), read_detections(detections, trust_pickle), sources=sources)

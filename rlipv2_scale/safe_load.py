@@ -40,6 +40,9 @@ def torch_load(path: str | Path, allow: Iterable[Any] = (), trust_pickle: bool =
         return _load(path, weights_only=False)
     except (RuntimeError, EOFError, OSError) as exc:
         raise UserError(f"{what} '{path}' cannot be read as a torch.save file: {exc}") from None
+    except (KeyError, ValueError, IndexError, TypeError) as exc:    # arbitrary bytes in torch's legacy reader
+        raise UserError(f"{what} '{path}' cannot be read as a torch.save file ({type(exc).__name__}: {exc}); "
+                        "is it the right file?") from None
 
 
 def _load(path: Path, weights_only: bool) -> Any:

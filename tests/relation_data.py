@@ -51,6 +51,7 @@ def random_relation_data(space: LabelSpace, n_images: int, n_candidates: int = 1
                     continue
                 a = anns[p[k]]
                 box = list(a["bbox"]) if rng.random() < 0.4 else [c + float(rng.integers(-12, 13)) for c in a["bbox"]]
+                box[2:] = max(box[2], box[0]), max(box[3], box[1])  # jitter never inverts a box (an error)
                 cat = a["category_id"] if rng.random() < 0.9 else space.object_ids[int(rng.integers(space.n_objects))]
                 out.append({"bbox": box, "category_id": cat})
         hp = []

@@ -134,6 +134,10 @@ def test_replacing_a_model_directory_never_deletes_what_it_did_not_write(saved, 
         model.save_pretrained(target, card)
     assert (target / "NOTES.txt").read_text() == "mine" and (target / WEIGHTS_FILE).is_file()
     (target / "NOTES.txt").unlink()
+    (target / TOKENIZER_DIR / "my_notes.txt").write_text("mine")          # one level down too
+    with pytest.raises(UserError, match="also holds tokenizer/my_notes.txt"):
+        model.save_pretrained(target, card)
+    (target / TOKENIZER_DIR / "my_notes.txt").unlink()
     (target / CARD_FILE).write_text("{}")
     model.save_pretrained(target, card)
     assert json.loads((target / CARD_FILE).read_text())["objects"] == ["a", "b"]

@@ -37,6 +37,8 @@ def test_convert_then_inspect_prints_the_exact_lines(tmp_path, rlipv2, capsys):
     assert [json.loads(x)["image_id"] for x in lines] == [1, 2]
     assert rlipv2("data", "inspect", out, "--limit", 1) == 0
     assert len(capsys.readouterr().out.splitlines()) == 1
+    assert rlipv2("data", "inspect", out, "--limit", -1) == 2       # not "nothing to print"
+    assert "--limit must be 0 or more, got -1" in capsys.readouterr().err
 
 
 def test_pseudo_threshold_flag_and_confidence_in_inspect(tmp_path, rlipv2, capsys):

@@ -191,3 +191,37 @@ def test_an_sbatch_option_with_a_space_is_refused(recipe, capsys):
     assert main(argv + ["--sbatch=--comment=a b"]) == 2
     assert "--sbatch '--comment=a b' holds a space" in capsys.readouterr().err
     assert main(argv + ["--sbatch=--qos=high"]) == 0 and "#SBATCH --qos=high\n" in capsys.readouterr().out
+
+
+@pytest.fixture
+def fake_slurm(tmp_path, monkeypatch):
+    """`squeue` and `scancel` that only record their arguments (one line per call)."""
+    bin_dir, log = tmp_path / "fake_bin", tmp_path / "slurm_calls.log"
+    bin_dir.mkdir()
+    for name in ("squeue", "scancel"):
+        script = bin_dir / name
+        script.write_text(f'#!/bin/sh\necho "{name} $*" >> "{log}"\n')
+        script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    return log
+
+
+@pytest.mark.parametrize("value", ["--user=root", "-u", "--all", "/some/run/dir", "abc", "12 34", "12345,67",
+                                   "", "1_", "_1", "12345_[1-3]", "-1"])
+@pytest.mark.parametrize("command", ["cancel", "status"])
+def test_cancel_and_status_take_only_job_ids(fake_slurm, capsys, command, value):
+    assert main(["cluster", command, "--", value]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("rlipv2: error: job id") and repr(value) in err, err
+    assert "not a SLURM job id" in err
+    assert not fake_slurm.exists()      # neither squeue nor scancel ran
+
+
+def test_cancel_and_status_pass_job_ids_through(fake_slurm, capsys):
+    assert main(["cluster", "cancel", "12345"]) == 0
+    assert "cancelled 12345" in capsys.readouterr().out
+    assert main(["cluster", "cancel", "12345_3"]) == 0
+    assert main(["cluster", "status", "678"]) == 0
+    calls = fake_slurm.read_text().splitlines()
+    assert calls[0] == "scancel 12345" and calls[1] == "scancel 12345_3"
+    assert calls[2].startswith("squeue ") and calls[2].endswith(" -j 678")

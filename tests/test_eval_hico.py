@@ -458,3 +458,140 @@ def test_whole_numbers_are_checked_by_a_round_trip():
     assert _whole(np.array([0.0, -3.0, 2.0 ** 62])).tolist() == [0, -3, 2 ** 62]
     for bad in (0.5, np.nan, np.inf, -np.inf, 1e30):
         assert _whole(np.array([1.0, bad])) is None
+
+
+# ------------------------------------------------------------------- audit: malformed inputs never score
+
+def _files(tmp_path, gt, pred, **kw):
+    kw.setdefault("label_space", hico_label_space())
+    return evaluate_hico_files(*_write(tmp_path, gt=gt, pred=pred), **kw)
+
+
+def _rename(entry: dict, old: str, new: str) -> None:
+    entry[new] = entry.pop(old)
+
+
+@pytest.mark.parametrize("objects", [False, True])
+def test_misnamed_relation_keys_are_errors_naming_the_key(objects, tmp_path):
+    score = evaluate_hico if objects else (lambda g, p: _files(tmp_path, g, p))
+    gt, pred = random_relation_data(hico_label_space(), 6, 20, n_queries=6, seed=1)
+    bad = json.loads(json.dumps(pred))
+    for p in bad:
+        _rename(p, "hoi_prediction", "hoi_predictions")
+    with pytest.raises(UserError, match=r"^predictions for image 'img_000000.jpg': the entry has no 'hoi_prediction' "
+                                        r"key; it has 'hoi_predictions' instead"):
+        score(gt, bad)
+    bad = json.loads(json.dumps(gt))
+    _rename(bad[2], "hoi_annotation", "hoi_annotations")
+    with pytest.raises(UserError, match=r"^ground truth for image 'img_000002.jpg': the entry has no 'hoi_annotation' "
+                                        r"key; it has 'hoi_annotations' instead"):
+        score(bad, pred)
+    bad = json.loads(json.dumps(gt))
+    del bad[1]["annotations"]  # was: "hoi_annotation[0].subject_id = 0 is out of range (the image has 0 boxes)"
+    with pytest.raises(UserError, match=r"^ground truth for image 'img_000001.jpg': the entry has no 'annotations' "
+                                        r"key$"):
+        score(bad, pred)
+
+
+def test_missing_predictions_warn_and_are_counted(tmp_path):
+    gt, pred = random_relation_data(hico_label_space(), 20, 20, n_queries=6, seed=2)
+    full = _files(tmp_path, gt, pred)
+    assert full["n_images_without_predictions"] == 0 and full["warnings"] == []
+    part = _files(tmp_path, gt, pred[:5])
+    assert part["n_images_without_predictions"] == 15
+    assert part["warnings"] == [
+        "15 of 20 ground-truth images have no predictions (scored as no detections); give every test image an "
+        "entry, even one without candidates"]
+    # scored as images without detections: the same numbers as entries without candidates
+    empty = [{"file_name": p["file_name"], "predictions": []} for p in pred[5:]]
+    assert {k: v for k, v in part.items() if k not in ("warnings", "n_images_without_predictions")} == \
+        {k: v for k, v in evaluate_hico(gt, pred[:5] + empty).items() if k not in ("warnings",
+                                                                                   "n_images_without_predictions")}
+    none = _files(tmp_path, gt, [])
+    assert none["mAP"] == 0.0 and none["n_images_without_predictions"] == 20
+    assert none["warnings"][0].startswith("the predictions list no image: 20 of 20 ground-truth images")
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"unseen_hoi_index": [-1]}', r"unseen_hoi_index\[0\] = -1 is not an integer in \[0, 600\)"),
+    ('{"unseen_hoi_index": [600]}', r"unseen_hoi_index\[0\] = 600 is not an integer"),
+    ('{"unseen_hoi_index": [1.0]}', r"unseen_hoi_index\[0\] = 1.0 is not an integer"),
+    ('{"unseen_hoi_index": [true]}', r"unseen_hoi_index\[0\] = True is not an integer"),
+    ('{"unseen_hoi_index": []}', r"unseen_hoi_index must be a non-empty list"),
+    ('[[0, 47.9, 36.5]]', r"entry 0 = \[0, 47.9, 36.5\] is not \(subject index"),
+    ('[[0, 4, 4], ["0", "47", "36"]]', r"entry 1 = \['0', '47', '36'\] is not"),
+    ('[[true, 1, 2]]', r"entry 0 = \[True, 1, 2\] is not"),
+    ('[[0, -1, 2]]', r"entry 0 = \[0, -1, 2\] is not"),
+    ('[]', r"the list is empty"),
+    ('{"unseen_triplets": []}', r"unseen_triplets is empty"),
+    ('{"unseen_triplets": [[0, 1]]}', r"unseen_triplets\[0\] = \[0, 1\] is not"),
+])
+def test_zero_shot_files_with_malformed_entries_are_refused(text, message, tmp_path):
+    f = tmp_path / "split.json"
+    f.write_text(text)
+    with pytest.raises(UserError, match=r"^zero-shot split '.*split.json': " + message):
+        read_unseen_triplets(f, hico_label_space())
+
+
+@pytest.mark.parametrize("value, message", [
+    ("UC-XX", r"^zero-shot split 'UC-XX' is neither a split name of 'hico-det' \(UC-NF, UC-RF, UO\) nor an "
+              r"existing file$"),
+    ("uc-rf", r"\(UC-NF, UC-RF, UO\).*did you mean 'UC-RF'\?"),
+])
+def test_zero_shot_value_like_a_split_name_lists_the_splits(value, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=message):
+        read_unseen_triplets(value, hico_label_space())
+    with pytest.raises(UserError, match="zero-shot split file .* does not exist"):  # a path stays a path
+        read_unseen_triplets("splits/uc-xx.json", hico_label_space())
+
+
+def _per_query_entry(**change) -> dict:
+    entry = {"file_name": "a", "boxes": [P0, C0], "labels": [PERSON, CUP],
+             "verb_scores": [[0.9, 0.1, 0.2]], "sub_ids": [0], "obj_ids": [1]}
+    entry.update(change)
+    return entry
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(labels=[0, 1.5]), r"labels\[1\] must be an integer, got 1.5"),
+    (dict(labels=["0", "1"]), r"labels\[0\] must be an integer, got '0'"),
+    (dict(labels=[True, 1]), r"labels\[0\] must be an integer, got True"),
+    (dict(labels="01"), r"'labels' must be a list of numbers"),
+    (dict(boxes=[[str(x) for x in P0], C0]), r"boxes\[0\]\[0\] must be a number, got '0.0'"),
+    (dict(boxes=[P0, C0[:3]]), r"boxes rows differ in length \(boxes\[0\] has 4 values, boxes\[1\] has 3\)"),
+    (dict(boxes=[P0, "abcd"]), r"boxes\[1\] must be a list of numbers, got 'abcd'"),
+    (dict(sub_ids=[True]), r"sub_ids\[0\] must be an integer, got True"),
+    (dict(sub_ids="0"), r"'sub_ids' must be a list of numbers"),
+    (dict(obj_ids=[0.5]), r"obj_ids\[0\] must be an integer, got 0.5"),
+    (dict(verb_scores=[[0.9, "0.1", 0.2]]), r"verb_scores\[0\]\[1\] must be a number, got '0.1'"),
+    (dict(verb_scores=[[0.9, 0.1, 0.2], [0.5]], sub_ids=[0, 0], obj_ids=[1, 1]),
+     r"verb_scores rows differ in length"),
+    (dict(verb_scores=[[0.9, False, 0.2]]), r"verb_scores\[0\]\[1\] must be a number, got False"),
+    (dict(boxes=[P0, [100.0, 100.0, 50.0, 50.0]]), r"boxes\[1\] = \[100.0, 100.0, 50.0, 50.0\] has x2 < x1"),
+])
+def test_malformed_per_query_predictions_are_one_error(change, message, tmp_path):
+    gt = [gt_image("a", [(P0, PERSON), (C0, CUP)], [(0, 1, HOLD)])]
+    assert ev(gt, [_per_query_entry()])["mAP"] == ONE  # the well-formed entry scores
+    for score in (lambda p: ev(gt, p), lambda p: _files(tmp_path, gt, p, label_space=SPACE)):
+        with pytest.raises(UserError, match=r"^predictions for image 'a': " + message):
+            score([_per_query_entry(**change)])
+
+
+NEGATIVE = [100.0, 100.0, 50.0, 50.0]  # [x, y, w, h] read as [x1, y1, x2, y2]
+
+
+@pytest.mark.parametrize("box", [NEGATIVE, [0.0, 100.0, 50.0, 50.0], [100.0, 0.0, 50.0, 50.0]])
+def test_boxes_of_negative_size_are_refused(box, tmp_path):
+    gt = [gt_image("a", [(P0, PERSON), (C0, CUP)], [(0, 1, HOLD)])]
+    pred = [pred_image("a", [(P0, PERSON), (C0, CUP)], [(0, 1, HOLD, 0.9)])]
+    bad_gt = [gt_image("a", [(P0, PERSON), (box, CUP)], [(0, 1, HOLD)])]
+    bad_pred = [pred_image("a", [(box, PERSON), (C0, CUP)], [(0, 1, HOLD, 0.9)])]
+    for score in (ev, lambda g, p: _files(tmp_path, g, p, label_space=SPACE)):
+        with pytest.raises(UserError, match=r"^ground truth for image 'a': annotations\[1\].bbox = .* has x2 < x1 or "
+                                            r"y2 < y1"):
+            score(bad_gt, pred)
+        with pytest.raises(UserError, match=r"^predictions for image 'a': predictions\[0\].bbox = .* has x2 < x1"):
+            score(gt, bad_pred)
+    zero = [150.0, 0.0, 150.0, 99.0]  # zero size stays valid (it occurs in the datasets)
+    assert ev([gt_image("a", [(P0, PERSON), (zero, CUP)], [(0, 1, HOLD)])], pred)["mAP"] == 0.0

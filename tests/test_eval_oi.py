@@ -116,3 +116,34 @@ def test_files_give_the_numbers_of_their_objects(tmp_path):
     (tmp_path / "pred.json").write_text(json.dumps(pred))
     with pytest.raises(UserError, match=r"'img_000007.jpg'.*rel_predictions\[3\].score"):
         evaluate_oi_sgg_files(tmp_path / "gt.json", tmp_path / "pred.json")
+
+
+def test_hico_form_files_are_refused_naming_the_key(tmp_path):
+    """Predictions or ground truth in the HICO-DET form (hoi_prediction / hoi_annotation) used to score 0."""
+    gt, pred = random_relation_data(oi_label_space(), 6, 20, n_queries=6, seed=4)
+    oi_gt = [{"file_name": g["file_name"], "annotations": g["annotations"], "rel_annotations": g["hoi_annotation"]}
+             for g in gt]
+    oi_pred = [{"file_name": p["file_name"], "predictions": p["predictions"], "rel_predictions": p["hoi_prediction"]}
+               for p in pred]
+    for g, p, message in ((oi_gt, pred, r"^predictions for image 'img_000000.jpg': the entry has no 'rel_predictions' "
+                                        r"key; it has 'hoi_prediction' instead: rename it to 'rel_predictions'$"),
+                          (gt, oi_pred, r"^ground truth for image 'img_000000.jpg': the entry has no "
+                                        r"'rel_annotations' key; it has 'hoi_annotation' instead")):
+        with pytest.raises(UserError, match=message):
+            evaluate_oi_sgg(g, p)
+        (tmp_path / "gt.json").write_text(json.dumps(g))
+        (tmp_path / "pred.json").write_text(json.dumps(p))
+        with pytest.raises(UserError, match=message):
+            evaluate_oi_sgg_files(tmp_path / "gt.json", tmp_path / "pred.json")
+
+
+def test_missing_predictions_and_negative_boxes():
+    gt = GT + [gt_image("b", GT_BOXES, [(0, 1, RIDE)])]
+    res = evaluate_oi_sgg(gt, [pred_image("a", GT_BOXES, [(0, 1, RIDE, 0.9)])])
+    assert res["n_images_without_predictions"] == 1
+    assert res["warnings"][0].startswith("1 of 2 ground-truth images have no predictions")
+    with pytest.raises(UserError, match=r"^predictions for image 'a': predictions\[1\].bbox = \[100.0, 100.0, 50.0, "
+                                        r"50.0\] has x2 < x1 or y2 < y1"):
+        evaluate_oi_sgg(GT, [pred_image("a", [(S1, MAN), ([100.0, 100.0, 50.0, 50.0], HORSE)], [])])
+    with pytest.raises(UserError, match=r"^ground truth for image 'a': annotations\[0\].bbox .* has x2 < x1"):
+        evaluate_oi_sgg([gt_image("a", [([10.0, 0.0, 5.0, 9.0], MAN)], [])], [])

@@ -145,3 +145,114 @@ def test_coco_instances_file_reads_only_what_the_toolkit_uses(edit, tmp_path):
     read = read_coco_instances(tmp_path / "coco.json")
     assert ("segmentation" in read["annotations"][0]) == isinstance(c["annotations"][0]["id"], float)
     assert evaluate_vcoco(vcoco(), read, [1, 2], detections()) == evaluate_vcoco(vcoco(), c, [1, 2], detections())
+
+
+def _set(seq, i, value):
+    seq[i] = value
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda v, c, ids, d: d[0].update(image_id="abc"), r"^detections: detection 0 has image_id 'abc'; it must be the integer"),
+    (lambda v, c, ids, d: d[0].update(image_id=None), r"detection 0 has image_id None"),
+    (lambda v, c, ids, d: d[3].update(image_id=1.7), r"detection 3 has image_id 1\.7"),
+    (lambda v, c, ids, d: _set(ids, 0, 1.7), r"image id 1\.7 is not a whole number"),
+    (lambda v, c, ids, d: ids.append(2), r"image id\(s\) \[2\] listed more than once"),
+    (lambda v, c, ids, d: c.pop("categories"), r"^COCO instances: 'categories' is missing"),
+    (lambda v, c, ids, d: c["annotations"][0].update(bbox=[0, 0, 100]),
+     r"annotation 10 \(annotations\[0\]\): bbox must be 4 finite numbers \[x, y, width, height\], got \[0, 0, 100\]"),
+    (lambda v, c, ids, d: c["annotations"][1].update(category_id=99), r"annotation 11 \(image 1\) has category_id 99"),
+    (lambda v, c, ids, d: c["images"][0].pop("width"), r"image 1 \(images\[0\]\) needs a positive 'width'"),
+    (lambda v, c, ids, d: d[0].update(person_box=NAN4), r"detection 0 \(image 1\) has person_box \[nan, nan, nan, nan\]"),
+    (lambda v, c, ids, d: d[0].update(person_box=None), r"detection 0 \(image 1\): 'person_box' must be 4 numbers"),
+    (lambda v, c, ids, d: d[1]["hold_obj"].__setitem__(4, "0.9"),
+     r"detection 1 \(image 1\): 'hold_obj' must be 5 numbers \[x1, y1, x2, y2, score\], got \[.*'0\.9'\]"),
+    (lambda v, c, ids, d: d[1]["hold_obj"].__setitem__(4, None), r"detection 1 \(image 1\): 'hold_obj' must be 5 numbers"),
+    (lambda v, c, ids, d: d[3].update(hold_obj=[1, 2, 3, 4]), r"detection 3 \(image 2\): 'hold_obj' must be 5 numbers"),
+    (lambda v, c, ids, d: d[0]["hold_obj"].__setitem__(4, math.inf), r"detection 0 \(image 1\) has 'hold_obj' .* finite"),
+    (lambda v, c, ids, d: v[0].update(label=[1]),
+     r"action 'hold' \(entry 0\) has 1 'label' values for 2 image_id values; expected 2"),
+    (lambda v, c, ids, d: v[1].update(role_object_id=[10, 20, 30, 0, 0, 0]),
+     r"action 'point' \(entry 1\) has 6 'role_object_id' values for 2 image_id values; expected 2 x 2"),
+    (lambda v, c, ids, d: v[0].update(label=["1", "0"]), r"action 'hold' \(entry 0\): 'label' must hold whole numbers"),
+])
+def test_malformed_entries_raise_clear_errors(mutate, message):
+    """Each is a one-line error naming the entry, never a traceback from numpy / pycocotools or a
+    silently converted value (1.7 -> 1, "0.9" -> 0.9, NaN person box -> lower AP)."""
+    v, c, ids, d = vcoco(), coco(), [1, 2], detections()
+    mutate(v, c, ids, d)
+    with pytest.raises(UserError, match=message):
+        evaluate_vcoco(v, c, ids, d)
+
+
+@pytest.mark.parametrize("bad", [[coco()], "coco", None])
+def test_coco_instances_must_be_an_object(bad):
+    with pytest.raises(UserError, match=r"^COCO instances: expected a COCO instances object"):
+        evaluate_vcoco(vcoco(), bad, [1, 2], detections())
+
+
+def test_nan_keeps_its_toolkit_meaning_in_role_entries():
+    """A NaN role box is "no object", a NaN role score "no detection for that role" (the toolkit drops
+    it): both are still accepted, and whole-number floats and NumPy integers are ids like any other."""
+    import numpy as np
+
+    dets = detections()
+    dets[2]["hold_obj"] = xyxy(CUP) + [math.nan]   # the 0.7 false positive is dropped: AP unchanged
+    dets[0]["image_id"] = np.int64(1)
+    dets[3]["image_id"] = 2.0
+    res = evaluate_vcoco(vcoco(), coco(), [1.0, np.int64(2)], dets)
+    assert res["per_role_s1"] == {"hold-obj": 1.0, "point-instr": 0.0}
+
+
+def _write_files(tmp_path, v=None, c=None, d=None, ids="1\n2\n"):
+    for name, data in (("vcoco.json", v or vcoco()), ("coco.json", c or coco()), ("dets.json", d or detections())):
+        (tmp_path / name).write_text(json.dumps(data))
+    (tmp_path / "ids").write_text(ids)
+    return [tmp_path / n for n in ("vcoco.json", "coco.json", "ids", "dets.json")]
+
+
+@pytest.mark.parametrize("ids, message", [
+    ("1\n1.7\n", r"image-id file '.*ids', line 2: '1\.7' is not an image id"),
+    ("1\nabc\n", r"line 2: 'abc' is not an image id"),
+    ("1\n2\n1\n", r"line 3: image id 1 is listed again \(first on line 1\)"),
+])
+def test_image_id_file_errors_name_the_line(tmp_path, ids, message):
+    with pytest.raises(UserError, match=message):
+        evaluate_vcoco_files(*_write_files(tmp_path, ids=ids))
+
+
+def test_image_id_file_reads_whole_numbers(tmp_path):
+    from rlipv2_scale.eval.vcoco import read_image_ids
+
+    (tmp_path / "ids").write_text("1\n 2.0\n\n300000000000000001\n")
+    assert read_image_ids(tmp_path / "ids") == [1, 2, 300000000000000001]
+
+
+def test_file_errors_name_the_file(tmp_path):
+    c = coco()
+    del c["categories"]
+    with pytest.raises(UserError, match=r"^COCO instances file '.*coco\.json': 'categories' is missing"):
+        evaluate_vcoco_files(*_write_files(tmp_path, c=c))
+    d = detections()
+    d[1]["image_id"] = "abc"
+    with pytest.raises(UserError, match=r"^detections file '.*dets\.json': detection 1 has image_id 'abc'"):
+        evaluate_vcoco_files(*_write_files(tmp_path, d=d))
+    v = vcoco()
+    v[1]["label"] = [0]
+    with pytest.raises(UserError, match=r"^V-COCO annotations file '.*vcoco\.json': action 'point' \(entry 1\)"):
+        evaluate_vcoco_files(*_write_files(tmp_path, v=v))
+
+
+def test_trusted_pickle_warns_in_one_line(tmp_path, capsys):
+    import pickle
+    import warnings
+
+    paths = _write_files(tmp_path)
+    with (tmp_path / "dets.pkl").open("wb") as f:
+        pickle.dump(detections(), f)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # no Python warning (printed over several lines by the CLI)
+        res = evaluate_vcoco_files(*paths[:3], tmp_path / "dets.pkl", trust_pickle=True)
+    assert res["AP_role_s2"] == pytest.approx(1.0)
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"rlipv2: warning: unpickling '{tmp_path / 'dets.pkl'}' (--trust-pickle): this can run code "
+                   "from the file"]

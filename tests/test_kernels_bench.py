@@ -202,3 +202,10 @@ def test_a_written_table_is_what_auto_then_picks(tmp_path, monkeypatch):
         assert dispatch.table_choice("ms_deform_attn", t, 22223) == "atomic"
     finally:
         dispatch.load_table.cache_clear()
+
+
+def test_no_timed_repetition_is_refused_before_anything_runs(tmp_path, capsys):
+    from rlipv2_scale.cli import main
+
+    assert main(["bench", "kernels", "--device", "cpu", "--reps", "0", "--out", str(tmp_path)]) == 2
+    assert "--reps must be at least 1, got 0" in capsys.readouterr().err and not any(tmp_path.iterdir())

@@ -61,3 +61,13 @@ def test_cli_model_summary_json(capsys):
 def test_cli_model_summary_rejects_unknown_config(capsys):
     assert main(["model", "summary", "r51"]) == 2
     assert "neither a named model config" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("line, named", [("num_queries: -4", "'num_queries': -4"), ("d_model: 0", "'d_model': 0"),
+                                         ("num_queries: 0", "'num_queries': 0")])
+def test_cli_model_summary_rejects_sizes_below_one_in_one_line(tmp_path, capsys, line, named):
+    cfg = tmp_path / "model.yaml"
+    cfg.write_text(f"name: tiny\n{line}\n")
+    assert main(["model", "summary", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "model sizes must be positive" in err and named in err

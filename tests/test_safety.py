@@ -149,3 +149,14 @@ def test_scale_sweep_refuses_bad_numbers(tmp_path, capsys, args, flag):
     out = tmp_path / "sweep"
     assert main(["scale", "sweep", str(RECIPE), "train.seed=1,2", "--out", str(out), "--dry-run", *args]) == 2
     assert flag in one_error_line(capsys) and not out.exists()
+
+
+@pytest.mark.parametrize("content", [b"epoch 3: loss 0.5\n", b"\x80\x02}q\x00.", b"PK\x03\x04 not a zip"],
+                         ids=["text", "bare-pickle-header", "broken-zip"])
+def test_a_file_that_is_no_checkpoint_is_one_line(tmp_path, capsys, content):
+    """import-checkpoint (and every reader through safe_load) on bytes torch cannot read: one line."""
+    bad = tmp_path / "model.pth"
+    bad.write_bytes(content)
+    assert main(["import-checkpoint", str(bad), "--config", "tiny", "--out", str(tmp_path / "m")]) == 2
+    assert "cannot be read as a torch.save file" in one_error_line(capsys)
+    assert not (tmp_path / "m").exists()

@@ -362,3 +362,51 @@ def test_calibrate_measures_deepspeed_on_one_and_two_ranks(tmp_path):
     assert all(v >= 0 for v in c["deepspeed_comm_s_per_byte"].values())
     assert sum(c["deepspeed_comm_s_per_byte"].values()) > 0        # two ranks cost more than one
     assert c["device_workspace_bytes"] == 0 and c["optimizer_temp_bytes_per_param"] == 0   # CPU
+
+
+def _one_line_error(capsys, *words: str) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("rlipv2: error:") and all(w in err for w in words), err
+    return err
+
+
+def test_calibrate_and_plan_check_device_and_outputs_before_measuring(tmp_path, capsys, monkeypatch):
+    from rlipv2_scale.cli import main
+    from rlipv2_scale.scale import calibrate, plan
+
+    def measured(*a, **k):
+        raise AssertionError("measured before the arguments were checked")
+
+    monkeypatch.setattr(calibrate, "calibrate", measured)
+    monkeypatch.setattr(plan, "build_plan", measured)
+    assert main(["scale", "calibrate", "--device", "tpu", "--no-deepspeed"]) == 2
+    _one_line_error(capsys, "--device 'tpu'", "cpu, cuda")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    assert main(["scale", "calibrate", "--out", str(folder), "--no-deepspeed"]) == 2
+    _one_line_error(capsys, str(folder), "is a folder", "machine.json")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    for out in (notes, notes / "machine.json"):
+        assert main(["scale", "calibrate", "--out", str(out), "--no-deepspeed"]) == 2
+        _one_line_error(capsys, str(out), "another --out")
+    assert notes.read_text() == "mine"
+    recipe = Path(__file__).resolve().parent.parent / "recipes" / "demo" / "demo.yaml"
+    assert main(["scale", "plan", str(recipe), "--out", str(notes)]) == 2
+    _one_line_error(capsys, str(notes), "is a file")
+    (folder / "plan.json").write_text("[1]")
+    assert main(["scale", "plan", str(recipe), "--out", str(folder)]) == 2
+    _one_line_error(capsys, str(folder / "plan.json"), "not a plan")
+    assert notes.read_text() == "mine" and (folder / "plan.json").read_text() == "[1]"
+
+
+def test_machine_constants_with_an_unknown_key_name_the_file_and_the_key_once(tmp_path):
+    from rlipv2_scale.scale.calibrate import MachineConstants, load_constants
+
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps({**MachineConstants(device="cpu", threads=1).to_dict(), "foo": 1}))
+    with pytest.raises(UserError) as err:
+        load_constants(path)
+    msg = str(err.value)
+    assert msg.startswith(f"machine constants '{path}': unknown config key 'foo'") and "calibrate" in msg, msg
+    assert f"'{path}'." not in msg

@@ -90,3 +90,20 @@ def test_report_from_a_sweep_with_a_missing_run(tmp_path):
     data = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert data["runs"][2]["map_curve"] == [[4, 3.0], [8, 4.0]]
     assert main(["scale", "report", str(tmp_path / "sw"), "--out", str(tmp_path / "rep2")]) == 2
+
+
+@pytest.mark.parametrize("line, words", [
+    ('{"step": 2, "samples": 4, "loss": "abc"}', "'loss' is \"abc\", not a number"),
+    ('{"samples": 4, "loss": 1.0}', "without 'step'"),
+    ('"just a string"', "must be a JSON object"),
+    ('[1, 2]', "must be a JSON object"),
+    ('{"step": "2", "samples": 4, "loss": 1.0}', "'step' is \"2\", not a count"),
+    ('{"step": 2, "val/mAP": "high"}', "'val/mAP' is \"high\", not a number"),
+])
+def test_a_malformed_metrics_record_names_its_file_and_line(tmp_path, line, words):
+    run = write_run(tmp_path / "r", world=1)
+    path = run / "metrics.jsonl"
+    path.write_text('{"step": 1, "samples": 2, "loss": 1.0}\n' + line + "\n")
+    with pytest.raises(UserError) as err:
+        summarise_run(run)
+    assert f"{path}, line 2" in str(err.value) and words in str(err.value), str(err.value)

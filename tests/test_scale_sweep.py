@@ -139,3 +139,80 @@ def test_cli_dry_run_lists_combinations_and_rejects_bad_axes(tmp_path, capsys):
     assert not (tmp_path / "sw").exists()                                       # nothing ran
     assert main(["scale", "sweep", str(DEMO), "train.seed", "--out", str(tmp_path / "sw"), *base]) == 2
     assert "key=v1,v2" in capsys.readouterr().err
+
+
+# -- what a sweep may write over --------------------------------------------------------------------
+
+def _completed(sweep, run, overrides: list[str]) -> None:
+    """A run folder as a finished `rlipv2 train` leaves it: its resolved config.yaml and COMPLETED."""
+    from rlipv2_scale.config import save_config
+    from rlipv2_scale.train.config import load_run_config
+
+    run_dir = Path(run.run_dir)
+    run_dir.mkdir(parents=True)
+    save_config(load_run_config(Path(sweep.recipe), [*overrides, f"run.dir={run_dir}"]), run_dir / "config.yaml")
+    (run_dir / "COMPLETED").write_text('{"step": 2}')
+
+
+def test_local_sweep_reuses_a_completed_run_only_if_it_trained_the_same_config(tmp_path, monkeypatch):
+    import subprocess
+
+    def no_training(*a, **k):
+        raise AssertionError("a run was launched")
+
+    monkeypatch.setattr(subprocess, "run", no_training)
+    base = _base(tmp_path)
+    sweep = plan_sweep(DEMO, ["train.seed=0,1"], tmp_path / "sw", base)
+    for run in sweep.runs:
+        _completed(sweep, run, [*base, *run.overrides])
+    done = run_local(sweep, log=lambda s: None)                       # the same sweep again: nothing runs
+    assert [r.status for r in done.runs] == ["completed", "completed"]
+    # another --set value (or recipe) into the same --out: the old results are not reported as new
+    other = plan_sweep(DEMO, ["train.seed=0,1"], tmp_path / "sw", [*base, "optim.lr=0.5"])
+    before = (tmp_path / "sw" / "sweep.json").read_text()
+    with pytest.raises(UserError) as err:
+        run_local(other, log=lambda s: None)
+    msg = str(err.value)
+    assert f"'{other.runs[0].run_dir}'" in msg and "optim.lr" in msg and "new --out" in msg
+    assert (tmp_path / "sw" / "sweep.json").read_text() == before     # the index is left as it was
+    # a different axis value that lands in the same run folder name is caught the same way
+    sw2 = plan_sweep(DEMO, ["train.seed=0,1"], tmp_path / "sw2", base)
+    _completed(sw2, sw2.runs[0], [*base, "train.seed=7"])
+    with pytest.raises(UserError, match="train.seed"):
+        run_local(sw2, log=lambda s: None)
+
+
+def test_slurm_sweep_never_overwrites_a_sweep_json_it_did_not_write(tmp_path, capsys):
+    from rlipv2_scale.cli import main
+
+    out = tmp_path / "sw"
+    out.mkdir()
+    (out / "sweep.json").write_text('{"my": "notes"}')
+    base = [a for o in _base(tmp_path) for a in ("--set", o)]
+    argv = ["scale", "sweep", str(DEMO), "train.seed=0,1", "--slurm", "--gpus-per-node", "0", "--out", str(out), *base]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "sweep.json" in err and "another --out" in err, err
+    assert (out / "sweep.json").read_text() == '{"my": "notes"}' and sorted(p.name for p in out.iterdir()) == ["sweep.json"]
+    (out / "sweep.json").unlink()
+    assert main(argv) == 0 and main(argv) == 0                         # its own index of the same sweep: re-rendered
+    capsys.readouterr()
+    assert main(argv[:3] + ["train.seed=0,1,2"] + argv[4:]) == 2        # another sweep's index
+    assert "indexes another sweep" in capsys.readouterr().err
+    assert len(load_sweep(out).runs) == 2
+    a_file = tmp_path / "a_file"
+    a_file.write_text("mine")
+    for mode in (["--slurm", "--gpus-per-node", "0"], []):
+        assert main(["scale", "sweep", str(DEMO), "train.seed=0,1", *mode, "--out", str(a_file), *base]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "is a file, not a folder" in err, err
+    assert a_file.read_text() == "mine"
+
+
+@pytest.mark.parametrize("text, words", [("[1, 2]", "list without a 'runs' list"), ('"x"', "str"),
+                                         ('{"runs": ["x"]}', "runs[0] is str"), ('{"runs": 3}', "'runs' list")])
+def test_a_sweep_json_of_another_shape_is_named(tmp_path, text, words):
+    (tmp_path / "sweep.json").write_text(text)
+    with pytest.raises(UserError, match="is not a sweep index") as err:
+        load_sweep(tmp_path)
+    assert words in str(err.value)

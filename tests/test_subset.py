@@ -95,3 +95,30 @@ def test_cli_writes_the_original_file_names(tmp_path, capsys):
     again = write_subsets(src, [0.1], 4, tmp_path / "again")
     assert again[0][0].read_bytes() == (tmp_path / "few" / "trainval_hico_10percent.json").read_bytes()
     assert subset_file_name("x/test_hico.json", 0.5) == "test_hico_50percent.json"
+
+
+def test_fractions_that_share_a_file_name_and_negative_seeds_are_refused(tmp_path):
+    src = tmp_path / "trainval_hico.json"
+    src.write_text(json.dumps(_dataset(200, lonely_object=False)))
+    out = tmp_path / "few"
+    for fractions in (["0.5", "0.5000001"], ["0.1", "0.1"]):
+        with pytest.raises(UserError, match=r"both be written to trainval_hico_\w+percent.json") as err:
+            write_subsets(src, [float(f) for f in fractions], 0, out)
+        assert all(f in str(err.value) for f in fractions)
+        assert not out.exists()                     # neither subset written (before: the second replaced the first)
+    with pytest.raises(UserError, match="--seed -1"):
+        write_subsets(src, [0.1], -1, out)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("argv, words", [(["--fraction", "0.5", "0.5000001"], ["0.5", "0.5000001", "50percent"]),
+                                         (["--fraction", "0.1", "--seed", "-1"], ["--seed -1", "≥ 0"])])
+def test_cli_refuses_colliding_fractions_and_negative_seeds_in_one_line(tmp_path, capsys, argv, words):
+    from rlipv2_scale.cli import main
+
+    src = tmp_path / "trainval_hico.json"
+    src.write_text(json.dumps(_dataset(200, lonely_object=False)))
+    assert main(["data", "subset", "--annotations", str(src), "--out", str(tmp_path / "few"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("rlipv2: error:") and all(w in err for w in words), err
+    assert not (tmp_path / "few").exists()

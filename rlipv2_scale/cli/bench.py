@@ -7,8 +7,11 @@ import argparse
 def _kernels(args: argparse.Namespace) -> int:
     import torch  # (here: every command would pay for importing it)
 
+    from rlipv2_scale.errors import UserError
     from rlipv2_scale.kernels.bench import microbench
 
+    if args.reps < 1:
+        raise UserError(f"--reps must be at least 1, got {args.reps}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("bf16" if device == "cuda" else "fp32")
     microbench.write_report(device, dtype, args.out, reduced=args.reduced, reps=args.reps, table_path=args.write_table)

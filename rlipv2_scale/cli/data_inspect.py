@@ -16,7 +16,10 @@ def register(tree) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from rlipv2_scale.data.shards import iter_records
+    from rlipv2_scale.errors import UserError
 
+    if args.limit is not None and args.limit < 0:
+        raise UserError(f"--limit must be 0 or more, got {args.limit}")
     try:
         for record in iter_records(args.shards, limit=args.limit):
             sys.stdout.write(json.dumps(record.inspect_line()) + "\n")

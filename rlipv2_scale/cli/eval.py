@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
+import sys
+import tempfile
 from pathlib import Path
 
 from rlipv2_scale.errors import UserError
@@ -127,12 +131,72 @@ def _report(title: str, rows: list[tuple[str, float | None]], results: dict, out
     for name, value in rows:
         table.add_row(name, "-" if value is None else f"{100 * value:.2f}")
     Console().print(table)
-    for w in results.get("warnings", []):
-        Console(stderr=True).print(f"[yellow]warning:[/yellow] {w}")
+    for w in results.get("warnings", []):      # one plain line each, as every other command warns
+        print(f"rlipv2: warning: {w}", file=sys.stderr, flush=True)
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=2))
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(results, indent=2))
+        except OSError as exc:
+            raise UserError(f"--json {out}: cannot write the results there ({exc.strerror or exc}); choose another "
+                            f"path") from None
     return 0
+
+
+def _check_json_out(out: Path | None) -> None:
+    """Refuse a --json path that cannot be written before any scoring (or model run) is spent on it:
+    a folder, a parent that is a file, or a place where no file can be created."""
+    if out is None:
+        return
+    if out.is_dir():
+        raise UserError(f"--json {out} is a folder; give a file path, e.g. {out / 'results.json'}")
+    existing = out.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"--json {out}: {existing} is a file, not a folder; choose another path")
+    if out.exists():
+        if not os.access(out, os.W_OK):
+            raise UserError(f"--json {out}: the file is not writable; choose another path")
+        return
+    try:   # os.access answers yes for root in places such as /proc: create (and remove) a file to be sure
+        with tempfile.TemporaryFile(dir=existing, prefix=".rlipv2-json-"):
+            pass
+    except OSError as exc:
+        raise UserError(f"--json {out}: cannot create a file in {existing} ({exc.strerror or exc}); choose another "
+                        f"path") from None
+
+
+DEVICE = re.compile(r"cpu|cuda(:\d+)?")
+
+
+def _check_model_options(args: argparse.Namespace) -> None:
+    """--device, sizes and counts of running a model, checked before the model is loaded."""
+    device = args.device
+    if device is not None:
+        if not DEVICE.fullmatch(device):
+            raise UserError(f"--device {device}: expected cpu, cuda or cuda:N (e.g. cuda:1)")
+        if device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise UserError(f"--device {device}: no CUDA device is visible here; use --device cpu")
+            if ":" in device and int(device.split(":")[1]) >= torch.cuda.device_count():
+                raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                                f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    for name in ("eval_size", "max_size", "batch_size"):
+        value = getattr(args, name, None)
+        if value is not None and value <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if getattr(args, "num_workers", None) is not None and args.num_workers < 0:
+        raise UserError(f"--num-workers must be 0 or more, got {args.num_workers}")
+
+
+def _preflight(args: argparse.Namespace) -> None:
+    """What can be checked before any file is read or model run."""
+    _check_json_out(args.json)
+    if args.checkpoint is not None:
+        _check_model_options(args)
 
 
 def run_hico(args: argparse.Namespace) -> int:
@@ -140,6 +204,8 @@ def run_hico(args: argparse.Namespace) -> int:
     from rlipv2_scale.eval.hico import evaluate_hico_files
     from rlipv2_scale.eval.triplet_nms import TripletNMS
     from rlipv2_scale.labels.space import hico_label_space
+
+    _preflight(args)
 
     if args.checkpoint is not None:
         return _run_hico_checkpoint(args)
@@ -202,6 +268,8 @@ VCOCO_ROWS = (("role AP scenario 1", "AP_role_s1"), ("role AP scenario 2", "AP_r
 def run_vcoco(args: argparse.Namespace) -> int:
     from rlipv2_scale.eval.vcoco import evaluate_vcoco_files
 
+    _preflight(args)
+
     if args.checkpoint is not None:
         return _run_vcoco_checkpoint(args)
     missing = [f"--{k.replace('_', '-')}" for k in ("vcoco", "coco", "image_ids", "detections")
@@ -235,6 +303,8 @@ OI_ROWS = (("R@50", "recall@50"), ("wmAP_rel", "wmAP_rel"), ("wmAP_phr", "wmAP_p
 def run_oi(args: argparse.Namespace) -> int:
     from rlipv2_scale.eval.oi_sgg import evaluate_oi_sgg_files
 
+    _preflight(args)
+
     if args.checkpoint is not None:
         return _run_oi_checkpoint(args)
     if args.gt is None or args.pred is None:
@@ -262,6 +332,8 @@ def _run_oi_checkpoint(args: argparse.Namespace) -> int:
 
 def run_synthetic(args: argparse.Namespace) -> int:
     from rlipv2_scale.demo import evaluate_split
+
+    _preflight(args)
 
     res = evaluate_split(args.checkpoint, args.data, args.split, eval_size=args.eval_size, device=args.device,
                          progress=not args.no_progress)

@@ -3,6 +3,7 @@ sweep recipe keys, report the curves."""
 from __future__ import annotations
 
 import argparse
+import re
 
 from rlipv2_scale.errors import UserError
 
@@ -34,7 +35,7 @@ def _resolution(text: str) -> tuple[int, int]:
 
 def _plan(args: argparse.Namespace) -> int:
     from rlipv2_scale.scale.cost import GPUS
-    from rlipv2_scale.scale.plan import build_plan, format_table, write_outputs
+    from rlipv2_scale.scale.plan import build_plan, check_out, format_table, write_outputs
     from rlipv2_scale.train.config import load_run_config
 
     if args.gpu not in GPUS:
@@ -46,6 +47,7 @@ def _plan(args: argparse.Namespace) -> int:
         raise UserError(f"--interconnect {args.interconnect} must be a bandwidth in GB/s above 0, e.g. 50")
     _at_least(args, 1, "images_per_epoch")
     cfg = load_run_config(args.recipe, args.overrides)
+    out = check_out(args.out or cfg.run.path / "plan")          # before the model is measured
     machine = None
     if args.machine:
         from rlipv2_scale.scale.calibrate import load_constants
@@ -58,20 +60,27 @@ def _plan(args: argparse.Namespace) -> int:
     if len(rep.measurements) > 1:
         print("measured at " + ", ".join(f"{m.height}x{m.width}: {m.flops / 1e9:.1f} GFLOP" for m in rep.measurements)
               + f"; extrapolated linearly in pixels to {h}x{w}")
-    paths = write_outputs(rep, args.out or cfg.run.path / "plan")
+    paths = write_outputs(rep, out)
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from rlipv2_scale.scale.calibrate import calibrate
+    from rlipv2_scale.scale.calibrate import calibrate, check_out
 
     _at_least(args, 1, "threads", "repeat", "probe_params")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
+        raise UserError(f"--device '{args.device}' is not one calibrate measures: choose cpu, cuda or cuda:N")
+    out = check_out(args.out)                                    # before minutes of measuring
     if args.device.startswith("cuda"):
         import torch
 
         if not torch.cuda.is_available():
             raise UserError(f"--device {args.device}: no CUDA device is visible here; calibrate on the GPU machine")
+        index = int(args.device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise UserError(f"--device {args.device}: only {torch.cuda.device_count()} CUDA device(s) are visible "
+                            f"here; choose cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     deepspeed = not args.no_deepspeed
     if deepspeed:
         try:
@@ -80,7 +89,7 @@ def _calibrate(args: argparse.Namespace) -> int:
             raise UserError("DeepSpeed is not installed: pass --no-deepspeed to measure plain PyTorch only") from None
     c = calibrate(args.device, threads=args.threads, deepspeed=deepspeed, collectives=not args.no_collectives,
                   repeat=args.repeat, log=print, large_params=args.probe_params)
-    print(f"wrote {c.save(args.out)}")
+    print(f"wrote {c.save(out)}")
     return 0
 
 

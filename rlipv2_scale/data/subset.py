@@ -85,6 +85,19 @@ def write_subsets(annotations: str | os.PathLike, fractions: list[float], seed: 
     released `*_1percent.json` has the same name), so it is refused before anything is written.
     Each file is written to a temporary name and renamed, so a failed run leaves no half file."""
     path = Path(annotations)
+    # Checked before the annotation file is read: every value, and one file name per fraction.
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise UserError(f"--seed {seed} must be an integer ≥ 0 (the same seed writes the same subset)")
+    for fraction in fractions:
+        if not 0.0 < fraction <= 1.0:
+            raise UserError(f"--fraction must be in (0, 1], got {fraction}")
+    by_name: dict[str, float] = {}
+    for fraction in fractions:
+        name = subset_file_name(path, fraction)
+        if name in by_name:
+            raise UserError(f"--fraction {by_name[name]!r} and {fraction!r} would both be written to {name}: "
+                            f"give fractions that differ in their percent (e.g. 0.01 0.1), each once")
+        by_name[name] = fraction
     entries = expect_list(load_json(path, "HICO-DET annotation"), path, "image entries")
     out = Path(out)
     if out.exists() and not out.is_dir():

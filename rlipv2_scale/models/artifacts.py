@@ -137,6 +137,13 @@ def save_model_dir(out: str | os.PathLike, cfg: ModelConfig, state: Mapping[str,
                   metadata={"format": FORMAT, **dict(metadata or {})})
         (tmp / CARD_FILE).write_text(json.dumps(to_dict(card), indent=1) + "\n")
         (tmp / README_FILE).write_text(card.markdown(cfg))
+        # The old tokenizer/ goes too: any file in it the new one does not write is the user's.
+        old_tok, new_tok = out / TOKENIZER_DIR, tmp / TOKENIZER_DIR
+        stray = sorted(str(f.relative_to(out)) for f in old_tok.rglob("*") if f.is_file()
+                       and not (new_tok / f.relative_to(old_tok)).is_file()) if old_tok.is_dir() else []
+        if stray:
+            raise UserError(f"model directory '{out}' also holds {', '.join(stray[:3])}, which replacing it would "
+                            "delete: move them out or choose another output folder")
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, old)

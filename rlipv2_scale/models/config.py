@@ -91,6 +91,13 @@ class ModelConfig:
     compat_original: bool = False
 
     def __post_init__(self) -> None:
+        sizes = {"d_model": self.d_model, "num_heads": self.num_heads, "num_queries": self.num_queries,
+                 "dec_layers": self.dec_layers, "ffn_dim": self.ffn_dim, "enc_points": self.enc_points,
+                 "dec_points": self.dec_points, "mbf_branches": self.mbf_branches, "mbf_width": self.mbf_width}
+        bad = {k: v for k, v in sizes.items() if v < 1}
+        if bad or self.enc_layers < 0:
+            raise ValueError(f"model sizes must be positive (enc_layers at least 0), got "
+                             f"{bad or {'enc_layers': self.enc_layers}}")
         if self.num_queries % 2:
             raise ValueError(f"num_queries must be even (subject/object halves), got {self.num_queries}")
         if self.d_model % self.num_heads or (self.d_model // 2) % 2:

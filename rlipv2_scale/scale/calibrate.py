@@ -39,7 +39,7 @@ from typing import Callable
 import torch
 
 from rlipv2_scale.config import from_dict
-from rlipv2_scale.errors import UserError
+from rlipv2_scale.errors import ConfigError, UserError
 from rlipv2_scale.scale.measure import device_sync
 
 ZERO_STAGES = (0, 1, 2, 3)
@@ -86,10 +86,34 @@ def load_constants(path: str | os.PathLike) -> MachineConstants:
         raise UserError(f"machine constants '{path}' do not exist: measure them with `rlipv2 scale calibrate`")
     try:
         data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"'{path}' is not a machine-constants file of `rlipv2 scale calibrate`: {exc}") from exc
+    except OSError as exc:
+        raise UserError(f"cannot read machine constants '{path}': {exc}") from exc
     # The project's one strict loader: unknown keys and wrong types are errors naming the key.
-    return from_dict(MachineConstants, data, prefix=f"machine constants '{path}'")
+    try:
+        return from_dict(MachineConstants, data)
+    except ConfigError as exc:
+        raise UserError(f"machine constants '{path}': {exc}; measure them again with `rlipv2 scale calibrate`, "
+                        f"or fix the file") from None
+
+
+def check_out(path: str | os.PathLike) -> Path:
+    """Where `save` will write, checked before minutes of measuring: not a folder, not under a file,
+    and not a file of the user's (only an earlier machine-constants file is replaced)."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"--out '{path}' is a folder: give a file name for the constants, e.g. {path / 'machine.json'}")
+    for parent in path.parents:
+        if parent.exists() and not parent.is_dir():
+            raise UserError(f"--out '{path}': '{parent}' is a file, not a folder; choose another --out")
+    if path.exists():
+        try:
+            load_constants(path)
+        except UserError:
+            raise UserError(f"--out '{path}' exists and is not a machine-constants file of `rlipv2 scale calibrate`: "
+                            f"choose another --out (it is not overwritten)") from None
+    return path
 
 
 def best_time(fn: Callable[[], object], repeat: int = 5, warmup: int = 2, sync: Callable[[], None] = lambda: None) -> float:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from rlipv2_scale.errors import UserError
 from rlipv2_scale.scale.cost import GPUS, DeepSpeedBuckets, ModelCost, PlanAssumptions, PlanRow, fmt_bytes, plan
 
 
@@ -155,6 +156,28 @@ def format_table(rep: PlanReport) -> str:
                      f"{'yes' if r.fits else 'NO':>4} {r.max_micro_batch:>6} {r.step_s:>8.3f} {r.images_per_s:>9.1f} "
                      f"{r.weak_scaling_eff:>6.2f} {r.strong_scaling_eff:>6.2f} {r.gpu_hours:>9.0f}")
     return "\n".join(lines)
+
+
+def check_out(out: str | Path) -> Path:
+    """The plan's folder, checked before the model is measured: a folder (new or not), not a file,
+    and any `plan.json` in it one that `rlipv2 scale plan` wrote (the user's files are not replaced)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out '{out}' is a file: give a folder for plan.json and its plots")
+    for parent in out.parents:
+        if parent.exists() and not parent.is_dir():
+            raise UserError(f"--out '{out}': '{parent}' is a file, not a folder; choose another --out")
+    existing = out / "plan.json"
+    if existing.exists():
+        try:
+            data = json.loads(existing.read_text()) if existing.is_file() else None
+        except (OSError, UnicodeDecodeError, ValueError):
+            data = None
+        ours = isinstance(data, dict) and "rows" in data and "assumptions" in data
+        if not ours:
+            raise UserError(f"'{existing}' exists and is not a plan of `rlipv2 scale plan`: choose another --out "
+                            f"(it is not overwritten)")
+    return out
 
 
 def write_outputs(rep: PlanReport, out: str | Path) -> list[Path]:

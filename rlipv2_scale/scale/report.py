@@ -63,15 +63,47 @@ class RunSummary:
         return max(m for _, m in self.map_curve) if self.map_curve else None
 
 
+_COUNTS = ("step", "samples")                                            # non-negative integers
+_NUMBERS = ("loss", "images_per_s", "peak_memory_bytes", "val/mAP")      # numbers (or null)
+
+
+def _check_record(path: Path, n: int, record: Any) -> dict:
+    """A record as the trainer writes it: an object whose counts are integers and whose measures are
+    numbers; a training record (loss, samples) and a validation record (val/mAP) name their step."""
+    where = f"{path}, line {n}"
+    if not isinstance(record, dict):
+        raise UserError(f"{where}: a record must be a JSON object such as the trainer writes "
+                        f"({{\"step\": ..., \"loss\": ...}}), not {type(record).__name__} {json.dumps(record)[:60]}; "
+                        f"fix or remove that line")
+    needs_step = ("loss" in record and "samples" in record) or record.get("val/mAP") is not None
+    if needs_step and "step" not in record:
+        raise UserError(f"{where}: a training or validation record without 'step'; fix or remove that line")
+    for key in _COUNTS:
+        value = record.get(key)
+        if key in record and not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+            raise UserError(f"{where}: '{key}' is {json.dumps(value)[:60]}, not a count (an integer ≥ 0); "
+                            f"fix or remove that line")
+    for key in _NUMBERS:
+        value = record.get(key)
+        if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)):
+            raise UserError(f"{where}: '{key}' is {json.dumps(value)[:60]}, not a number; fix or remove that line")
+    return record
+
+
 def _read_records(path: Path) -> list[dict]:
     records = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read {path}: {exc}") from exc
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise UserError(f"{path}, line {n}: not a JSON record ({exc}); was the file cut short?") from exc
+        records.append(_check_record(path, n, record))
     return records
 
 
@@ -80,7 +112,7 @@ def summarise_run(run_dir: str | os.PathLike, name: str | None = None, values: d
     run_dir = Path(run_dir)
     path = run_dir / METRICS
     if not path.is_file():
-        raise UserError(f"run directory '{run_dir}' has no {METRICS}: did the run start? (see its train.log)")
+        raise UserError(f"run directory '{run_dir}' has no {METRICS}: did the run start? (a sweep's run logs to OUT/logs/<name>.log)")
     records = _read_records(path)
     train = [r for r in records if "loss" in r and "samples" in r]
     if not train:

@@ -9,7 +9,8 @@ combination is validated against the recipe schema before anything runs.
 The sweep directory holds one run directory per combination and `sweep.json`, the index that
 `rlipv2 scale report` reads: the recipe, the axes, and per run its name, directory, overrides,
 ranks, status and wall time. Local sweeps rewrite it after each run, and skip runs that already
-completed, so an interrupted sweep continues where it stopped.
+completed, so an interrupted sweep continues where it stopped; a completed run is reused only if its
+saved `config.yaml` is what this sweep would run there (otherwise an error names the keys).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from rlipv2_scale.config import split_values
 from rlipv2_scale.errors import UserError
@@ -112,12 +114,90 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
         path = path / INDEX
     if not path.is_file():
         raise UserError(f"'{path}' does not exist: run `rlipv2 scale sweep` first, or pass run directories")
+    not_ours = f"'{path}' is not a sweep index written by `rlipv2 scale sweep`"
     try:
         data = json.loads(path.read_text())
-        runs = [SweepRun(**r) for r in data.pop("runs")]
-        return Sweep(runs=runs, **data)
-    except (json.JSONDecodeError, TypeError, KeyError) as exc:
-        raise UserError(f"'{path}' is not a sweep index written by `rlipv2 scale sweep`: {exc}") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{not_ours}: {exc}") from exc
+    except OSError as exc:
+        raise UserError(f"cannot read '{path}': {exc}") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("runs"), list):
+        raise UserError(f"{not_ours}: it holds {type(data).__name__ if not isinstance(data, dict) else 'an object'} "
+                        f"without a 'runs' list")
+    try:
+        runs = []
+        for i, r in enumerate(data["runs"]):
+            if not isinstance(r, dict):
+                raise TypeError(f"runs[{i}] is {type(r).__name__}, not an object")
+            run = SweepRun(**r)
+            if not (isinstance(run.run_dir, str) and isinstance(run.name, str) and isinstance(run.values, dict)
+                    and isinstance(run.nproc, int) and isinstance(run.nodes, int)):
+                raise TypeError(f"runs[{i}] has a field of the wrong type")
+            runs.append(run)
+        sweep = Sweep(runs=runs, **{k: v for k, v in data.items() if k != "runs"})
+        if not (isinstance(sweep.recipe, str) and isinstance(sweep.out, str) and isinstance(sweep.axes, list)
+                and isinstance(sweep.base_overrides, list)):
+            raise TypeError("a field of the wrong type")
+        return sweep
+    except TypeError as exc:
+        raise UserError(f"{not_ours}: {exc}") from exc
+
+
+def check_out(sweep: Sweep, same_sweep: bool = False) -> dict[str, SweepRun]:
+    """The sweep directory may be new, or hold a sweep index (what a rerun continues from): a file in
+    its place, or a `sweep.json` that is not an index, is refused before anything is written; with
+    `same_sweep` (SLURM: the index holds the job ids and the array folders are rendered anew) so is the
+    index of another sweep (other recipe, axes, --set values or mode). A local sweep checks each
+    completed run's config instead (`config_differences`). Returns the earlier runs by run directory."""
+    out = Path(sweep.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out '{out}' is a file, not a folder: choose a folder for the sweep (new, or one of "
+                        f"this sweep's)")
+    index = out / INDEX
+    if not index.exists():
+        return {}
+    if not index.is_file():
+        raise UserError(f"'{index}' is not a file: choose another --out for the sweep")
+    try:
+        earlier = load_sweep(index)
+    except UserError as exc:
+        raise UserError(f"{exc}; it would be overwritten: choose another --out for the sweep") from None
+    differs = [name for name, old, new in (("recipe", earlier.recipe, sweep.recipe), ("mode", earlier.mode, sweep.mode),
+                                           ("axes", earlier.axes, sweep.axes),
+                                           ("--set values", earlier.base_overrides, sweep.base_overrides))
+               if old != new]
+    if same_sweep and differs:
+        raise UserError(f"'{index}' indexes another sweep (its {', '.join(differs)} differ from this one's): "
+                        f"choose another --out for this sweep")
+    return {r.run_dir: r for r in earlier.runs}
+
+
+def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict) and data:
+        out: dict[str, Any] = {}
+        for k, v in data.items():
+            out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: data}
+
+
+def config_differences(sweep: Sweep, run: SweepRun) -> list[str]:
+    """The resolved-config keys where the run folder's `config.yaml` (what its completed run trained)
+    differs from what this sweep would run there (run.dir aside); a missing or unreadable config is a
+    difference too."""
+    from rlipv2_scale.config import to_dict
+    from rlipv2_scale.train.config import load_run_config
+
+    saved_path = Path(run.run_dir) / "config.yaml"
+    if not saved_path.is_file():
+        return ["config.yaml (missing)"]
+    try:
+        saved = _flat(to_dict(load_run_config(saved_path)))
+    except (UserError, ValueError, TypeError, OSError) as exc:
+        return [f"config.yaml (unreadable: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"]
+    wanted = _flat(to_dict(load_run_config(Path(sweep.recipe), [*sweep.base_overrides, *run.overrides,
+                                                                 f"run.dir={run.run_dir}"])))
+    return sorted(k for k in saved.keys() | wanted.keys() if k != "run.dir" and saved.get(k) != wanted.get(k))
 
 
 def plan_sweep(recipe: str | os.PathLike, axes_items: list[str], out: str | os.PathLike,
@@ -156,35 +236,49 @@ def _children_cpu() -> float:
 def run_local(sweep: Sweep, skip_completed: bool = True, stop_on_failure: bool = False,
               env: dict[str, str] | None = None, log=print) -> Sweep:
     """Each combination as `rlipv2 train RECIPE ... run.dir=OUT/<name> --nproc N`, one after another
-    (a run gets the whole machine, so that its throughput is its own); output in `<run>/train.log`."""
+    (a run gets the whole machine, so that its throughput is its own); output in `OUT/logs/<name>.log`."""
     from rlipv2_scale.train.launch import COMPLETED_MARKER
 
+    earlier = check_out(sweep)
+    # A completed run is this sweep's result only if it trained what this sweep would train there:
+    # checked for every run before any runs, so that a mismatch costs no training time.
+    completed = [r for r in sweep.runs if (Path(r.run_dir) / COMPLETED_MARKER).is_file()] if skip_completed else []
+    for run in completed:
+        differs = config_differences(sweep, run)
+        old = earlier.get(run.run_dir)
+        if old is not None and (old.nproc, old.nodes) != (run.nproc, run.nodes):
+            differs.append(f"ranks ({old.world_size} then, {run.world_size} now)")
+        if differs:
+            shown = ", ".join(differs[:8]) + (f" and {len(differs) - 8} more" if len(differs) > 8 else "")
+            raise UserError(f"run folder '{run.run_dir}' holds a completed run of other settings ({shown} differ "
+                            f"from this sweep's): sweep into a new --out, or remove that run folder yourself")
+    reused = {r.run_dir for r in completed}
     Path(sweep.out).mkdir(parents=True, exist_ok=True)
-    index = Path(sweep.out) / INDEX
-    earlier = {r.run_dir: r for r in load_sweep(index).runs} if index.is_file() else {}
     sweep.save()
     for run in sweep.runs:
         run_dir = Path(run.run_dir)
-        if skip_completed and (run_dir / COMPLETED_MARKER).is_file():
+        if run.run_dir in reused:
             if run.run_dir in earlier:      # keep what the run that completed it measured
                 run.seconds, run.cpu_seconds = earlier[run.run_dir].seconds, earlier[run.run_dir].cpu_seconds
                 run.returncode = earlier[run.run_dir].returncode
             run.status = "completed"
             log(f"[{run.name}] already completed, skipped")
             continue
-        run_dir.mkdir(parents=True, exist_ok=True)
+        # The trainer starts a new run only in an empty run.dir: its output goes beside it.
+        log_path = Path(sweep.out) / "logs" / f"{run.name}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "rlipv2_scale.cli", "train", sweep.recipe, *sweep.base_overrides, *run.overrides,
                f"run.dir={run_dir}", "--nproc", str(run.nproc)]
         log(f"[{run.name}] rlipv2 {' '.join(cmd[3:])}")
         t0, cpu0 = time.perf_counter(), _children_cpu()
-        with (run_dir / "train.log").open("w") as out:
+        with log_path.open("w") as out:
             proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
         run.seconds = round(time.perf_counter() - t0, 2)
         run.cpu_seconds = round(_children_cpu() - cpu0, 2)
         run.returncode = proc.returncode
         run.status = "completed" if proc.returncode == 0 and (run_dir / COMPLETED_MARKER).is_file() else "failed"
         log(f"[{run.name}] {run.status} in {run.seconds:.0f} s"
-            + ("" if run.status == "completed" else f" (exit {proc.returncode}; see {run_dir / 'train.log'})"))
+            + ("" if run.status == "completed" else f" (exit {proc.returncode}; see {log_path})"))
         sweep.save()
         if run.status == "failed" and stop_on_failure:
             break
@@ -199,6 +293,7 @@ def render_slurm(sweep: Sweep, opts, submit: bool = False) -> Sweep:
 
     from rlipv2_scale.cluster import slurm
 
+    check_out(sweep, same_sweep=True)
     by_nodes: dict[int, list[SweepRun]] = {}
     for run in sweep.runs:
         by_nodes.setdefault(run.nodes, []).append(run)
