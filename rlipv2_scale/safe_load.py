@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pickle
 import re
-import warnings
+import sys
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -36,7 +36,9 @@ def torch_load(path: str | Path, allow: Iterable[Any] = (), trust_pickle: bool =
         if not trust_pickle:
             raise UserError(f"{what} '{path}' holds pickled objects besides the weights ({found.group(1)}); "
                             f"{hint}") from None
-        warnings.warn(f"unpickling '{path}' fully (--trust-pickle): this can run code from the file")
+        # One plain line, as every command warns (not Python's two-line warning with a source line).
+        print(f"rlipv2: warning: unpickling '{path}' fully (--trust-pickle): this can run code from the file",
+              file=sys.stderr, flush=True)
         return _load(path, weights_only=False)
     except (RuntimeError, EOFError, OSError) as exc:
         raise UserError(f"{what} '{path}' cannot be read as a torch.save file: {exc}") from None
