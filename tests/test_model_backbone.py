@@ -70,22 +70,10 @@ def test_pad_then_shift_swin_block_equals_timm_on_window_multiples_and_pads_befo
         torch.testing.assert_close(block._attn(y), block._attn(padded)[:, :10, :10])
 
 
-def _empty_offline_hub(monkeypatch, tmp_path):
-    """No Hub and an empty cache (huggingface_hub reads its settings at import, hence both)."""
-    import huggingface_hub.constants as hf
-
-    for var in ("HF_HOME", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
-        monkeypatch.setenv(var, str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(hf, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(hf, "HF_HUB_CACHE", str(tmp_path / "hf"))
-
-
 def test_pretrained_backbone_weights_not_cached_offline_are_a_user_error_naming_them_and_the_fixes(
-        monkeypatch, tmp_path):
+        empty_offline_hub):
     from rlipv2_scale.errors import UserError
 
-    _empty_offline_hub(monkeypatch, tmp_path)
     with torch.device("meta"), pytest.raises(UserError) as err:
         Backbone(named_config("r50").backbone, pretrained=True)
     msg = str(err.value)

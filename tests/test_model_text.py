@@ -41,21 +41,7 @@ def test_tokenizer_larger_than_the_embedding_table_is_a_config_error(tmp_path):
         enc.embed(["word1"])
 
 
-def _empty_offline_hub(monkeypatch, tmp_path):
-    """No Hub and an empty cache (huggingface_hub and transformers read them at import, hence both)."""
-    import huggingface_hub.constants as hf
-    import transformers.utils.hub as tf
-
-    for var in ("HF_HOME", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
-        monkeypatch.setenv(var, str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(hf, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(hf, "HF_HUB_CACHE", str(tmp_path / "hf"))
-    monkeypatch.setattr(tf, "TRANSFORMERS_CACHE", str(tmp_path / "hf"))
-
-
-def test_tokenizer_and_text_encoder_not_cached_offline_are_user_errors_naming_them_and_the_fix(monkeypatch, tmp_path):
-    _empty_offline_hub(monkeypatch, tmp_path)
+def test_tokenizer_and_text_encoder_not_cached_offline_are_user_errors_naming_them_and_the_fix(empty_offline_hub):
     cfg = dataclasses.replace(named_config("tiny").text, pretrained="roberta-base")
     with pytest.raises(UserError) as err:
         load_tokenizer(cfg)
