@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 from typing import Callable
 
@@ -30,6 +31,22 @@ COMMANDS = [
     "cluster",
     "scale",
 ]
+
+
+DEVICE = re.compile(r"cpu|cuda(:\d+)?")       # what a --device option takes
+
+
+def check_visible_device(device: str) -> None:
+    """A `cuda` / `cuda:N` --device that this machine shows (cpu always passes), checked before any work."""
+    if not device.startswith("cuda"):
+        return
+    import torch  # (here: every command would pay for importing it)
+
+    if not torch.cuda.is_available():
+        raise UserError(f"--device {device}: no CUDA device is visible here; use --device cpu")
+    if int(device.partition(":")[2] or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                        f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
 
 
 class CommandTree:

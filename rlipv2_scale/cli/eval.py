@@ -11,11 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import tempfile
 from pathlib import Path
 
+from rlipv2_scale.cli import DEVICE, check_visible_device
 from rlipv2_scale.errors import UserError
 
 HICO_SPLITS = ("UC-RF", "UC-NF", "UO")
@@ -167,23 +167,13 @@ def _check_json_out(out: Path | None) -> None:
                         f"path") from None
 
 
-DEVICE = re.compile(r"cpu|cuda(:\d+)?")
-
-
 def _check_model_options(args: argparse.Namespace) -> None:
     """--device, sizes and counts of running a model, checked before the model is loaded."""
     device = args.device
     if device is not None:
         if not DEVICE.fullmatch(device):
             raise UserError(f"--device {device}: expected cpu, cuda or cuda:N (e.g. cuda:1)")
-        if device.startswith("cuda"):
-            import torch
-
-            if not torch.cuda.is_available():
-                raise UserError(f"--device {device}: no CUDA device is visible here; use --device cpu")
-            if ":" in device and int(device.split(":")[1]) >= torch.cuda.device_count():
-                raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
-                                f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+        check_visible_device(device)
     for name in ("eval_size", "max_size", "batch_size"):
         value = getattr(args, name, None)
         if value is not None and value <= 0:

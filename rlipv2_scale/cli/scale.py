@@ -3,8 +3,8 @@ sweep recipe keys, report the curves."""
 from __future__ import annotations
 
 import argparse
-import re
 
+from rlipv2_scale.cli import DEVICE, check_visible_device
 from rlipv2_scale.errors import UserError
 
 
@@ -69,18 +69,10 @@ def _calibrate(args: argparse.Namespace) -> int:
     from rlipv2_scale.scale.calibrate import calibrate, check_out
 
     _at_least(args, 1, "threads", "repeat", "probe_params")
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
+    if not DEVICE.fullmatch(args.device):
         raise UserError(f"--device '{args.device}' is not one calibrate measures: choose cpu, cuda or cuda:N")
     out = check_out(args.out)                                    # before minutes of measuring
-    if args.device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {args.device}: no CUDA device is visible here; calibrate on the GPU machine")
-        index = int(args.device.partition(":")[2] or 0)
-        if index >= torch.cuda.device_count():
-            raise UserError(f"--device {args.device}: only {torch.cuda.device_count()} CUDA device(s) are visible "
-                            f"here; choose cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    check_visible_device(args.device)
     deepspeed = not args.no_deepspeed
     if deepspeed:
         try:
